@@ -1,0 +1,100 @@
+"""The scheduler used when eviction is on (set as ``SchedulerConfig.scheduler_cls``).
+
+It differs from vLLM's :class:`Scheduler` only in block accounting: reports of evicted blocks
+arriving with the model runner output are applied (blocks freed to the pool) before the
+output is processed, so the very next ``schedule()`` can hand those blocks to other requests.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
+from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+from hae_vllm.config import EvictionConfigError, engine_config_from_additional, request_config
+from hae_vllm.engine.kv_manager import MAY_EVICT_ATTR, EvictableFullAttentionManager
+from hae_vllm.worker.runtime import REPORT_ATTR
+
+logger = logging.getLogger("hae_vllm")
+
+
+class EvictionStats:
+    """Counters since start (exported by the scheduler; read by metrics and benchmarks)."""
+
+    def __init__(self) -> None:
+        self.evicted_visual_tokens = 0
+        self.evicted_text_tokens = 0
+        self.freed_blocks = 0
+        self.evicted_requests = 0
+        self.peak_blocks_in_use = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(vars(self))
+
+
+class EvictionScheduler(Scheduler):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.eviction_config = engine_config_from_additional(self.vllm_config.additional_config)
+        self.eviction_stats = EvictionStats()
+        groups = self.kv_cache_config.kv_cache_groups
+        specs = [g.kv_cache_spec for g in groups]
+        if len(groups) != 1 or type(specs[0]) is not FullAttentionSpec or (
+            specs[0].sliding_window is not None or specs[0].attention_chunk_size is not None
+        ):
+            raise EvictionConfigError(
+                "KV eviction supports models whose decoder uses full attention only (one KV "
+                f"cache group of FullAttentionSpec); this model has {[type(s).__name__ for s in specs]}. "
+                "Start without --kv-eviction."
+            )
+        self._evict_manager: EvictableFullAttentionManager | None = None
+        for mgr in self.kv_cache_manager.coordinator.single_type_managers:
+            if type(mgr) is FullAttentionManager:
+                mgr.__class__ = EvictableFullAttentionManager
+                self._evict_manager = mgr  # type: ignore[assignment]
+        if self._evict_manager is None:
+            raise EvictionConfigError("no full-attention KV cache manager found; eviction unsupported")
+
+    # ------------------------------------------------------------------ admission
+    def add_request(self, request) -> None:
+        setattr(request, MAY_EVICT_ATTR, self._may_evict(request))
+        super().add_request(request)
+
+    def _may_evict(self, request) -> bool:
+        if not request.mm_features or request.sampling_params is None:
+            return False
+        try:
+            cfg = request_config(self.eviction_config, request.sampling_params.extra_args)
+        except EvictionConfigError:
+            return False
+        return cfg.enabled
+
+    # ------------------------------------------------------------------ step output
+    def update_from_output(self, scheduler_output, model_runner_output):
+        reports = getattr(model_runner_output, REPORT_ATTR, None)
+        if reports:
+            self._apply_evictions(reports)
+        return super().update_from_output(scheduler_output, model_runner_output)
+
+    def _apply_evictions(self, reports) -> None:
+        mgr = self._evict_manager
+        assert mgr is not None
+        stats = self.eviction_stats
+        for req_id, rep in reports.items():
+            if req_id not in self.requests:
+                continue  # finished and freed meanwhile
+            freed = mgr.release_blocks(req_id, rep.hole_blocks)
+            stats.freed_blocks += freed
+            stats.evicted_visual_tokens += rep.num_visual
+            stats.evicted_text_tokens += rep.num_text
+            stats.evicted_requests += 1
+
+    def schedule(self, *args, **kwargs):
+        out = super().schedule(*args, **kwargs)
+        pool = self.kv_cache_manager.block_pool
+        in_use = pool.num_gpu_blocks - 1 - pool.get_num_free_blocks()
+        if in_use > self.eviction_stats.peak_blocks_in_use:
+            self.eviction_stats.peak_blocks_in_use = in_use
+        return out

@@ -1,0 +1,128 @@
+"""Slot layout of a paged KV cache, derived from the attention backend itself.
+
+Backends store a block very differently (the CPU backend keeps the key plane of a block
+transposed on some ISAs; CUDA backends use ``[2, num_blocks, block_size, heads, dim]``).  We
+never hard-code it: :meth:`SlotLayout.probe` writes coded values through the backend's own
+cache-update op into a two-block scratch cache and reads back where every
+``(slot offset, K/V plane, head, dim)`` element landed.  Moving a token is then an advanced
+index copy over the real cache tensor, whatever its layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+# Digits of 6 bits are exact in every floating KV dtype we accept (fp32, fp16, bf16).
+_DIGIT_BITS = 6
+_BASE = 1 << _DIGIT_BITS
+
+WriteFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
+"""write(key [n, H, D], value [n, H, D], kv_cache, slot_mapping [n]) -> None"""
+
+
+class LayoutProbeError(RuntimeError):
+    pass
+
+
+@dataclass
+class SlotLayout:
+    """``index[o]`` holds, for slot offset ``o`` of a block, the coordinates (in the cache
+    tensor with its block dimension moved to the front and removed) of its ``2*H*D``
+    elements in canonical order ``(plane K/V, head, dim)``.
+
+    Shapes: ``index`` is ``[block_size, 2*H*D, ndim-1]`` int64.
+    """
+
+    block_dim: int
+    block_size: int
+    num_kv_heads: int
+    head_size: int
+    index: torch.Tensor
+
+    # -------------------------------------------------------------- construction
+    @classmethod
+    def probe(
+        cls,
+        write: WriteFn,
+        cache_shape: tuple[int, ...],
+        dtype: torch.dtype,
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_size: int,
+        device: torch.device | str = "cpu",
+    ) -> "SlotLayout":
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise LayoutProbeError(f"KV cache dtype {dtype} is not supported for eviction")
+        candidates = [d for d, s in enumerate(cache_shape) if s == num_blocks]
+        if not candidates:
+            raise LayoutProbeError(f"no dimension of {cache_shape} has num_blocks={num_blocks}")
+        block_dim = candidates[0]
+        scratch_shape = list(cache_shape)
+        scratch_shape[block_dim] = 2
+        H, D, bs = num_kv_heads, head_size, block_size
+        n_elem = 2 * bs * H * D
+        ids = torch.arange(n_elem, device=device).view(2, bs, H, D)
+        n_digits = 1
+        while _BASE**n_digits < n_elem:
+            n_digits += 1
+        slots = torch.arange(bs, 2 * bs, device=device, dtype=torch.int64)
+        decoded = None
+        written = None
+        for p in range(n_digits):
+            digit = (ids // _BASE**p) % _BASE
+            scratch = torch.full(scratch_shape, -1.0, dtype=dtype, device=device)
+            write(digit[0].to(dtype), digit[1].to(dtype), scratch, slots)
+            blk = scratch.movedim(block_dim, 0)[1].float()
+            if decoded is None:
+                decoded = torch.zeros(blk.shape, dtype=torch.int64, device=device)
+                written = torch.ones(blk.shape, dtype=torch.bool, device=device)
+            written &= blk >= 0
+            decoded += blk.clamp(min=0).long() * _BASE**p
+        assert decoded is not None and written is not None
+        # Nothing may land outside block 1.
+        other = scratch.movedim(block_dim, 0)[0]
+        if bool((other != -1).any()):
+            raise LayoutProbeError("probe writes landed outside the probed block")
+        coords = written.nonzero()  # [n_written, ndim-1]
+        codes = decoded[written]
+        if codes.numel() != n_elem or torch.unique(codes).numel() != n_elem:
+            raise LayoutProbeError(
+                f"could not derive the slot layout: {codes.numel()} coded elements for {n_elem}"
+            )
+        order = torch.argsort(codes)
+        coords = coords[order]  # now in id order: (plane, offset, head, dim)
+        index = coords.view(2, bs, H * D, -1).permute(1, 0, 2, 3).reshape(bs, 2 * H * D, -1)
+        return cls(block_dim, bs, H, D, index.contiguous())
+
+    # -------------------------------------------------------------- access
+    def _coords(self, kv_cache: torch.Tensor, slots: torch.Tensor):
+        slots = slots.to(self.index.device, torch.int64)
+        blocks = (slots // self.block_size)[:, None]
+        idx = self.index[slots % self.block_size]  # [n, E, ndim-1]
+        view = kv_cache.movedim(self.block_dim, 0)
+        return view, (blocks.to(kv_cache.device),) + tuple(
+            idx[..., r].to(kv_cache.device) for r in range(idx.shape[-1])
+        )
+
+    def gather(self, kv_cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """[n] slots -> [n, 2, H, D] (K plane, V plane)."""
+        view, coords = self._coords(kv_cache, slots)
+        return view[coords].view(-1, 2, self.num_kv_heads, self.head_size)
+
+    def gather_keys(self, kv_cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """[n] slots -> keys [n, H, D] as stored (post-RoPE)."""
+        return self.gather(kv_cache, slots)[:, 0]
+
+    def move(self, kv_cache: torch.Tensor, src_slots: torch.Tensor, dst_slots: torch.Tensor) -> None:
+        """Copy every element of each source slot into the matching destination slot.
+
+        Source and destination sets must be disjoint (the compaction plan guarantees it)."""
+        if src_slots.numel() == 0:
+            return
+        view, src = self._coords(kv_cache, src_slots)
+        _, dst = self._coords(kv_cache, dst_slots)
+        view[dst] = view[src]

@@ -1,0 +1,158 @@
+"""``--kv-eviction`` / ``--kv-eviction-config`` on vLLM's engine arguments.
+
+The flags are translated into ``additional_config["kv_eviction"]`` (a full, validated config
+mapping), which vLLM hands to every process.  ``create_engine_config`` enforces the settings
+eviction needs (DESIGN.md §2) before the VllmConfig is frozen.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from hae_vllm.config import CONFIG_KEY, METHODS, EvictionConfigError, build_engine_config, engine_config_from_additional
+from hae_vllm.patches import is_patched, wraps_patch
+
+logger = logging.getLogger("hae_vllm")
+
+SCHEDULER_CLS = "hae_vllm.engine.scheduler.EvictionScheduler"
+
+_HELP_METHOD = "KV-cache token eviction method (hae_vllm). " + "; ".join(
+    f"{k}: {v}" for k, v in METHODS.items()
+)
+_HELP_CONFIG = (
+    "Settings of the eviction method: inline JSON (e.g. '{\"budget\": 0.4}'), a YAML file, or "
+    "the name of a preset in hae_vllm's configs/ directory. Per request: vllm_xargs "
+    "kv_eviction=<method>, kv_eviction_<setting>=<value>."
+)
+
+
+def patch_add_cli_args(cls) -> None:
+    original = cls.add_cli_args
+    if is_patched(original):
+        return
+
+    @wraps_patch(original)
+    def add_cli_args(parser, *args, **kwargs):
+        parser = original(parser, *args, **kwargs)
+        if any("--kv-eviction" in a.option_strings for a in parser._actions):
+            return parser
+        group = parser.add_argument_group("KV eviction (hae_vllm)")
+        group.add_argument("--kv-eviction", choices=sorted(METHODS), default=None, help=_HELP_METHOD)
+        group.add_argument("--kv-eviction-config", type=str, default=None, help=_HELP_CONFIG)
+        return parser
+
+    cls.add_cli_args = staticmethod(add_cli_args)
+
+
+def merge_eviction_args(additional_config: dict | None, method: str | None, source: str | None) -> dict:
+    """additional_config with the CLI flags folded in (flags win)."""
+    additional = dict(additional_config or {})
+    if method is None and source is None:
+        return additional
+    cfg = build_engine_config(method, source)
+    additional[CONFIG_KEY] = cfg.to_dict()
+    return additional
+
+
+def patch_from_cli_args(cls) -> None:
+    original = cls.from_cli_args.__func__
+    if is_patched(original):
+        return
+
+    @wraps_patch(original)
+    def from_cli_args(klass, args):
+        method = getattr(args, "kv_eviction", None)
+        source = getattr(args, "kv_eviction_config", None)
+        engine_args = original(klass, args)
+        if method is not None or source is not None:
+            engine_args.additional_config = merge_eviction_args(
+                engine_args.additional_config, method, source
+            )
+        return engine_args
+
+    cls.from_cli_args = classmethod(from_cli_args)
+
+
+def enforce_eviction_settings(engine_args) -> None:
+    """Normalise additional_config and set what eviction needs; raise on what it cannot do."""
+    cfg = engine_config_from_additional(engine_args.additional_config)
+    if engine_args.additional_config and CONFIG_KEY in engine_args.additional_config:
+        engine_args.additional_config = dict(engine_args.additional_config)
+        engine_args.additional_config[CONFIG_KEY] = cfg.to_dict()
+    if not cfg.enabled:
+        return
+    if engine_args.speculative_config:
+        raise EvictionConfigError(
+            "--kv-eviction cannot be combined with speculative decoding; drop "
+            "--speculative-config or use --kv-eviction none"
+        )
+    if engine_args.scheduler_cls not in (None, SCHEDULER_CLS):
+        raise EvictionConfigError(
+            f"--kv-eviction needs its own scheduler class; drop --scheduler-cls "
+            f"{engine_args.scheduler_cls!r}"
+        )
+    if engine_args.kv_cache_dtype not in (None, "auto") and not str(engine_args.kv_cache_dtype).startswith(
+        ("auto",)
+    ):
+        raise EvictionConfigError(
+            f"--kv-eviction supports unquantised KV caches only; drop --kv-cache-dtype "
+            f"{engine_args.kv_cache_dtype}"
+        )
+    if getattr(engine_args, "kv_transfer_config", None):
+        raise EvictionConfigError("--kv-eviction cannot be combined with a KV connector (--kv-transfer-config)")
+    engine_args.scheduler_cls = SCHEDULER_CLS
+    # Eviction reports travel with the step's output and are applied before the next
+    # schedule(); async scheduling would schedule one step ahead of them.
+    if engine_args.async_scheduling:
+        raise EvictionConfigError("--kv-eviction requires --no-async-scheduling")
+    engine_args.async_scheduling = False
+    if engine_args.block_size is None:
+        engine_args.block_size = cfg.default_block_size
+        logger.info(
+            "hae_vllm: --kv-eviction %s with no --block-size: using block size %d "
+            "(eviction frees whole blocks, so smaller blocks free memory more finely)",
+            cfg.method,
+            cfg.default_block_size,
+        )
+
+
+def check_model_supported(vllm_config) -> None:
+    cfg = engine_config_from_additional(vllm_config.additional_config)
+    if not cfg.enabled:
+        return
+    mc = vllm_config.model_config
+    if mc.get_sliding_window() is not None:
+        raise EvictionConfigError(
+            f"--kv-eviction {cfg.method}: model {mc.model} uses sliding-window attention, which "
+            "eviction does not support; start without --kv-eviction"
+        )
+    if not mc.is_multimodal_model:
+        logger.warning(
+            "hae_vllm: model %s is not multimodal; --kv-eviction %s evicts visual tokens only, "
+            "so requests run without eviction",
+            mc.model,
+            cfg.method,
+        )
+
+
+def patch_create_engine_config(cls) -> None:
+    original = cls.create_engine_config
+    if is_patched(original):
+        return
+
+    @wraps_patch(original)
+    def create_engine_config(self, *args, **kwargs):
+        enforce_eviction_settings(self)
+        config = original(self, *args, **kwargs)
+        check_model_supported(config)
+        return config
+
+    cls.create_engine_config = create_engine_config
+
+
+def apply() -> None:
+    from vllm.engine.arg_utils import EngineArgs
+
+    patch_add_cli_args(EngineArgs)
+    patch_from_cli_args(EngineArgs)
+    patch_create_engine_config(EngineArgs)

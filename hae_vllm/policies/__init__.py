@@ -1,0 +1,1 @@
+"""Eviction policies: each scores tokens and selects victims; the engine does the rest."""

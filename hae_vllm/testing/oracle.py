@@ -1,0 +1,98 @@
+"""The correctness oracle (DESIGN.md §2): HuggingFace generation with KV entries removed.
+
+For any eviction set, vLLM with eviction must reproduce what HuggingFace produces when the
+same positions are deleted from every layer of its ``DynamicCache`` right after prefill, and
+decoding continues at the true (logical) positions.  This module runs that reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+
+@dataclass
+class OracleResult:
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    logprobs: list[float]  # log-prob of each generated token
+    kv_len_after_eviction: int
+
+
+class HFOracle:
+    """Greedy HF generation for a tiny VLM checkpoint, with optional KV eviction after prefill."""
+
+    def __init__(self, model_path: str, dtype: torch.dtype = torch.float32):
+        from transformers import AutoConfig, AutoProcessor
+
+        cfg = AutoConfig.from_pretrained(model_path)
+        arch = cfg.architectures[0]
+        import transformers
+
+        cls = getattr(transformers, arch)
+        self.model = cls.from_pretrained(model_path, dtype=dtype, attn_implementation="eager").eval()
+        self.processor = AutoProcessor.from_pretrained(model_path)
+        self.is_mrope = "Qwen2VL" in arch or "Qwen2_5_VL" in arch
+
+    def inputs(self, prompt: str, images: Sequence) -> dict:
+        kw = {"text": [prompt], "return_tensors": "pt"}
+        if images:
+            kw["images"] = list(images)
+        return dict(self.processor(**kw))
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt: str,
+        images: Sequence,
+        max_new_tokens: int,
+        evicted_positions: Sequence[int] = (),
+    ) -> OracleResult:
+        inputs = self.inputs(prompt, images)
+        input_ids = inputs["input_ids"]
+        L = input_ids.shape[1]
+        out = self.model(**inputs, use_cache=True)
+        cache = out.past_key_values
+        logits = out.logits[0, -1].float()
+        if evicted_positions:
+            keep = torch.ones(L, dtype=torch.bool)
+            keep[torch.as_tensor(list(evicted_positions), dtype=torch.long)] = False
+            remove_positions(cache, keep)
+        kv_len = cache.get_seq_length()
+        tokens: list[int] = []
+        logprobs: list[float] = []
+        for step in range(max_new_tokens):
+            lp = torch.log_softmax(logits, dim=-1)
+            tok = int(torch.argmax(logits))
+            tokens.append(tok)
+            logprobs.append(float(lp[tok]))
+            if step == max_new_tokens - 1:
+                break
+            pos = L + step  # logical position of the token being fed
+            kw = dict(
+                input_ids=torch.tensor([[tok]]),
+                past_key_values=cache,
+                use_cache=True,
+                cache_position=torch.tensor([pos]),
+            )
+            if self.is_mrope:
+                # Text after the images continues M-RoPE from the model's rope delta.
+                delta = self.model.model.rope_deltas
+                p = torch.tensor([[pos]]) + (delta if delta is not None else 0)
+                kw["position_ids"] = p.view(1, 1, 1).expand(3, 1, 1)
+            else:
+                kw["position_ids"] = torch.tensor([[pos]])
+            kw["attention_mask"] = torch.ones(1, cache.get_seq_length() + 1, dtype=torch.long)
+            out = self.model(**kw)
+            cache = out.past_key_values
+            logits = out.logits[0, -1].float()
+        return OracleResult(input_ids[0].tolist(), tokens, logprobs, kv_len)
+
+
+def remove_positions(cache, keep: torch.Tensor) -> None:
+    """Delete the positions where ``keep`` is False from every layer of a DynamicCache."""
+    for layer in cache.layers:
+        layer.keys = layer.keys[:, :, keep].contiguous()
+        layer.values = layer.values[:, :, keep].contiguous()

@@ -1,0 +1,399 @@
+"""Worker-side eviction: per-request scoring state, layer-0 scoring, compaction, table nulling.
+
+One :class:`EvictionRuntime` lives in each worker process (one per model runner).  Its three
+entry points are called by the runner hooks (``hae_vllm.patches.model_runner``) and by the
+attention backend (``hae_vllm.attention``):
+
+1. :meth:`on_states_updated` after ``_update_states``: start/reset request states, and build the
+   step's scoring tasks (requests still prefilling, with visual tokens and eviction on);
+2. :meth:`score` from the attention implementation of the scoring layer (the first decoder
+   layer), after the layer's KV was written: accumulate dual-attention scores;
+3. :meth:`after_forward` once every layer has written its KV: for requests whose last prefill
+   chunk just ran, select victims, compact them into whole blocks in every layer, null those
+   blocks in the worker's block table, and queue a report for the scheduler, which frees them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from hae_vllm.config import EvictionConfig, EvictionConfigError, engine_config_from_additional, request_config
+from hae_vllm.layout import SlotLayout
+from hae_vllm.plan import EvictionPlan, plan_compaction
+from hae_vllm.policies.hae import ScoreAccumulator, attention_rows, select_victims
+
+if TYPE_CHECKING:
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+logger = logging.getLogger("hae_vllm")
+
+REPORT_ATTR = "hae_eviction_reports"
+"""Attribute of ModelRunnerOutput carrying {req_id: EvictionReport} to the scheduler."""
+
+_QUERY_CHUNK = 256  # queries scored at once (bounds the [heads, q, T] logits buffer)
+
+
+@dataclass(frozen=True)
+class EvictionReport:
+    """Worker -> scheduler: blocks of one request that are now null holes."""
+
+    hole_blocks: tuple[int, ...]
+    num_visual: int
+    num_text: int
+    num_prompt_tokens: int
+
+
+@dataclass
+class RequestState:
+    req_id: str
+    cfg: EvictionConfig
+    visual_mask: np.ndarray  # [num_tokens_at_start] bool
+    first_visual: int
+    protected_prefix: int  # tokens served from the prefix cache at (re)start: never rewritten
+    acc: ScoreAccumulator
+    decided: bool = False
+    plan: EvictionPlan | None = None
+
+
+@dataclass
+class ScoringTask:
+    state: RequestState
+    row: int  # index in the persistent batch == row of query_start_loc
+    start: int  # first position of this chunk
+    end: int  # one past the last position of this chunk
+    is_last_chunk: bool
+    block_ids: list[int] = field(default_factory=list)
+
+
+def visual_mask_from_features(mm_features, num_tokens: int) -> np.ndarray:
+    """Positions of embedded multimodal tokens (is_embed honoured)."""
+    mask = np.zeros(num_tokens, dtype=bool)
+    for feat in mm_features or ():
+        pos = feat.mm_position
+        lo, hi = pos.offset, min(pos.offset + pos.length, num_tokens)
+        if hi <= lo:
+            continue
+        if pos.is_embed is None:
+            mask[lo:hi] = True
+        else:
+            emb = pos.is_embed.cpu().numpy().astype(bool)[: hi - lo]
+            mask[lo:hi] |= emb
+    return mask
+
+
+class EvictionRuntime:
+    def __init__(self, runner: "GPUModelRunner", cfg: EvictionConfig):
+        self.runner = runner
+        self.cfg = cfg
+        self.states: dict[str, RequestState] = {}
+        self.tasks: list[ScoringTask] = []
+        self.reports: dict[str, EvictionReport] = {}
+        self.num_requests_with_holes = 0
+        self._holes: dict[str, int] = {}
+        self._layout: SlotLayout | None = None
+        self._scoring_layer: str | None = None
+        self._layer_names: list[str] | None = None
+        self._tp_group = None
+        self._tp_size = 1
+        self._trace_lock = threading.Lock()
+        self._is_reporting_rank = True
+        try:
+            from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size, get_tp_group
+
+            self._tp_size = get_tensor_model_parallel_world_size()
+            if self._tp_size > 1:
+                self._tp_group = get_tp_group()
+            self._is_reporting_rank = get_tensor_model_parallel_rank() == 0
+        except Exception:  # not initialised (unit tests)
+            pass
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def block_size(self) -> int:
+        return self.runner.kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
+
+    def _attention_layers(self) -> list[str]:
+        if self._layer_names is None:
+            from vllm.model_executor.models.utils import extract_layer_index
+
+            groups = self.runner.kv_cache_config.kv_cache_groups
+            names = [n for g in groups for n in g.layer_names]
+            self._layer_names = names
+            self._scoring_layer = min(names, key=extract_layer_index)
+        return self._layer_names
+
+    @property
+    def scoring_layer(self) -> str:
+        self._attention_layers()
+        assert self._scoring_layer is not None
+        return self._scoring_layer
+
+    def _layer(self, name: str):
+        return self.runner.compilation_config.static_forward_context[name]
+
+    def layout(self) -> SlotLayout:
+        if self._layout is None:
+            layer = self._layer(self.scoring_layer)
+            kv = layer.kv_cache
+            spec = self.runner.kv_cache_config.kv_cache_groups[0].kv_cache_spec
+            impl = layer.impl
+
+            def write(k, v, cache, slots):
+                impl.do_kv_cache_update(layer, k, v, cache, slots)
+
+            self._layout = SlotLayout.probe(
+                write,
+                tuple(kv.shape),
+                kv.dtype,
+                self.runner.kv_cache_config.num_blocks,
+                spec.block_size,
+                spec.num_kv_heads,
+                spec.head_size,
+                device=kv.device,
+            )
+        return self._layout
+
+    def has_holes(self) -> bool:
+        return self.num_requests_with_holes > 0
+
+    def wants_scoring(self, layer_name: str) -> bool:
+        return bool(self.tasks) and layer_name == self._scoring_layer
+
+    def _drop(self, req_id: str) -> None:
+        self.states.pop(req_id, None)
+        if self._holes.pop(req_id, None):
+            self.num_requests_with_holes -= 1
+
+    # ------------------------------------------------------------------ 1. step start
+    def on_states_updated(self, scheduler_output) -> None:
+        self.tasks = []
+        for req_id in scheduler_output.finished_req_ids:
+            self._drop(req_id)
+        cached = scheduler_output.scheduled_cached_reqs
+        for req_id in getattr(cached, "resumed_req_ids", ()) or ():
+            # Preempted: every block was freed and the request recomputes from scratch.
+            self._drop(req_id)
+        for new in scheduler_output.scheduled_new_reqs:
+            self._drop(new.req_id)
+        if not scheduler_output.num_scheduled_tokens:
+            return
+        self._attention_layers()
+        runner = self.runner
+        index = runner.input_batch.req_id_to_index
+        for req_id, n in scheduler_output.num_scheduled_tokens.items():
+            st = self.states.get(req_id)
+            req = runner.requests.get(req_id)
+            if req is None:
+                continue
+            if st is None:
+                if req_id in self._holes or not req.mm_features or req.num_computed_tokens >= req.num_tokens:
+                    continue
+                st = self._start(req)
+                if st is None:
+                    continue
+            if st.decided:
+                continue
+            start = req.num_computed_tokens
+            end = start + n
+            self.tasks.append(
+                ScoringTask(
+                    state=st,
+                    row=index[req_id],
+                    start=start,
+                    end=end,
+                    is_last_chunk=end >= req.num_tokens,
+                    block_ids=req.block_ids[0],
+                )
+            )
+        if self.tasks:
+            self._attention_layers()
+
+    def _start(self, req) -> RequestState | None:
+        sp = req.sampling_params
+        if sp is None:
+            return None
+        try:
+            cfg = request_config(self.cfg, sp.extra_args)
+        except EvictionConfigError as e:  # validated in the API process; never corrupt
+            logger.warning("request %s: eviction disabled: %s", req.req_id, e)
+            return None
+        if not cfg.enabled:
+            return None
+        mask = visual_mask_from_features(req.mm_features, req.num_tokens)
+        if not mask.any():
+            return None
+        st = RequestState(
+            req_id=req.req_id,
+            cfg=cfg,
+            visual_mask=mask,
+            first_visual=int(mask.argmax()),
+            protected_prefix=(req.num_computed_tokens // self.block_size) * self.block_size,
+            acc=ScoreAccumulator.create(req.num_tokens),
+        )
+        self.states[req.req_id] = st
+        return st
+
+    # ------------------------------------------------------------------ 2. scoring layer
+    def _slots(self, block_ids: list[int], positions: torch.Tensor) -> torch.Tensor:
+        bs = self.block_size
+        table = torch.as_tensor(block_ids, dtype=torch.int64)
+        return table[positions // bs] * bs + positions % bs
+
+    def score(self, impl, query: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: torch.Tensor) -> None:
+        """Accumulate dual-attention scores for this step's tasks.
+
+        query: [num_tokens, num_heads, head_dim] of the scoring layer (post-RoPE).
+        kv_cache: the scoring layer's cache, already holding this step's keys.
+        """
+        layout = self.layout()
+        qsl = query_start_loc.tolist()
+        num_heads_total = impl.num_heads * self._tp_size
+        for task in self.tasks:
+            st = task.state
+            q0 = qsl[task.row]
+            pos = np.arange(task.start, task.end)
+            limit = min(task.end, len(st.visual_mask))
+            sel = pos[(pos > st.first_visual) & (pos < limit)]
+            sel = sel[~st.visual_mask[sel]] if len(sel) else sel
+            # Under TP every rank must take part in the same collectives, so an empty
+            # selection still all-reduces an empty-row tensor.
+            T = task.end
+            keys = layout.gather_keys(kv_cache, self._slots(task.block_ids, torch.arange(T)))
+            for c in range(0, max(len(sel), 1), _QUERY_CHUNK):
+                chunk = sel[c : c + _QUERY_CHUNK]
+                qpos = torch.as_tensor(chunk, dtype=torch.int64)
+                q = query[q0 + (qpos - task.start)] if len(chunk) else query[:0]
+                rows = attention_rows(q, keys, qpos, impl.scale) if len(chunk) else torch.zeros(0, T)
+                if self._tp_group is not None:
+                    rows = self._tp_group.all_reduce(rows.to(query.device)).cpu()
+                st.acc.add(rows.cpu() / num_heads_total)
+
+    # ------------------------------------------------------------------ 3. after forward
+    def after_forward(self) -> None:
+        tasks, self.tasks = self.tasks, []
+        for task in tasks:
+            if not task.is_last_chunk:
+                continue
+            st = task.state
+            st.decided = True
+            self._compact(task)
+
+    def _compact(self, task: ScoringTask) -> None:
+        st, cfg, T = task.state, task.state.cfg, task.end
+        bs = self.block_size
+        visual = np.zeros(T, dtype=bool)
+        n = min(T, len(st.visual_mask))
+        visual[:n] = st.visual_mask[:n]
+        protected = np.zeros(T, dtype=bool)
+        protected[: min(cfg.sink_tokens, T)] = True
+        if cfg.recent_tokens:
+            protected[max(0, T - cfg.recent_tokens) :] = True
+        protected[: st.protected_prefix] = True
+        sel = select_victims(
+            st.acc.g[:T], st.acc.m[:T], torch.from_numpy(visual), torch.from_numpy(protected), cfg
+        )
+        plan = plan_compaction(sel.victims.numpy(), T, bs)
+        st.plan = plan
+        if plan.is_empty:
+            return
+        src = self._slots(task.block_ids, torch.as_tensor(plan.move_src, dtype=torch.int64))
+        dst = self._slots(task.block_ids, torch.as_tensor(plan.move_dst, dtype=torch.int64))
+        layout = self.layout()
+        seen: set[int] = set()
+        for name in self._attention_layers():
+            kv = self._layer(name).kv_cache
+            if kv.data_ptr() in seen:
+                continue
+            seen.add(kv.data_ptr())
+            layout.move(kv, src, dst)
+        # Null the holes in the worker's tables: the cached request state (used when the
+        # request re-enters the persistent batch) and the persistent batch row itself.
+        req = self.runner.requests[st.req_id]
+        table = self.runner.input_batch.block_table[0]
+        row = self.runner.input_batch.req_id_to_index[st.req_id]
+        for h in plan.hole_blocks:
+            req.block_ids[0][h] = 0
+            table.block_table.np[row, h] = 0
+        self._holes[st.req_id] = len(plan.hole_blocks)
+        self.num_requests_with_holes += 1
+        num_visual = int(visual[list(plan.victims)].sum())
+        self.reports[st.req_id] = EvictionReport(
+            hole_blocks=plan.hole_blocks,
+            num_visual=num_visual,
+            num_text=plan.num_evicted - num_visual,
+            num_prompt_tokens=T,
+        )
+        if self.cfg.trace_path and self._is_reporting_rank:
+            self._trace(st, plan, T, num_visual)
+
+    def _trace(self, st: RequestState, plan: EvictionPlan, T: int, num_visual: int) -> None:
+        rec = {
+            "request_id": st.req_id,
+            "num_tokens": T,
+            "evicted_positions": list(plan.victims),
+            "hole_blocks": list(plan.hole_blocks),
+            "num_visual_evicted": num_visual,
+            "num_text_evicted": plan.num_evicted - num_visual,
+            "num_visual_tokens": int(st.visual_mask.sum()),
+            "config": st.cfg.to_dict(),
+        }
+        with self._trace_lock, open(self.cfg.trace_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    def take_reports(self) -> dict[str, EvictionReport]:
+        reports, self.reports = self.reports, {}
+        return reports
+
+
+def drop_hole_blocks(
+    block_table: torch.Tensor, seq_lens: torch.Tensor, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Remove null-block holes from each row's live prefix and shorten seq_lens.
+
+    block_table: [num_reqs, max_blocks] int32; seq_lens: [num_reqs].
+    A hole is a block id 0 (vLLM's null block, never handed out) within the first
+    ``cdiv(seq_len, block_size)`` entries.  Live blocks keep their order; the tail block (where
+    decode writes) is never a hole, so the shortened row ends exactly where the kernel expects.
+    Returns None when no row has a hole.
+    """
+    nb = (seq_lens.to(torch.int64) + block_size - 1) // block_size
+    cols = torch.arange(block_table.shape[1], device=block_table.device)
+    valid = cols[None, :] < nb[:, None]
+    hole = valid & (block_table == 0)
+    num_holes = hole.sum(dim=1)
+    if not bool(num_holes.any()):
+        return None
+    key = (~valid | hole).to(torch.int8)
+    order = torch.argsort(key, dim=1, stable=True)
+    table = torch.gather(block_table, 1, order)
+    return table, (seq_lens - (num_holes * block_size).to(seq_lens.dtype))
+
+
+_RUNTIMES: dict[int, EvictionRuntime] = {}
+_CURRENT: EvictionRuntime | None = None
+
+
+def runtime_for(runner) -> EvictionRuntime | None:
+    """The runtime of a model runner, created on first use; None when eviction is off."""
+    global _CURRENT
+    rt = getattr(runner, "_hae_runtime", False)
+    if rt is False:
+        cfg = engine_config_from_additional(runner.vllm_config.additional_config)
+        rt = EvictionRuntime(runner, cfg) if cfg.enabled else None
+        runner._hae_runtime = rt
+        if rt is not None:
+            _CURRENT = rt
+    return rt
+
+
+def current_runtime() -> EvictionRuntime | None:
+    """The runtime of this process's model runner (attention backends have no runner handle)."""
+    return _CURRENT
