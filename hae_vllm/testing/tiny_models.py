@@ -284,12 +284,23 @@ def _init_weights(model, seed: int, std_for: Callable[[str], float]) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen) * std_for(name))
 
 
-def _silence_special_tokens(model, token_ids) -> None:
-    """Zero the output-embedding rows of special tokens.
+def _silenced_token_ids(tok) -> list[int]:
+    """Special tokens plus every token that does not decode to printable ASCII."""
+    special = set(tok.all_special_ids) | {tok.convert_tokens_to_ids(t) for t in tok.get_added_vocab()}
+    silent = []
+    for i in range(len(tok)):
+        text = tok.decode([i])
+        if i in special or not text or not (text.isascii() and text.isprintable()):
+            silent.append(i)
+    return silent
 
-    Their logits are then exactly 0 while the best ordinary token's logit is clearly
-    positive, so greedy decoding never emits EOS, image placeholders or chat markers and
-    always runs to ``max_tokens``.
+
+def _silence_tokens(model, token_ids) -> None:
+    """Zero the output-embedding rows of ``token_ids``.
+
+    Their logits are then exactly 0 while the best remaining token's logit is clearly
+    positive, so greedy decoding never emits EOS, image placeholders, chat markers or
+    partial UTF-8 bytes: it always runs to ``max_tokens`` and decodes to readable text.
     """
     import torch
 
@@ -411,7 +422,7 @@ def build_tiny_llava(out_dir: str | os.PathLike, *, seed: int = 0) -> pathlib.Pa
         return _LM_HEAD_STD if name.startswith("lm_head.") else _TEXT_STD
 
     _init_weights(model, seed, std_for)
-    _silence_special_tokens(model, ids.values())
+    _silence_tokens(model, _silenced_token_ids(tok))
     _save_weights(model, out, _llava_key)
     config.save_pretrained(out)
     GenerationConfig(
@@ -564,7 +575,7 @@ def build_tiny_qwen2vl(out_dir: str | os.PathLike, *, seed: int = 0) -> pathlib.
         return _LM_HEAD_STD if name.startswith("lm_head.") else _TEXT_STD
 
     _init_weights(model, seed, std_for)
-    _silence_special_tokens(model, ids.values())
+    _silence_tokens(model, _silenced_token_ids(tok))
     _save_weights(model, out, lambda n: n)
     config.save_pretrained(out)
     GenerationConfig(

