@@ -9,8 +9,11 @@ There is no model hub here, so tests build their own checkpoints.  Two kinds exi
 ``qwen2vl`` ``Qwen2VLForConditionalGeneration`` (M-RoPE): a 2-block Qwen2-VL vision
             transformer (patch 14, 2x2 spatial merge, temporal patch 2) + a Qwen2 text model
             (4 query heads, 2 KV heads, head_dim 32, ``mrope_section=[4, 6, 6]``).  The image
-            processor caps images at 448*448 pixels, so a 448x448 image (or any square image,
-            see below) gives 32x32 patches -> 16x16 merged = 256 image tokens.
+            processor has ``min_pixels == max_pixels == 448*448``, so every square image is
+            resized to 448x448 -> 32x32 patches -> 16x16 merged = 256 image tokens; other
+            aspect ratios give roughly 256 (e.g. 336x224 -> 280).  Override per engine with
+            ``mm_processor_kwargs={"min_pixels": ..., "max_pixels": ...}`` if a test needs
+            variable token counts.
 
 Everything is generated from code and a seed:
 
@@ -21,9 +24,14 @@ Everything is generated from code and a seed:
 * Weights are initialised by our own seeded loop over the parameters (sorted by name),
   not by transformers' ``_init_weights``; this keeps the bytes stable across transformers
   versions.  Weight matrices of the text model use a comparatively large std (0.15) so that
-  attention is far from uniform and the greedy next-token margins are large enough that
-  HF and vLLM (both float32) agree token for token.
-* ``config.json`` says ``float32``; checkpoints are well under 2 MB.
+  attention is far from uniform; ``lm_head`` uses 0.3 so that greedy next-token margins
+  (typically 1e-2 or more) dwarf the float32 differences between HF and vLLM, which agree
+  token for token.
+* The ``lm_head`` rows of special tokens (EOS, image placeholders, chat markers) and of
+  tokens that do not decode to printable ASCII are zero.  Greedy decoding therefore never
+  stops early (it always produces ``max_tokens`` tokens) and prints readable gibberish.
+  Random sampling can still pick them; pass ``ignore_eos=True`` when lengths matter.
+* ``config.json`` says ``float32``; each checkpoint is about 4 MB (builds in ~10 s, mostly imports).
 
 Checkpoint layout (key names in ``model.safetensors``):
 

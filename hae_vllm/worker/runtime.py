@@ -371,7 +371,8 @@ def drop_hole_blocks(
     num_holes = hole.sum(dim=1)
     if not bool(num_holes.any()):
         return None
-    key = (~valid | hole).to(torch.int8)
+    # live blocks first, then allocated-but-unused ones, holes last (stable within each).
+    key = (~valid).to(torch.int8) + 2 * hole.to(torch.int8)
     order = torch.argsort(key, dim=1, stable=True)
     table = torch.gather(block_table, 1, order)
     return table, (seq_lens - (num_holes * block_size).to(seq_lens.dtype))

@@ -1,0 +1,31 @@
+"""Shared checks for tests that run vLLM engines (each scenario runs in a subprocess)."""
+
+from __future__ import annotations
+
+from hae_vllm.testing.scenario import build_prompt
+
+LOGPROB_ATOL = 1e-3
+
+
+def oracle_compare(oracle, record, reqs, idx, evicted=None):
+    """Run the HF oracle for request ``idx`` with ``evicted`` positions (default: the engine's
+    trace) removed after prefill; return (vllm_result, oracle_result)."""
+    res = record["results"][idx]
+    if evicted is None:
+        evicted = res["eviction"]["evicted_positions"] if res["eviction"] else []
+    p = build_prompt(record["model_kind"], reqs[idx])
+    imgs = p.get("multi_modal_data", {}).get("image", [])
+    imgs = imgs if isinstance(imgs, list) else [imgs]
+    ref = oracle.generate(p["prompt"], imgs, len(res["token_ids"]), evicted)
+    return res, ref
+
+
+def assert_matches(res, ref, what=""):
+    assert ref.prompt_token_ids == res["prompt_token_ids"], f"{what}: prompt tokens differ"
+    assert ref.token_ids == res["token_ids"], f"{what}: tokens differ\nvllm={res['token_ids']}\nhf  ={ref.token_ids}"
+    diff = max(abs(a - b) for a, b in zip(ref.logprobs, res["logprobs"]))
+    assert diff <= LOGPROB_ATOL, f"{what}: logprobs differ by {diff}"
+
+
+def max_logprob_diff(res, ref):
+    return max(abs(a - b) for a, b in zip(ref.logprobs, res["logprobs"]))

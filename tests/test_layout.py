@@ -1,0 +1,66 @@
+"""The slot layout is derived from the CPU backend's own cache-update op, for every ISA/dtype."""
+
+import pytest
+import torch
+
+from hae_vllm.layout import LayoutProbeError, SlotLayout
+
+ops = pytest.importorskip("vllm._custom_ops")
+
+
+def cpu_writer(isa, bs):
+    def write(k, v, cache, slots):
+        n, h, _, _ = cache.shape
+        kv = cache.view(n, h, 2 * bs, -1)
+        kc, vc = kv.chunk(2, dim=2)
+        ops.cpu_attn_reshape_and_cache(k, v, kc, vc, slots, isa, k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")
+
+    return write
+
+
+CASES = [
+    (torch.float32, "vec", 32, 2, 32),
+    (torch.bfloat16, "vec", 32, 2, 64),
+    (torch.float16, "vec", 64, 4, 32),
+    (torch.bfloat16, "vec16", 16, 1, 48),
+]
+if torch.cpu._is_amx_tile_supported():
+    CASES.append((torch.bfloat16, "amx", 32, 2, 64))
+
+
+@pytest.mark.parametrize("dtype,isa,bs,H,D", CASES)
+def test_probe_gather_move_roundtrip(dtype, isa, bs, H, D):
+    nb = 9
+    write = cpu_writer(isa, bs)
+    layout = SlotLayout.probe(write, (nb, H, bs, 2 * D), dtype, nb, bs, H, D)
+    cache = torch.zeros(nb, H, bs, 2 * D, dtype=dtype)
+    g = torch.Generator().manual_seed(bs + D)
+    n = 3 * bs + 5
+    slots = torch.randperm(nb * bs, generator=g)[:n]
+    k = torch.randn(n, H, D, generator=g).to(dtype)
+    v = torch.randn(n, H, D, generator=g).to(dtype)
+    write(k, v, cache, slots)
+    got = layout.gather(cache, slots)
+    assert torch.equal(got[:, 0], k) and torch.equal(got[:, 1], v)
+    assert torch.equal(layout.gather_keys(cache, slots), k)
+    # Move 17 tokens into free slots; bit-exact, and untouched slots stay untouched.
+    used = set(slots.tolist())
+    free = torch.tensor([s for s in range(nb * bs) if s not in used][:17])
+    before = cache.clone()
+    layout.move(cache, slots[:17], free)
+    moved = layout.gather(cache, free)
+    assert torch.equal(moved[:, 0], k[:17]) and torch.equal(moved[:, 1], v[:17])
+    assert torch.equal(layout.gather(cache, slots), layout.gather(before, slots))
+
+
+def test_probe_refuses_unknown_dtype():
+    with pytest.raises(LayoutProbeError):
+        SlotLayout.probe(lambda *a: None, (4, 1, 16, 32), torch.int8, 4, 16, 1, 16)
+
+
+def test_probe_detects_a_layout_it_cannot_decode():
+    def lossy(k, v, cache, slots):  # writes only keys: values never land
+        cache.view(cache.shape[0], -1)[1, : k.numel()] = k.flatten()
+
+    with pytest.raises(LayoutProbeError):
+        SlotLayout.probe(lossy, (4, 1, 16, 32), torch.float32, 4, 16, 1, 16)
