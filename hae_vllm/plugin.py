@@ -46,9 +46,11 @@ def register() -> None:
         if _registered:
             return
         _check_version()
-        from hae_vllm.patches import engine_args, model_runner
+        from hae_vllm.patches import engine_args, metrics, model_runner, requests
 
         engine_args.apply()
+        requests.apply()
+        metrics.apply()
         model_runner.apply()
         register_attention_backends()
         _registered = True

@@ -91,6 +91,14 @@ class EvictionScheduler(Scheduler):
             stats.evicted_text_tokens += rep.num_text
             stats.evicted_requests += 1
 
+    def make_stats(self, *args, **kwargs):
+        stats = super().make_stats(*args, **kwargs)
+        if stats is not None and stats.kv_connector_stats is None:
+            from hae_vllm.metrics import STATS_KEY
+
+            stats.kv_connector_stats = {STATS_KEY: self.eviction_stats.as_dict()}
+        return stats
+
     def schedule(self, *args, **kwargs):
         out = super().schedule(*args, **kwargs)
         pool = self.kv_cache_manager.block_pool

@@ -1,0 +1,74 @@
+"""Eviction counters on vLLM's ``/metrics``.
+
+The counters live in the scheduler (EngineCore process).  They reach the API process inside
+``SchedulerStats.kv_connector_stats`` under :data:`STATS_KEY` (eviction refuses KV connectors,
+so the field is otherwise unused), where :func:`observe` pops them before vLLM's own stat
+loggers run and mirrors them into Prometheus metrics registered next to vLLM's.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+STATS_KEY = "hae_eviction"
+
+_lock = threading.Lock()
+_metrics: dict[str, Any] | None = None
+_last: dict[int, dict[str, int]] = {}
+
+
+def _create() -> dict[str, Any]:
+    from prometheus_client import Counter, Gauge
+
+    return {
+        "tokens": Counter(
+            "vllm:hae_evicted_tokens",
+            "KV-cache tokens evicted by hae_vllm (logical count), by modality.",
+            labelnames=["engine", "modality"],
+        ),
+        "blocks": Counter(
+            "vllm:hae_freed_kv_blocks",
+            "Paged KV blocks returned to vLLM's block pool by eviction (physical).",
+            labelnames=["engine"],
+        ),
+        "requests": Counter(
+            "vllm:hae_evicted_requests",
+            "Requests whose KV cache was compacted by eviction.",
+            labelnames=["engine"],
+        ),
+        "peak": Gauge(
+            "vllm:hae_peak_kv_blocks_in_use",
+            "Largest number of KV blocks in use seen after any schedule() step.",
+            labelnames=["engine"],
+        ),
+    }
+
+
+def observe(scheduler_stats, engine_idx: int) -> None:
+    """Pop our counters out of ``scheduler_stats`` and publish the increments."""
+    global _metrics
+    if scheduler_stats is None:
+        return
+    payload = scheduler_stats.kv_connector_stats
+    if not isinstance(payload, dict) or STATS_KEY not in payload:
+        return
+    stats = payload.pop(STATS_KEY)
+    if not payload:
+        scheduler_stats.kv_connector_stats = None
+    with _lock:
+        if _metrics is None:
+            _metrics = _create()
+        last = _last.setdefault(engine_idx, {})
+        eng = str(engine_idx)
+
+        def delta(key: str) -> int:
+            d = int(stats.get(key, 0)) - last.get(key, 0)
+            last[key] = int(stats.get(key, 0))
+            return max(d, 0)
+
+        _metrics["tokens"].labels(eng, "visual").inc(delta("evicted_visual_tokens"))
+        _metrics["tokens"].labels(eng, "text").inc(delta("evicted_text_tokens"))
+        _metrics["blocks"].labels(eng).inc(delta("freed_blocks"))
+        _metrics["requests"].labels(eng).inc(delta("evicted_requests"))
+        _metrics["peak"].labels(eng).set(int(stats.get("peak_blocks_in_use", 0)))
