@@ -53,6 +53,8 @@ class HFOracle:
         inputs = self.inputs(prompt, images)
         input_ids = inputs["input_ids"]
         L = input_ids.shape[1]
+        if self.is_mrope:
+            self.model.model.rope_deltas = None  # HF caches it on the module across calls
         out = self.model(**inputs, use_cache=True)
         cache = out.past_key_values
         logits = out.logits[0, -1].float()
