@@ -49,48 +49,79 @@ class HFOracle:
         images: Sequence,
         max_new_tokens: int,
         evicted_positions: Sequence[int] = (),
+        events: Sequence[tuple[int, Sequence[int]]] | None = None,
     ) -> OracleResult:
+        """Greedy generation of ``max_new_tokens``.
+
+        ``evicted_positions`` are removed from the cache right after the prompt's prefill.
+        ``events`` generalises this to what an engine with preemption does: each
+        ``(num_tokens, positions)`` means "the first ``num_tokens`` tokens (prompt + outputs so
+        far) were (re)computed from scratch, then ``positions`` were evicted".  Between events
+        decoding continues at logical positions.
+        """
         inputs = self.inputs(prompt, images)
-        input_ids = inputs["input_ids"]
-        L = input_ids.shape[1]
-        if self.is_mrope:
-            self.model.model.rope_deltas = None  # HF caches it on the module across calls
-        out = self.model(**inputs, use_cache=True)
-        cache = out.past_key_values
-        logits = out.logits[0, -1].float()
-        if evicted_positions:
-            keep = torch.ones(L, dtype=torch.bool)
-            keep[torch.as_tensor(list(evicted_positions), dtype=torch.long)] = False
-            remove_positions(cache, keep)
-        kv_len = cache.get_seq_length()
+        prompt_ids = inputs["input_ids"][0].tolist()
+        L = len(prompt_ids)
+        plan = {L: list(evicted_positions)}
+        if events is not None:
+            plan = {int(n): list(pos) for n, pos in events}
         tokens: list[int] = []
         logprobs: list[float] = []
-        for step in range(max_new_tokens):
+        cache, logits = None, None
+        while len(tokens) < max_new_tokens:
+            n = L + len(tokens)  # tokens whose KV exists once this step's input is fed
+            if cache is None or n in plan:
+                cache, logits = self._prefill(inputs, tokens)
+                if plan.get(n):
+                    keep = torch.ones(n, dtype=torch.bool)
+                    keep[torch.as_tensor(plan[n], dtype=torch.long)] = False
+                    remove_positions(cache, keep)
+                kv_len = cache.get_seq_length()
             lp = torch.log_softmax(logits, dim=-1)
             tok = int(torch.argmax(logits))
             tokens.append(tok)
             logprobs.append(float(lp[tok]))
-            if step == max_new_tokens - 1:
+            if len(tokens) == max_new_tokens:
                 break
-            pos = L + step  # logical position of the token being fed
-            kw = dict(
-                input_ids=torch.tensor([[tok]]),
-                past_key_values=cache,
-                use_cache=True,
-                cache_position=torch.tensor([pos]),
-            )
-            if self.is_mrope:
-                # Text after the images continues M-RoPE from the model's rope delta.
-                delta = self.model.model.rope_deltas
-                p = torch.tensor([[pos]]) + (delta if delta is not None else 0)
-                kw["position_ids"] = p.view(1, 1, 1).expand(3, 1, 1)
-            else:
-                kw["position_ids"] = torch.tensor([[pos]])
-            kw["attention_mask"] = torch.ones(1, cache.get_seq_length() + 1, dtype=torch.long)
-            out = self.model(**kw)
-            cache = out.past_key_values
-            logits = out.logits[0, -1].float()
-        return OracleResult(input_ids[0].tolist(), tokens, logprobs, kv_len)
+            if (L + len(tokens)) in plan:
+                continue  # recomputed from scratch at the top of the loop
+            logits = self._decode(cache, tok, L + len(tokens) - 1)
+        return OracleResult(prompt_ids, tokens, logprobs, kv_len)
+
+    def _prefill(self, inputs: dict, generated: list[int]):
+        kw = dict(inputs)
+        if generated:
+            extra = torch.tensor([generated], dtype=kw["input_ids"].dtype)
+            kw["input_ids"] = torch.cat([kw["input_ids"], extra], dim=1)
+            if "attention_mask" in kw:
+                kw["attention_mask"] = torch.ones_like(kw["input_ids"])
+            if "mm_token_type_ids" in kw:
+                kw["mm_token_type_ids"] = torch.cat(
+                    [kw["mm_token_type_ids"], torch.zeros_like(extra)], dim=1
+                )
+        if self.is_mrope:
+            self.model.model.rope_deltas = None  # HF caches it on the module across calls
+        out = self.model(**kw, use_cache=True)
+        return out.past_key_values, out.logits[0, -1].float()
+
+    def _decode(self, cache, tok: int, pos: int) -> torch.Tensor:
+        """Feed ``tok`` at logical position ``pos``; return the next logits."""
+        kw = dict(
+            input_ids=torch.tensor([[tok]]),
+            past_key_values=cache,
+            use_cache=True,
+            cache_position=torch.tensor([pos]),
+        )
+        if self.is_mrope:
+            # Text after the images continues M-RoPE from the model's rope delta.
+            delta = self.model.model.rope_deltas
+            p = torch.tensor([[pos]]) + (delta if delta is not None else 0)
+            kw["position_ids"] = p.view(1, 1, 1).expand(3, 1, 1)
+        else:
+            kw["position_ids"] = torch.tensor([[pos]])
+        kw["attention_mask"] = torch.ones(1, cache.get_seq_length() + 1, dtype=torch.long)
+        out = self.model(**kw)
+        return out.logits[0, -1].float()
 
 
 def remove_positions(cache, keep: torch.Tensor) -> None:

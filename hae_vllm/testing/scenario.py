@@ -176,10 +176,10 @@ def _run(spec: ScenarioSpec, trace_path: str | None) -> dict[str, Any]:
     # to its result (the last one wins: a preempted request is re-planned on recompute).
     for res in results:
         rid = res["request_id"]
-        res["eviction"] = None
-        for t in trace:
-            if t["request_id"] == rid or t["request_id"].rsplit("-", 1)[0] == rid:
-                res["eviction"] = t
+        res["evictions"] = [
+            t for t in trace if t["request_id"] == rid or t["request_id"].rsplit("-", 1)[0] == rid
+        ]
+        res["eviction"] = res["evictions"][-1] if res["evictions"] else None
     return record
 
 
