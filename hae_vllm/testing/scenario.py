@@ -77,6 +77,9 @@ def build_prompt(kind: str, req: RequestSpec) -> dict:
 def _run(spec: ScenarioSpec, trace_path: str | None) -> dict[str, Any]:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(spec.kv_cache_space_gib))
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if spec.multiprocessing else "0"
+    if spec.multiprocessing:
+        # collective_rpc ships probe_worker (a function) to the worker: test-only pickling.
+        os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
     from vllm import LLM, SamplingParams
 
     kind, path = _model_kind_and_path(spec.model)
@@ -167,6 +170,11 @@ def _run(spec: ScenarioSpec, trace_path: str | None) -> dict[str, Any]:
             scheduler_cls=type(sched).__name__,
             eviction_stats=sched.eviction_stats.as_dict() if hasattr(sched, "eviction_stats") else None,
         )
+    if spec.multiprocessing:
+        from hae_vllm.testing.probes import probe_worker
+
+        record["worker_probe"] = llm.collective_rpc(probe_worker)
+        record["driver_pid"] = os.getpid()
     trace = []
     if trace_path and os.path.exists(trace_path):
         with open(trace_path) as f:
