@@ -131,7 +131,7 @@ def load_config_source(source: str | None) -> dict[str, Any]:
     if source is None or source == "":
         return {}
     text = source.strip()
-    if text.startswith("{"):
+    if text.startswith(("{", "[")):
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
