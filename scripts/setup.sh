@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # Creates .venv at the repository root and installs hae_vllm with vLLM's CPU build, the test
-# tools, and the torch/torchvision pair that actually loads (see scripts/overrides-cpu.txt).
-# Usage: bash scripts/setup.sh            (CPU, default)
-#        HAE_VLLM_TARGET=cuda bash scripts/setup.sh   (CUDA vLLM, no overrides)
+# tools, and the torch/torchvision pair that actually loads (see scripts/overrides-cpu.txt),
+# then points .venv/bin/vllm at hae_vllm's launcher (see hae_vllm/launcher.py) and builds the
+# tiny test models.
+#   bash scripts/setup.sh                         CPU (default)
+#   HAE_VLLM_TARGET=cuda bash scripts/setup.sh    CUDA vLLM 0.32.0, no overrides
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export SSL_CERT_FILE=${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}
-# uv ignores PIP_FIND_LINKS, so torch==2.13.0 resolves to PyPI's build, the one torchvision needs.
+# uv ignores PIP_FIND_LINKS anyway; unset it so nothing prefers the local torch+cpu wheel,
+# which no torchvision wheel loads with.
 unset PIP_FIND_LINKS
-command -v uv >/dev/null 2>&1 || python3 -m pip install --quiet uv
+command -v uv >/dev/null 2>&1 || python3 -m pip install --quiet "uv>=0.5"
 [ -x .venv/bin/python ] || uv venv --python "$(command -v python3)" .venv
 target=${HAE_VLLM_TARGET:-cpu}
 if [ "$target" = cpu ]; then
@@ -17,3 +20,4 @@ else
   uv pip install --python .venv/bin/python -e ".[cuda,test]"
 fi
 .venv/bin/python -m hae_vllm.launcher --install-check
+HF_HUB_OFFLINE=1 .venv/bin/python -m hae_vllm.testing.tiny_models --kind all

@@ -64,3 +64,23 @@ def test_probe_detects_a_layout_it_cannot_decode():
 
     with pytest.raises(LayoutProbeError):
         SlotLayout.probe(lossy, (4, 1, 16, 32), torch.float32, 4, 16, 1, 16)
+
+
+def test_probe_handles_flash_attention_style_layout():
+    """CUDA FlashAttention keeps [2, num_blocks, block_size, heads, dim]: block dim is 1."""
+    bs, H, D, nb = 16, 2, 8, 5
+
+    def fa_write(k, v, cache, slots):  # what reshape_and_cache_flash does, in torch
+        b, o = slots // bs, slots % bs
+        cache[0, b, o] = k
+        cache[1, b, o] = v
+
+    layout = SlotLayout.probe(fa_write, (2, nb, bs, H, D), torch.float16, nb, bs, H, D)
+    assert layout.block_dim == 1
+    cache = torch.zeros(2, nb, bs, H, D, dtype=torch.float16)
+    slots = torch.tensor([3, 17, 40, 79])
+    k, v = torch.randn(4, H, D).half(), torch.randn(4, H, D).half()
+    fa_write(k, v, cache, slots)
+    assert torch.equal(layout.gather_keys(cache, slots), k)
+    layout.move(cache, slots[:2], torch.tensor([60, 61]))
+    assert torch.equal(layout.gather(cache, torch.tensor([60, 61]))[:, 1], v[:2])

@@ -106,6 +106,7 @@ def enforce_eviction_settings(engine_args) -> None:
     if engine_args.async_scheduling:
         raise EvictionConfigError("--kv-eviction requires --no-async-scheduling")
     engine_args.async_scheduling = False
+    _enforce_cuda_settings(engine_args)
     if engine_args.block_size is None:
         engine_args.block_size = cfg.default_block_size
         logger.info(
@@ -113,6 +114,33 @@ def enforce_eviction_settings(engine_args) -> None:
             "(eviction frees whole blocks, so smaller blocks free memory more finely)",
             cfg.method,
             cfg.default_block_size,
+        )
+
+
+def _enforce_cuda_settings(engine_args) -> None:
+    """On CUDA: the V1 model runner (our runner hooks) and piecewise CUDA graphs (attention,
+    where holes are dropped and layer 0 is scored, must run eagerly)."""
+    import os
+
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cuda_alike():
+        return
+    if os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "") not in ("", "0"):
+        raise EvictionConfigError("--kv-eviction needs the V1 model runner; unset VLLM_USE_V2_MODEL_RUNNER")
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"  # inherited by the EngineCore and workers
+    from vllm.config.compilation import CUDAGraphMode
+
+    cc = engine_args.compilation_config
+    mode = cc.get("cudagraph_mode") if isinstance(cc, dict) else getattr(cc, "cudagraph_mode", None)
+    if mode is None:
+        if isinstance(cc, dict):
+            cc["cudagraph_mode"] = "PIECEWISE"
+        else:
+            cc.cudagraph_mode = CUDAGraphMode.PIECEWISE
+    elif str(mode).upper().split(".")[-1] not in ("NONE", "PIECEWISE"):
+        raise EvictionConfigError(
+            f"--kv-eviction supports cudagraph_mode NONE or PIECEWISE, not {mode}"
         )
 
 
