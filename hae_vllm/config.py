@@ -22,11 +22,12 @@ CONFIG_KEY = "kv_eviction"
 REQUEST_METHOD_KEY = "kv_eviction"
 REQUEST_PREFIX = "kv_eviction_"
 
-METHODS: dict[str, str] = {
-    "none": "no eviction: identical to vanilla vLLM",
-    "hae": "Hierarchical Adaptive Eviction: layer-0 dual-attention pruning of visual tokens, "
-    "indices broadcast to every layer, whole blocks freed",
-}
+def methods() -> dict[str, str]:
+    """Method name -> one-line description (``none`` plus the policy registry)."""
+    from hae_vllm.policies.registry import POLICIES
+
+    return {"none": "no eviction: identical to vanilla vLLM", **{n: c.description for n, c in POLICIES.items()}}
+
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -67,6 +68,17 @@ class EvictionConfig:
     text_threshold_scale: float = 0.25
     # Opt-in JSONL trace of each request's evicted positions (engine-wide only).
     trace_path: str | None = None
+    # Observation window (SnapKV) / proxy tokens (MadaKV): the last `window` prompt tokens.
+    window: int = 32
+    # SnapKV pooling over neighbouring positions.
+    pool_kernel: int = 7
+    pooling: str = "max"
+    # FastV: the decoder layer (0-based) whose attention ranks visual tokens.
+    fastv_layer: int = 2
+    # MadaKV: share of a modality's attention mass a head must cover.
+    theta: float = 0.9
+    # Random: seed of the permutation.
+    seed: int = 0
     # Block size chosen when eviction is on and the user set none.
     default_block_size: int = 32
 
@@ -75,9 +87,9 @@ class EvictionConfig:
         return self.method != "none"
 
     def validate(self) -> "EvictionConfig":
-        if self.method not in METHODS:
+        if self.method not in methods():
             raise EvictionConfigError(
-                f"unknown kv eviction method {self.method!r}; choose one of {sorted(METHODS)}"
+                f"unknown kv eviction method {self.method!r}; choose one of {sorted(methods())}"
             )
         if self.budget is not None:
             if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)):
@@ -93,7 +105,15 @@ class EvictionConfig:
                 raise EvictionConfigError(f"{name} must be a non-negative number, got {v!r}")
         if not (0.0 <= self.max_evict_frac <= 1.0):
             raise EvictionConfigError(f"max_evict_frac must be in [0, 1], got {self.max_evict_frac}")
-        for name in ("sink_tokens", "recent_tokens"):
+        if self.pooling not in ("max", "avg"):
+            raise EvictionConfigError(f"pooling must be 'max' or 'avg', got {self.pooling!r}")
+        if not (0.0 < self.theta <= 1.0):
+            raise EvictionConfigError(f"theta must be in (0, 1], got {self.theta}")
+        if self.budget is None and self.method not in ("none", "hae"):
+            raise EvictionConfigError(
+                f"method {self.method!r} has no thresholds of its own: set a budget (keep ratio)"
+            )
+        for name in ("sink_tokens", "recent_tokens", "window", "pool_kernel", "fastv_layer", "seed"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise EvictionConfigError(f"{name} must be a non-negative integer, got {v!r}")
@@ -203,9 +223,9 @@ def request_config(base: EvictionConfig, extra_args: Mapping[str, Any] | None) -
     changes: dict[str, Any] = {}
     for key, value in extra_args.items():
         if key == REQUEST_METHOD_KEY:
-            if value not in METHODS:
+            if value not in methods():
                 raise EvictionConfigError(
-                    f"kv_eviction={value!r} is not a method; choose one of {sorted(METHODS)}"
+                    f"kv_eviction={value!r} is not a method; choose one of {sorted(methods())}"
                 )
             changes["method"] = value
         elif key.startswith(REQUEST_PREFIX):

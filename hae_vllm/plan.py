@@ -44,7 +44,6 @@ def plan_compaction(
     ranked_victims: np.ndarray | list[int],
     num_tokens: int,
     block_size: int,
-    num_existing_holes: int = 0,
 ) -> EvictionPlan:
     """Round the victim list down to whole blocks and choose the hole blocks.
 
@@ -53,12 +52,10 @@ def plan_compaction(
             ``< num_tokens``; protected tokens must already be excluded).
         num_tokens: number of tokens whose KV is in the cache (the request's logical length).
         block_size: tokens per KV block.
-        num_existing_holes: unused placeholder for callers that compact twice (must be 0).
 
     Returns:
         The plan; empty if fewer than ``block_size`` victims were given.
     """
-    assert num_existing_holes == 0, "a request is compacted at most once per lifetime"
     ranked = np.asarray(ranked_victims, dtype=np.int64)
     k = len(ranked) // block_size
     num_full_blocks = num_tokens // block_size

@@ -1,4 +1,5 @@
-"""Dual-Attention Pruning scores and victim selection against brute-force references."""
+"""Policies: attention statistics against brute force, HAE's rule, and the shared matrix that
+crosses every method with every modifier (kvpress style)."""
 
 import math
 
@@ -7,7 +8,11 @@ import pytest
 import torch
 
 from hae_vllm.config import EvictionConfig
-from hae_vllm.policies.hae import ScoreAccumulator, attention_rows, normalized_scores, select_victims
+from hae_vllm.policies.attention import LayerAccumulator, attention_probs, attention_rows
+from hae_vllm.policies.base import AttentionStats, LayerStats
+from hae_vllm.policies.hae import normalized_scores
+from hae_vllm.policies.madakv import coverage_count, exact_selection
+from hae_vllm.policies.registry import POLICIES, get_policy
 
 
 def naive_rows(q, k, qpos, scale):
@@ -32,26 +37,23 @@ def test_attention_rows_matches_naive(H, Hkv, D, T):
     k = torch.randn(T, Hkv, D, generator=g)
     qpos = torch.sort(torch.randperm(T, generator=g)[: q.shape[0]]).values
     got = attention_rows(q, k, qpos, 0.3)
-    ref = naive_rows(q, k, qpos, 0.3)
-    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-6)
-    # Every row is a probability distribution per head.
-    torch.testing.assert_close(got.sum(1).double(), torch.full((q.shape[0],), float(H), dtype=torch.float64))
+    torch.testing.assert_close(got.double(), naive_rows(q, k, qpos, 0.3), rtol=1e-5, atol=1e-6)
+    assert attention_probs(q, k, qpos, 0.3).shape == (H, q.shape[0], T)
 
 
 def test_accumulator_chunking_equals_one_shot():
     g = torch.Generator().manual_seed(0)
-    rows = torch.rand(10, 50, generator=g)
-    a = ScoreAccumulator.create(50)
-    a.add(rows)
-    b = ScoreAccumulator.create(8)  # grows as needed
-    b.add(rows[:3, :20])
-    b.add(rows[3:, :])
-    # Rows of the first chunk only see 20 keys: pad them with zeros for the reference.
-    ref = rows.clone()
-    ref[:3, 20:] = 0
-    torch.testing.assert_close(b.g, ref.sum(0))
-    torch.testing.assert_close(b.m, ref.max(0).values)
-    assert b.num_queries == 10
+    probs = torch.rand(2, 10, 50, generator=g)
+    qpos = torch.arange(40, 50)
+    one = LayerAccumulator(50, 2, per_head=True)
+    one.add(probs, qpos)
+    parts = LayerAccumulator(8, 2, per_head=True)  # grows as needed
+    parts.add(probs[:, :3], qpos[:3])
+    parts.add(probs[:, 3:], qpos[3:])
+    a, b = one.stats(50), parts.stats(50)
+    for x, y in ((a.g, b.g), (a.m, b.m), (a.count, b.count), (a.head_sum, b.head_sum)):
+        torch.testing.assert_close(x, y)
+    assert b.count[45].item() == 5  # queries 45..49 see key 45
 
 
 def test_threshold_rule_is_mustdrop_dual_rule():
@@ -64,8 +66,7 @@ def test_threshold_rule_is_mustdrop_dual_rule():
     vis[10:190] = True
     s = normalized_scores(g, m, vis, 0.004, 0.002, variance_gain=0.0)
     p = g[vis] / g[vis].sum()
-    expected = (p < 0.004) & (m[vis] < 0.002)
-    assert torch.equal(s[vis] < 1, expected)
+    assert torch.equal(s[vis] < 1, (p < 0.004) & (m[vis] < 0.002))
     assert torch.isinf(s[~vis]).all()
 
 
@@ -73,55 +74,132 @@ def test_variance_rule_raises_threshold_for_concentrated_attention():
     T = 100
     vis = torch.ones(T, dtype=torch.bool)
     m = torch.zeros(T)
-    flat = torch.ones(T)
     peaked = torch.ones(T)
     peaked[:5] = 100.0
-    s_flat = normalized_scores(flat, m, vis, 0.01, 1.0, variance_gain=1.0)
-    s_peak = normalized_scores(peaked, m, vis, 0.01, 1.0, variance_gain=1.0)
-    # Same small tokens: under concentrated attention their score relative to the threshold drops.
-    assert (s_flat < 1).sum() == 0  # uniform share 0.01 is not below 0.01
-    assert (s_peak[5:] < 1).all()
+    assert (normalized_scores(torch.ones(T), m, vis, 0.01, 1.0, 1.0) < 1).sum() == 0
+    assert (normalized_scores(peaked, m, vis, 0.01, 1.0, 1.0)[5:] < 1).all()
 
 
-@pytest.mark.parametrize("budget", [None, 1.0, 0.9, 0.5, 0.2, 0.01])
-@pytest.mark.parametrize("evict_text", [False, True])
-def test_select_victims_invariants(budget, evict_text):
-    rng = np.random.default_rng(7)
+def test_hae_without_budget_evicts_threshold_victims_only():
+    T = 120
+    vis = torch.zeros(T, dtype=torch.bool)
+    vis[4:110] = True
+    g = torch.ones(T)
+    g[4:30] = 1e-4  # 26 tokens far below the global threshold...
+    m = torch.full((T,), 1.0)
+    m[4:30] = 0.0  # ...and the individual one
+    stats = AttentionStats({0: LayerStats(g, m, torch.ones(T))})
+    sel = get_policy("hae").select(stats, vis, torch.zeros(T, dtype=torch.bool),
+                                   EvictionConfig(method="hae", budget=None, r_global=0.001, r_individual=0.5))
+    assert sorted(sel.victims.tolist()) == list(range(4, 30))
+    assert sel.num_threshold_victims == 26
+
+
+def synthetic_stats(T, H=4, L=4, seed=0):
+    rng = np.random.default_rng(seed)
+    layers = {}
+    for layer in range(L):
+        hs = torch.tensor(rng.exponential(1.0, (H, T)), dtype=torch.float32)
+        g = hs.mean(0)
+        layers[layer] = LayerStats(g, g / 10, torch.tensor(np.arange(T, 0, -1), dtype=torch.float32), hs)
+    return AttentionStats(layers)
+
+
+MODIFIERS = [
+    dict(evict_text=False),
+    dict(evict_text=True),
+    dict(evict_text=True, sink_tokens=0, recent_tokens=0),
+    dict(evict_text=False, sink_tokens=16, recent_tokens=24),
+]
+
+
+@pytest.mark.parametrize("method", sorted(POLICIES))
+@pytest.mark.parametrize("modifier", range(len(MODIFIERS)))
+@pytest.mark.parametrize("budget", [1.0, 0.7, 0.5, 0.2])
+def test_method_matrix_invariants(method, modifier, budget):
     T = 300
-    g = torch.tensor(rng.exponential(1.0, T), dtype=torch.float32)
-    m = torch.tensor(rng.uniform(0, 0.01, T), dtype=torch.float32)
     vis = torch.zeros(T, dtype=torch.bool)
     vis[20:276] = True
+    mod = MODIFIERS[modifier]
+    cfg = EvictionConfig(method=method, budget=budget, max_evict_frac=0.95, **mod).validate()
+    policy = get_policy(method)
     prot = torch.zeros(T, dtype=torch.bool)
-    prot[:4] = True
-    prot[-8:] = True
-    cfg = EvictionConfig(method="hae", budget=budget, evict_text=evict_text, max_evict_frac=0.9)
-    sel = select_victims(g, m, vis, prot, cfg)
+    prot[: cfg.sink_tokens] = True
+    if cfg.recent_tokens:
+        prot[T - cfg.recent_tokens :] = True
+    stats = synthetic_stats(T)
+    sel = policy.select(stats, vis, prot, cfg)
     v = sel.victims
+    # Sinks, recent window and the method's own protected tokens stay.
+    all_prot = prot | policy.protected(T, cfg)
+    assert not all_prot[v].any()
     assert len(set(v.tolist())) == len(v)
-    assert not prot[v].any(), "protected tokens were selected"
-    if not evict_text:
-        assert vis[v].all(), "text selected while evict_text is off"
-    cand = (vis | (torch.tensor(evict_text) & ~vis)) & ~prot
-    ncand = int(cand.sum())
-    if budget is not None:
-        want = T - math.ceil(budget * T - 1e-9)
-        assert len(v) == min(want, int(0.9 * ncand))
-    # Ranked ascending and the kept candidates all score at least as high as any victim.
-    assert torch.all(sel.scores[1:] >= sel.scores[:-1])
+    cand = policy.candidates(vis, cfg) & ~all_prot
+    assert cand[v].all(), "a non-candidate was evicted"
+    if not cfg.evict_text or method == "fastv":
+        assert vis[v].all()
+    # Budget respected: the same count for every method (equal physical memory).
+    want = T - math.ceil(budget * T - 1e-9)
+    assert len(v) == min(want, int(0.95 * int(cand.sum())))
+    # Kept candidates all score at least as high as every victim.
     if len(v):
-        s = normalized_scores(g, m, vis & ~prot, cfg.r_global, cfg.r_individual, cfg.variance_gain)
-        if evict_text:
-            st = normalized_scores(g, m, ~vis & ~prot, cfg.r_global * cfg.text_threshold_scale,
-                                   cfg.r_individual * cfg.text_threshold_scale, cfg.variance_gain)
-            s = torch.minimum(s, st)
+        s = policy.scores(stats, vis, cand, cfg)
         kept = cand.clone()
         kept[v] = False
-        assert s[kept].min() >= s[v].max()
+        if kept.any():
+            assert s[kept].min() >= s[v].max()
+    # Deterministic: same inputs, same victims.
+    again = get_policy(method).select(synthetic_stats(T), vis, prot, cfg)
+    assert torch.equal(again.victims, v)
 
 
-def test_budget_one_evicts_nothing():
-    T = 64
-    sel = select_victims(torch.rand(T), torch.zeros(T), torch.ones(T, dtype=torch.bool),
-                         torch.zeros(T, dtype=torch.bool), EvictionConfig(method="hae", budget=1.0))
-    assert sel.victims.numel() == 0
+def test_random_is_seeded():
+    T = 200
+    vis = torch.ones(T, dtype=torch.bool)
+    prot = torch.zeros(T, dtype=torch.bool)
+    pick = lambda seed: get_policy("random").select(  # noqa: E731
+        AttentionStats(), vis, prot, EvictionConfig(method="random", budget=0.5, seed=seed)
+    ).victims
+    assert torch.equal(pick(1), pick(1))
+    assert not torch.equal(pick(1), pick(2))
+
+
+def test_streamingllm_keeps_sinks_and_most_recent():
+    T = 100
+    cfg = EvictionConfig(method="streamingllm", budget=0.3, evict_text=True, sink_tokens=4, recent_tokens=0)
+    prot = torch.zeros(T, dtype=torch.bool)
+    prot[:4] = True
+    sel = get_policy("streamingllm").select(AttentionStats(), torch.zeros(T, dtype=torch.bool), prot, cfg)
+    assert sorted(sel.victims.tolist()) == list(range(4, 4 + 70))
+
+
+def test_madakv_exact_selection_follows_modality_preference_and_compensation():
+    T = 40
+    vis = torch.zeros(T, dtype=torch.bool)
+    vis[:30] = True
+    psi = torch.ones(2, 2, T)
+    psi[:, 0, 30:] = 9.0  # head 0 prefers text: text holds 9*10/(30+90) = 75% of its mass
+    keep = exact_selection(psi, vis, keep_budget=20, theta=0.1)
+    # Head 0 splits its budget 25/75 visual/text, head 1 by token count (30/10 -> 75/25).
+    assert keep[0, 0, :30].sum() == 5 and keep[0, 0, 30:].sum() == 10  # text capped at its 10 tokens
+    assert keep[0, 1, :30].sum() == 15 and keep[0, 1, 30:].sum() == 5
+    # Layer 0 (uniform attention) needs far more than its budget to cover theta=0.9 of the mass;
+    # layer 1 (peaked attention) needs little, and pays layer 0's overspend back.
+    psi = torch.ones(2, 2, T)
+    psi[1] = 1e-3
+    psi[1, :, 0] = 10.0
+    psi[1, :, 35] = 10.0
+    keep = exact_selection(psi, vis, keep_budget=10, theta=0.9)
+    assert keep[0].sum(-1).float().mean() > 10
+    assert keep[1].sum(-1).float().mean() < 10  # without compensation it would keep 10 per head
+    assert coverage_count(torch.tensor([5.0, 3.0, 2.0]), 0.8) == 2
+
+
+def test_madakv_diagnostics_measure_the_deviation():
+    T = 300
+    vis = torch.zeros(T, dtype=torch.bool)
+    vis[20:276] = True
+    cfg = EvictionConfig(method="madakv", budget=0.5, evict_text=True).validate()
+    sel = get_policy("madakv").select(synthetic_stats(T), vis, torch.zeros(T, dtype=torch.bool), cfg)
+    share = sel.diagnostics["madakv_exact_retained"]
+    assert 0.0 < share <= 1.0

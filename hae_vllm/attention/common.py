@@ -43,9 +43,10 @@ def maybe_score(impl, layer, query: torch.Tensor, kv_cache: torch.Tensor, attn_m
     if attn_metadata is None:
         return
     rt = current_runtime()
-    if rt is None or not rt.wants_scoring(getattr(layer, "layer_name", None)):
+    name = getattr(layer, "layer_name", None)
+    if rt is None or not rt.wants_scoring(name):
         return
     qsl = getattr(attn_metadata, "query_start_loc_cpu", None)
     if qsl is None:
         qsl = attn_metadata.query_start_loc
-    rt.score(impl, query, kv_cache, qsl.cpu())
+    rt.score(impl, name, query, kv_cache, qsl.cpu())

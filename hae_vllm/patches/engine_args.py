@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import logging
 
-from hae_vllm.config import CONFIG_KEY, METHODS, EvictionConfigError, build_engine_config, engine_config_from_additional
+from hae_vllm.config import CONFIG_KEY, EvictionConfigError, build_engine_config, engine_config_from_additional, methods
 from hae_vllm.patches import is_patched, wraps_patch
 
 logger = logging.getLogger("hae_vllm")
 
 SCHEDULER_CLS = "hae_vllm.engine.scheduler.EvictionScheduler"
 
-_HELP_METHOD = "KV-cache token eviction method (hae_vllm). " + "; ".join(
-    f"{k}: {v}" for k, v in METHODS.items()
-)
+def _help_method() -> str:
+    return "KV-cache token eviction method (hae_vllm; `python -m hae_vllm.policies` lists them). " + "; ".join(
+        f"{k}: {v}" for k, v in methods().items()
+    )
 _HELP_CONFIG = (
     "Settings of the eviction method: inline JSON (e.g. '{\"budget\": 0.4}'), a YAML file, or "
     "the name of a preset in hae_vllm's configs/ directory. Per request: vllm_xargs "
@@ -37,7 +38,7 @@ def patch_add_cli_args(cls) -> None:
         if any("--kv-eviction" in a.option_strings for a in parser._actions):
             return parser
         group = parser.add_argument_group("KV eviction (hae_vllm)")
-        group.add_argument("--kv-eviction", choices=sorted(METHODS), default=None, help=_HELP_METHOD)
+        group.add_argument("--kv-eviction", choices=sorted(methods()), default=None, help=_help_method())
         group.add_argument("--kv-eviction-config", type=str, default=None, help=_HELP_CONFIG)
         return parser
 

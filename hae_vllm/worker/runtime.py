@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -28,7 +27,9 @@ import torch
 from hae_vllm.config import EvictionConfig, EvictionConfigError, engine_config_from_additional, request_config
 from hae_vllm.layout import SlotLayout
 from hae_vllm.plan import EvictionPlan, plan_compaction
-from hae_vllm.policies.hae import ScoreAccumulator, attention_rows, select_victims
+from hae_vllm.policies.attention import LayerAccumulator, attention_probs
+from hae_vllm.policies.base import AttentionStats, Policy, ScoringRequest
+from hae_vllm.policies.registry import get_policy
 
 if TYPE_CHECKING:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
@@ -55,12 +56,17 @@ class EvictionReport:
 class RequestState:
     req_id: str
     cfg: EvictionConfig
+    policy: Policy
+    scoring: ScoringRequest | None  # attention the policy needs (None: position-only policy)
     visual_mask: np.ndarray  # [num_tokens_at_start] bool
-    first_visual: int
     protected_prefix: int  # tokens served from the prefix cache at (re)start: never rewritten
-    acc: ScoreAccumulator
+    accs: dict[int, LayerAccumulator] = field(default_factory=dict)  # layer ordinal -> stats
     decided: bool = False
     plan: EvictionPlan | None = None
+
+    def scores_layer(self, ordinal: int) -> bool:
+        sc = self.scoring
+        return sc is not None and (sc.layers is None or ordinal in sc.layers)
 
 
 @dataclass
@@ -101,6 +107,8 @@ class EvictionRuntime:
         self._layout: SlotLayout | None = None
         self._scoring_layer: str | None = None
         self._layer_names: list[str] | None = None
+        self._ordinal: dict[str, int] = {}
+        self._scoring_ordinals: set[int] = set()
         self._tp_group = None
         self._tp_size = 1
         self._trace_lock = threading.Lock()
@@ -125,9 +133,10 @@ class EvictionRuntime:
             from vllm.model_executor.models.utils import extract_layer_index
 
             groups = self.runner.kv_cache_config.kv_cache_groups
-            names = [n for g in groups for n in g.layer_names]
+            names = sorted((n for g in groups for n in g.layer_names), key=extract_layer_index)
             self._layer_names = names
-            self._scoring_layer = min(names, key=extract_layer_index)
+            self._ordinal = {n: i for i, n in enumerate(names)}
+            self._scoring_layer = names[0]
         return self._layer_names
 
     @property
@@ -165,7 +174,9 @@ class EvictionRuntime:
         return self.num_requests_with_holes > 0
 
     def wants_scoring(self, layer_name: str) -> bool:
-        return bool(self.tasks) and layer_name == self._scoring_layer
+        if not self._scoring_ordinals:
+            return False
+        return self._ordinal.get(layer_name, -1) in self._scoring_ordinals
 
     def _drop(self, req_id: str) -> None:
         self.states.pop(req_id, None)
@@ -175,6 +186,7 @@ class EvictionRuntime:
     # ------------------------------------------------------------------ 1. step start
     def on_states_updated(self, scheduler_output) -> None:
         self.tasks = []
+        self._scoring_ordinals = set()
         for req_id in scheduler_output.finished_req_ids:
             self._drop(req_id)
         cached = scheduler_output.scheduled_cached_reqs
@@ -213,8 +225,11 @@ class EvictionRuntime:
                     block_ids=req.block_ids[0],
                 )
             )
-        if self.tasks:
-            self._attention_layers()
+        num_layers = len(self._attention_layers())
+        for task in self.tasks:
+            sc = task.state.scoring
+            if sc is not None:
+                self._scoring_ordinals.update(range(num_layers) if sc.layers is None else sc.layers)
 
     def _start(self, req) -> RequestState | None:
         sp = req.sampling_params
@@ -230,13 +245,20 @@ class EvictionRuntime:
         mask = visual_mask_from_features(req.mm_features, req.num_tokens)
         if not mask.any():
             return None
+        policy = get_policy(cfg.method)
+        scoring = policy.scoring(req.num_tokens, mask, cfg) if policy.uses_attention else None
+        num_layers = len(self._attention_layers())
+        if scoring is not None and scoring.layers is not None and max(scoring.layers) >= num_layers:
+            logger.warning("request %s: %s scores layer %s but the model has %d; using the last layer",
+                           req.req_id, cfg.method, max(scoring.layers), num_layers)
+            scoring = ScoringRequest(tuple(min(l, num_layers - 1) for l in scoring.layers), scoring.query_mask, scoring.per_head)
         st = RequestState(
             req_id=req.req_id,
             cfg=cfg,
+            policy=policy,
+            scoring=scoring,
             visual_mask=mask,
-            first_visual=int(mask.argmax()),
             protected_prefix=(req.num_computed_tokens // self.block_size) * self.block_size,
-            acc=ScoreAccumulator.create(req.num_tokens),
         )
         self.states[req.req_id] = st
         return st
@@ -247,34 +269,40 @@ class EvictionRuntime:
         table = torch.as_tensor(block_ids, dtype=torch.int64)
         return table[positions // bs] * bs + positions % bs
 
-    def score(self, impl, query: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: torch.Tensor) -> None:
-        """Accumulate dual-attention scores for this step's tasks.
+    def score(self, impl, layer_name: str, query: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: torch.Tensor) -> None:
+        """Accumulate the attention statistics this step's tasks asked for at this layer.
 
-        query: [num_tokens, num_heads, head_dim] of the scoring layer (post-RoPE).
-        kv_cache: the scoring layer's cache, already holding this step's keys.
+        query: [num_tokens, num_heads, head_dim] of the layer (post-RoPE).
+        kv_cache: the layer's cache, already holding this step's keys.
         """
+        ordinal = self._ordinal[layer_name]
         layout = self.layout()
         qsl = query_start_loc.tolist()
         num_heads_total = impl.num_heads * self._tp_size
         for task in self.tasks:
             st = task.state
+            if not st.scores_layer(ordinal):
+                continue
+            assert st.scoring is not None
             q0 = qsl[task.row]
-            pos = np.arange(task.start, task.end)
-            limit = min(task.end, len(st.visual_mask))
-            sel = pos[(pos > st.first_visual) & (pos < limit)]
-            sel = sel[~st.visual_mask[sel]] if len(sel) else sel
-            # Under TP every rank must take part in the same collectives, so an empty
-            # selection still all-reduces an empty-row tensor.
+            qmask = st.scoring.query_mask
+            pos = np.arange(task.start, min(task.end, len(qmask)))
+            sel = pos[qmask[pos]] if len(pos) else pos
             T = task.end
+            acc = st.accs.get(ordinal)
+            if acc is None:
+                acc = st.accs[ordinal] = LayerAccumulator(len(qmask), num_heads_total, st.scoring.per_head)
             keys = layout.gather_keys(kv_cache, self._slots(task.block_ids, torch.arange(T)))
+            # Under TP every rank must take part in the same collectives, so an empty
+            # selection still gathers an empty tensor.
             for c in range(0, max(len(sel), 1), _QUERY_CHUNK):
                 chunk = sel[c : c + _QUERY_CHUNK]
                 qpos = torch.as_tensor(chunk, dtype=torch.int64)
-                q = query[q0 + (qpos - task.start)] if len(chunk) else query[:0]
-                rows = attention_rows(q, keys, qpos, impl.scale) if len(chunk) else torch.zeros(0, T)
+                q = query[q0 + (qpos - task.start).to(query.device)]
+                probs = attention_probs(q, keys, qpos, impl.scale)  # [local heads, nq, T]
                 if self._tp_group is not None:
-                    rows = self._tp_group.all_reduce(rows.to(query.device)).cpu()
-                st.acc.add(rows.cpu() / num_heads_total)
+                    probs = self._tp_group.all_gather(probs.to(query.device).contiguous(), dim=0)
+                acc.add(probs.cpu(), qpos)
 
     # ------------------------------------------------------------------ 3. after forward
     def after_forward(self) -> None:
@@ -297,9 +325,8 @@ class EvictionRuntime:
         if cfg.recent_tokens:
             protected[max(0, T - cfg.recent_tokens) :] = True
         protected[: st.protected_prefix] = True
-        sel = select_victims(
-            st.acc.g[:T], st.acc.m[:T], torch.from_numpy(visual), torch.from_numpy(protected), cfg
-        )
+        stats = AttentionStats({k: a.stats(T) for k, a in st.accs.items()})
+        sel = st.policy.select(stats, torch.from_numpy(visual), torch.from_numpy(protected), cfg)
         plan = plan_compaction(sel.victims.numpy(), T, bs)
         st.plan = plan
         if plan.is_empty:
@@ -332,11 +359,13 @@ class EvictionRuntime:
             num_prompt_tokens=T,
         )
         if self.cfg.trace_path and self._is_reporting_rank:
-            self._trace(st, plan, T, num_visual)
+            self._trace(st, plan, T, num_visual, sel.diagnostics)
 
-    def _trace(self, st: RequestState, plan: EvictionPlan, T: int, num_visual: int) -> None:
+    def _trace(self, st: RequestState, plan: EvictionPlan, T: int, num_visual: int, diagnostics: dict) -> None:
         rec = {
             "request_id": st.req_id,
+            "method": st.cfg.method,
+            "diagnostics": diagnostics,
             "num_tokens": T,
             "evicted_positions": list(plan.victims),
             "hole_blocks": list(plan.hole_blocks),
@@ -378,7 +407,6 @@ def drop_hole_blocks(
     return table, (seq_lens - (num_holes * block_size).to(seq_lens.dtype))
 
 
-_RUNTIMES: dict[int, EvictionRuntime] = {}
 _CURRENT: EvictionRuntime | None = None
 
 

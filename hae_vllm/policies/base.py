@@ -1,0 +1,152 @@
+"""What every eviction policy shares: the statistics it asks for, candidate/protection rules,
+and one selection routine (kvpress style: a policy only scores; the base selects).
+
+A policy says which attention it needs (:class:`ScoringRequest`: layers, query positions,
+per-head or not); the worker computes exactly that at prefill and hands it back as
+:class:`AttentionStats`.  Selection then ranks candidates by the policy's score (lower is
+evicted first) and evicts the count set by the shared budget rule, so every method is compared
+at equal physical memory.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from hae_vllm.config import EvictionConfig
+
+
+@dataclass(frozen=True)
+class ScoringRequest:
+    """Attention a policy needs during prefill.
+
+    layers: ordinal indices of the decoder's attention layers to score at (0 = first).
+    query_mask: [num_prompt_tokens] bool, the positions whose attention rows are used.
+    per_head: also keep per-head sums (``AttentionStats.head_sum``).
+    """
+
+    layers: tuple[int, ...]
+    query_mask: np.ndarray
+    per_head: bool = False
+
+
+@dataclass
+class LayerStats:
+    """Attention received by each key position, over the selected queries of one layer.
+
+    g: [T] sum over queries of the head-averaged probability; m: [T] max over queries;
+    count: [T] number of selected queries that can see the position (causal);
+    head_sum: [H, T] per-head sum over queries (only when requested).
+    """
+
+    g: torch.Tensor
+    m: torch.Tensor
+    count: torch.Tensor
+    head_sum: torch.Tensor | None = None
+
+
+@dataclass
+class AttentionStats:
+    layers: dict[int, LayerStats] = field(default_factory=dict)
+
+    def first(self) -> LayerStats:
+        return self.layers[min(self.layers)]
+
+
+@dataclass
+class Selection:
+    """Victims ranked most-evictable first, with the score that ranked them."""
+
+    victims: torch.Tensor  # [n] int64 positions, ascending score
+    scores: torch.Tensor  # [n] float32
+    num_threshold_victims: int
+    num_visual: int
+    num_text: int
+    diagnostics: dict = field(default_factory=dict)
+
+
+class Policy:
+    """Base class: subclasses set ``name``/``description`` and implement :meth:`scores`."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    uses_attention: ClassVar[bool] = True
+    has_thresholds: ClassVar[bool] = False  # can decide a count without a budget
+
+    def scoring(self, num_tokens: int, visual_mask: np.ndarray, cfg: EvictionConfig) -> ScoringRequest | None:
+        return None
+
+    def candidates(self, visual_mask: torch.Tensor, cfg: EvictionConfig) -> torch.Tensor:
+        """Tokens the method may evict (before protection): visual, plus text if evict_text."""
+        return visual_mask.clone() if not cfg.evict_text else torch.ones_like(visual_mask)
+
+    def protected(self, num_tokens: int, cfg: EvictionConfig) -> torch.Tensor:
+        """Method-specific protected positions (sinks/recent/prefix are added by the caller)."""
+        return torch.zeros(num_tokens, dtype=torch.bool)
+
+    def scores(
+        self, stats: AttentionStats, visual_mask: torch.Tensor, candidates: torch.Tensor, cfg: EvictionConfig
+    ) -> torch.Tensor:
+        """[T] float scores, lower = evicted first; +inf for tokens that must stay."""
+        raise NotImplementedError
+
+    def threshold_count(self, sorted_scores: torch.Tensor) -> int:
+        raise NotImplementedError(f"{self.name} needs a budget")
+
+    def diagnostics(self, stats: AttentionStats, keep: torch.Tensor, visual_mask: torch.Tensor, cfg) -> dict:
+        return {}
+
+    # ------------------------------------------------------------------ shared selection
+    def select(
+        self,
+        stats: AttentionStats,
+        visual_mask: torch.Tensor,
+        protected_mask: torch.Tensor,
+        cfg: EvictionConfig,
+    ) -> Selection:
+        """Rank candidates and decide how many go.
+
+        Count rule: with a budget, exactly ``T - ceil(budget * T)`` lowest-scored candidates go,
+        so ``budget=1`` evicts nothing and every method frees the same memory; without one the
+        method's own thresholds decide (HAE).  Never more than ``max_evict_frac`` of the
+        candidates.
+        """
+        T = visual_mask.numel()
+        protected = protected_mask | self.protected(T, cfg)
+        cand = self.candidates(visual_mask, cfg) & ~protected
+        s = self.scores(stats, visual_mask, cand, cfg).float()
+        s = torch.where(cand, s, torch.full_like(s, float("inf")))
+        positions = torch.isfinite(s).nonzero(as_tuple=True)[0]
+        cand_scores = s[positions]
+        order = torch.argsort(cand_scores, stable=True)
+        positions, cand_scores = positions[order], cand_scores[order]
+        n_thr = self.threshold_count(cand_scores) if self.has_thresholds else 0
+        if cfg.budget is None:
+            n = n_thr
+        else:
+            n = T - math.ceil(cfg.budget * T - 1e-9)
+        cap = int(cfg.max_evict_frac * positions.numel())
+        n = max(0, min(n, cap, positions.numel()))
+        victims = positions[:n]
+        nv = int(visual_mask[victims].sum()) if n else 0
+        keep = torch.ones(T, dtype=torch.bool)
+        keep[victims] = False
+        return Selection(
+            victims=victims,
+            scores=cand_scores[:n],
+            num_threshold_victims=min(n_thr, n),
+            num_visual=nv,
+            num_text=n - nv,
+            diagnostics=self.diagnostics(stats, keep, visual_mask, cfg),
+        )
+
+
+def window_mask(num_tokens: int, window: int) -> np.ndarray:
+    """The last ``window`` positions (observation window / proxy tokens)."""
+    mask = np.zeros(num_tokens, dtype=bool)
+    mask[max(0, num_tokens - window) :] = True
+    return mask
