@@ -68,6 +68,8 @@ class EvictionConfig:
     text_threshold_scale: float = 0.25
     # Opt-in JSONL trace of each request's evicted positions (engine-wide only).
     trace_path: str | None = None
+    # HAE ablation: also score every layer and report the per-layer victim overlap.
+    measure_layer_overlap: bool = False
     # Observation window (SnapKV) / proxy tokens (MadaKV): the last `window` prompt tokens.
     window: int = 32
     # SnapKV pooling over neighbouring positions.

@@ -97,7 +97,10 @@ class Policy:
     def threshold_count(self, sorted_scores: torch.Tensor) -> int:
         raise NotImplementedError(f"{self.name} needs a budget")
 
-    def diagnostics(self, stats: AttentionStats, keep: torch.Tensor, visual_mask: torch.Tensor, cfg) -> dict:
+    def diagnostics(
+        self, stats: AttentionStats, keep: torch.Tensor, visual_mask: torch.Tensor, candidates: torch.Tensor, cfg
+    ) -> dict:
+        """Extra, logical measurements recorded in the trace (no effect on the selection)."""
         return {}
 
     # ------------------------------------------------------------------ shared selection
@@ -141,7 +144,7 @@ class Policy:
             num_threshold_victims=min(n_thr, n),
             num_visual=nv,
             num_text=n - nv,
-            diagnostics=self.diagnostics(stats, keep, visual_mask, cfg),
+            diagnostics=self.diagnostics(stats, keep, visual_mask, cand, cfg),
         )
 
 

@@ -59,10 +59,12 @@ class HAEPolicy(Policy):
     def scoring(self, num_tokens, visual_mask, cfg):
         pos = np.arange(num_tokens)
         first_visual = int(visual_mask.argmax()) if visual_mask.any() else num_tokens
-        return ScoringRequest(layers=(0,), query_mask=(pos > first_visual) & ~visual_mask)
+        # Ablation: score every layer too, to measure how well layer 0 stands for them.
+        layers = None if cfg.measure_layer_overlap else (0,)
+        return ScoringRequest(layers=layers, query_mask=(pos > first_visual) & ~visual_mask)
 
-    def scores(self, stats: AttentionStats, visual_mask, candidates, cfg: EvictionConfig):
-        st = stats.first()
+    def scores(self, stats: AttentionStats, visual_mask, candidates, cfg: EvictionConfig, layer: int = 0):
+        st = stats.layers[layer]
         s = normalized_scores(st.g, st.m, visual_mask & candidates, cfg.r_global, cfg.r_individual, cfg.variance_gain)
         if cfg.evict_text:
             scale = max(cfg.text_threshold_scale, 1e-12)
@@ -74,3 +76,20 @@ class HAEPolicy(Policy):
 
     def threshold_count(self, sorted_scores):
         return int((sorted_scores < 1.0).sum())
+
+    def diagnostics(self, stats, keep, visual_mask, candidates, cfg):
+        """Index broadcasting ablation (paper's Fig. 5): overlap of the layer-0 victims with the
+        victims the same rule picks from each layer's own attention (logical, same count)."""
+        if len(stats.layers) < 2:
+            return {}
+        victims = ~keep
+        n = int(victims.sum())
+        if n == 0:
+            return {"hae_layer_overlap": [1.0] * len(stats.layers)}
+        overlap = []
+        for layer in sorted(stats.layers):
+            s = self.scores(stats, visual_mask, candidates, cfg, layer=layer)
+            s = torch.where(candidates, s, torch.full_like(s, float("inf")))
+            pick = torch.argsort(s, stable=True)[:n]
+            overlap.append(float(victims[pick].sum()) / n)
+        return {"hae_layer_overlap": overlap}

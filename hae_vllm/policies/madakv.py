@@ -99,7 +99,7 @@ class MadaKVPolicy(Policy):
         tie = mean_psi / (mean_psi.max() + 1e-12) * 0.999  # < 1: never outranks a vote
         return votes + tie
 
-    def diagnostics(self, stats, keep, visual_mask, cfg):
+    def diagnostics(self, stats, keep, visual_mask, candidates, cfg):
         psi = self._psi(stats)
         exact = exact_selection(psi, visual_mask, self._keep_budget(visual_mask.numel(), cfg), cfg.theta)
         sizes = exact.sum(-1).clamp(min=1).float()
