@@ -119,7 +119,7 @@ def test_bad_per_request_knob_is_http_400(server, knobs, needle):
 def test_help_lists_the_flag():
     out = subprocess.run([VLLM, "serve", "--help=all"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "--kv-eviction {hae,none}" in out.stdout
+    assert "--kv-eviction {fastv,h2o,hae,madakv,none,random,snapkv,streamingllm}" in out.stdout
     assert "--kv-eviction-config" in out.stdout
 
 
