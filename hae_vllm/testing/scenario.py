@@ -50,6 +50,9 @@ class ScenarioSpec:
     logprobs: bool = True
     trace: bool = True
     multiprocessing: bool = False  # engine core in its own process (the default vLLM setup)
+    tensor_parallel_size: int = 1
+    distributed_executor_backend: str | None = None  # "mp" or "ray" (TP > 1)
+    env: dict[str, str] = field(default_factory=dict)  # extra environment for the engine process
     sequential: bool = False  # submit requests one generate() call at a time
 
 
@@ -91,7 +94,8 @@ def _run(spec: ScenarioSpec, trace_path: str | None) -> dict[str, Any]:
         limit_mm_per_prompt={"image": max([len(r.images) for r in spec.requests] + [1])},
         seed=0,
     )
-    for name in ("block_size", "max_num_batched_tokens", "max_num_seqs", "enable_prefix_caching", "num_gpu_blocks_override"):
+    for name in ("block_size", "max_num_batched_tokens", "max_num_seqs", "enable_prefix_caching",
+                 "num_gpu_blocks_override", "tensor_parallel_size", "distributed_executor_backend"):
         val = getattr(spec, name)
         if val is not None:
             kwargs[name] = val
@@ -184,9 +188,9 @@ def _run(spec: ScenarioSpec, trace_path: str | None) -> dict[str, Any]:
     # to its result (the last one wins: a preempted request is re-planned on recompute).
     for res in results:
         rid = res["request_id"]
-        res["evictions"] = [
-            t for t in trace if t["request_id"] == rid or t["request_id"].rsplit("-", 1)[0] == rid
-        ]
+        mine = [t for t in trace if t["request_id"] == rid or t["request_id"].rsplit("-", 1)[0] == rid]
+        res["evictions"] = [t for t in mine if t.get("tp_rank", 0) == 0]
+        res["evictions_other_ranks"] = [t for t in mine if t.get("tp_rank", 0) != 0]
         res["eviction"] = res["evictions"][-1] if res["evictions"] else None
     return record
 
@@ -227,6 +231,7 @@ def run_in_subprocess(spec: ScenarioSpec, timeout: float = 900) -> dict[str, Any
         out_path = Path(tmp) / "out.json"
         spec_path.write_text(json.dumps(asdict(spec)))
         env = dict(os.environ)
+        env.update(spec.env)
         if spec.vanilla:
             # VLLM_PLUGINS is an allow-list: naming only a built-in plugin keeps ours out.
             env["VLLM_PLUGINS"] = "lora_filesystem_resolver"

@@ -113,13 +113,15 @@ class EvictionRuntime:
         self._tp_size = 1
         self._trace_lock = threading.Lock()
         self._is_reporting_rank = True
+        self._tp_rank = 0
         try:
             from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size, get_tp_group
 
             self._tp_size = get_tensor_model_parallel_world_size()
             if self._tp_size > 1:
                 self._tp_group = get_tp_group()
-            self._is_reporting_rank = get_tensor_model_parallel_rank() == 0
+            self._tp_rank = get_tensor_model_parallel_rank()
+            self._is_reporting_rank = self._tp_rank == 0
         except Exception:  # not initialised (unit tests)
             pass
 
@@ -358,13 +360,14 @@ class EvictionRuntime:
             num_text=plan.num_evicted - num_visual,
             num_prompt_tokens=T,
         )
-        if self.cfg.trace_path and self._is_reporting_rank:
+        if self.cfg.trace_path:
             self._trace(st, plan, T, num_visual, sel.diagnostics)
 
     def _trace(self, st: RequestState, plan: EvictionPlan, T: int, num_visual: int, diagnostics: dict) -> None:
         rec = {
             "request_id": st.req_id,
             "method": st.cfg.method,
+            "tp_rank": self._tp_rank,
             "diagnostics": diagnostics,
             "num_tokens": T,
             "evicted_positions": list(plan.victims),
