@@ -70,6 +70,20 @@ class EvictionConfig:
     trace_path: str | None = None
     # HAE ablation: also score every layer and report the per-layer victim overlap.
     measure_layer_overlap: bool = False
+    # Dynamic Decoding Eviction (decode stage): live tokens are kept within the budget, either a
+    # keep ratio of the tokens the request would otherwise hold or an absolute token count.
+    decode_budget: float | None = None
+    decode_budget_tokens: int | None = None
+    # Scores of live and binned tokens: s <- decode_decay * s + attention of the new query.
+    decode_decay: float = 0.9
+    # Recent tokens never parked during decode.
+    decode_recent_tokens: int = 16
+    # Recycle bin: at most bin_capacity parked blocks per request (lowest value released first).
+    bin_capacity: int = 4
+    # Every rescore_interval decode steps the best binned block is restored when its mean score
+    # beats restore_margin x the mean score of the weakest live block's worth of tokens.
+    rescore_interval: int = 8
+    restore_margin: float = 1.0
     # Observation window (SnapKV) / proxy tokens (MadaKV): the last `window` prompt tokens.
     window: int = 32
     # SnapKV pooling over neighbouring positions.
@@ -87,6 +101,10 @@ class EvictionConfig:
     @property
     def enabled(self) -> bool:
         return self.method != "none"
+
+    @property
+    def decode_enabled(self) -> bool:
+        return self.enabled and (self.decode_budget is not None or self.decode_budget_tokens is not None)
 
     def validate(self) -> "EvictionConfig":
         if self.method not in methods():
@@ -107,6 +125,28 @@ class EvictionConfig:
                 raise EvictionConfigError(f"{name} must be a non-negative number, got {v!r}")
         if not (0.0 <= self.max_evict_frac <= 1.0):
             raise EvictionConfigError(f"max_evict_frac must be in [0, 1], got {self.max_evict_frac}")
+        if self.decode_budget is not None and (
+            isinstance(self.decode_budget, bool)
+            or not isinstance(self.decode_budget, (int, float))
+            or not (0.0 < float(self.decode_budget) <= 1.0)
+        ):
+            raise EvictionConfigError(f"decode_budget must be in (0, 1], got {self.decode_budget!r}")
+        if self.decode_budget_tokens is not None and (
+            not isinstance(self.decode_budget_tokens, int) or self.decode_budget_tokens < 1
+        ):
+            raise EvictionConfigError(
+                f"decode_budget_tokens must be a positive integer, got {self.decode_budget_tokens!r}"
+            )
+        if not (0.0 <= self.decode_decay <= 1.0):
+            raise EvictionConfigError(f"decode_decay must be in [0, 1], got {self.decode_decay}")
+        if not isinstance(self.restore_margin, (int, float)) or self.restore_margin < 0:
+            raise EvictionConfigError(f"restore_margin must be >= 0, got {self.restore_margin!r}")
+        for name in ("decode_recent_tokens", "bin_capacity"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise EvictionConfigError(f"{name} must be a non-negative integer, got {v!r}")
+        if not isinstance(self.rescore_interval, int) or self.rescore_interval < 1:
+            raise EvictionConfigError(f"rescore_interval must be a positive integer, got {self.rescore_interval!r}")
         if self.pooling not in ("max", "avg"):
             raise EvictionConfigError(f"pooling must be 'max' or 'avg', got {self.pooling!r}")
         if not (0.0 < self.theta <= 1.0):

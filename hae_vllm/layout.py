@@ -126,3 +126,13 @@ class SlotLayout:
         view, src = self._coords(kv_cache, src_slots)
         _, dst = self._coords(kv_cache, dst_slots)
         view[dst] = view[src]
+
+    def swap(self, kv_cache: torch.Tensor, a_slots: torch.Tensor, b_slots: torch.Tensor) -> None:
+        """Exchange the contents of two disjoint slot sets (parking keeps both sides' data)."""
+        if a_slots.numel() == 0:
+            return
+        view, a = self._coords(kv_cache, a_slots)
+        _, b = self._coords(kv_cache, b_slots)
+        va = view[a].clone()
+        view[a] = view[b]
+        view[b] = va

@@ -37,6 +37,16 @@ def _create() -> dict[str, Any]:
             "Requests whose KV cache was compacted by eviction.",
             labelnames=["engine"],
         ),
+        "bin_events": Counter(
+            "vllm:hae_bin_blocks",
+            "Recycle-bin block events: parked, restored, released (final), lost (reused by the pool).",
+            labelnames=["engine", "event"],
+        ),
+        "bin_occupancy": Gauge(
+            "vllm:hae_bin_occupancy_blocks",
+            "KV blocks currently parked in recycle bins (free, still readable).",
+            labelnames=["engine"],
+        ),
         "peak": Gauge(
             "vllm:hae_peak_kv_blocks_in_use",
             "Largest number of KV blocks in use seen after any schedule() step.",
@@ -72,3 +82,6 @@ def observe(scheduler_stats, engine_idx: int) -> None:
         _metrics["blocks"].labels(eng).inc(delta("freed_blocks"))
         _metrics["requests"].labels(eng).inc(delta("evicted_requests"))
         _metrics["peak"].labels(eng).set(int(stats.get("peak_blocks_in_use", 0)))
+        for event in ("parked", "restored", "released", "lost"):
+            _metrics["bin_events"].labels(eng, event).inc(delta(f"{event}_blocks"))
+        _metrics["bin_occupancy"].labels(eng).set(int(stats.get("bin_occupancy", 0)))

@@ -15,7 +15,8 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec
 
 from hae_vllm.config import EvictionConfigError, engine_config_from_additional, request_config
 from hae_vllm.engine.kv_manager import MAY_EVICT_ATTR, EvictableFullAttentionManager
-from hae_vllm.worker.runtime import REPORT_ATTR
+from hae_vllm.engine.recycle_bin import RecycleBin
+from hae_vllm.worker.runtime import BIN_UPDATES_ATTR, REPORT_ATTR
 
 logger = logging.getLogger("hae_vllm")
 
@@ -29,6 +30,11 @@ class EvictionStats:
         self.freed_blocks = 0
         self.evicted_requests = 0
         self.peak_blocks_in_use = 0
+        self.parked_blocks = 0
+        self.restored_blocks = 0
+        self.released_blocks = 0
+        self.lost_blocks = 0
+        self.bin_occupancy = 0
 
     def as_dict(self) -> dict[str, int]:
         return dict(vars(self))
@@ -56,6 +62,7 @@ class EvictionScheduler(Scheduler):
                 self._evict_manager = mgr  # type: ignore[assignment]
         if self._evict_manager is None:
             raise EvictionConfigError("no full-attention KV cache manager found; eviction unsupported")
+        self.recycle_bin = RecycleBin(self.kv_cache_manager.block_pool, self._evict_manager._null_block)
 
     # ------------------------------------------------------------------ admission
     def add_request(self, request) -> None:
@@ -63,13 +70,22 @@ class EvictionScheduler(Scheduler):
         super().add_request(request)
 
     def _may_evict(self, request) -> bool:
-        if not request.mm_features or request.sampling_params is None:
+        if request.sampling_params is None:
             return False
         try:
             cfg = request_config(self.eviction_config, request.sampling_params.extra_args)
         except EvictionConfigError:
             return False
-        return cfg.enabled
+        return cfg.decode_enabled or (cfg.enabled and bool(request.mm_features))
+
+    def _free_request(self, request, *args, **kwargs):
+        self.recycle_bin.drop_request(request.request_id)
+        return super()._free_request(request, *args, **kwargs)
+
+    def _preempt_request(self, request, *args, **kwargs):
+        # Recompute from scratch: parked blocks are already free; forget them.
+        self.recycle_bin.drop_request(request.request_id)
+        return super()._preempt_request(request, *args, **kwargs)
 
     # ------------------------------------------------------------------ step output
     def update_from_output(self, scheduler_output, model_runner_output):
@@ -82,14 +98,31 @@ class EvictionScheduler(Scheduler):
         mgr = self._evict_manager
         assert mgr is not None
         stats = self.eviction_stats
+        bin_ = self.recycle_bin
         for req_id, rep in reports.items():
             if req_id not in self.requests:
                 continue  # finished and freed meanwhile
-            freed = mgr.release_blocks(req_id, rep.hole_blocks)
-            stats.freed_blocks += freed
-            stats.evicted_visual_tokens += rep.num_visual
-            stats.evicted_text_tokens += rep.num_text
-            stats.evicted_requests += 1
+            if rep.hole_blocks:
+                freed = mgr.release_blocks(req_id, rep.hole_blocks)
+                stats.freed_blocks += freed
+                stats.evicted_visual_tokens += rep.num_visual
+                stats.evicted_text_tokens += rep.num_text
+                stats.evicted_requests += 1
+            blocks = mgr.req_to_blocks.get(req_id)
+            if blocks is None:
+                continue
+            for idx, bid in rep.parked:
+                if idx < len(blocks) and blocks[idx].block_id == bid:
+                    bin_.park(req_id, blocks, idx)
+            for bid in rep.released:
+                bin_.release(req_id, bid)
+            for idx, bid in rep.restore:
+                bin_.restore(req_id, blocks, bid, idx)
+        stats.parked_blocks = bin_.num_parked
+        stats.restored_blocks = bin_.num_restored
+        stats.released_blocks = bin_.num_released
+        stats.lost_blocks = bin_.num_lost
+        stats.bin_occupancy = bin_.occupancy()
 
     def make_stats(self, *args, **kwargs):
         stats = super().make_stats(*args, **kwargs)
@@ -101,6 +134,11 @@ class EvictionScheduler(Scheduler):
 
     def schedule(self, *args, **kwargs):
         out = super().schedule(*args, **kwargs)
+        # Restores confirmed in the last update, and parked blocks the pool handed out during
+        # this schedule(): the worker applies both before this step's forward.
+        updates = self.recycle_bin.take_updates()
+        if updates:
+            setattr(out, BIN_UPDATES_ATTR, updates)
         pool = self.kv_cache_manager.block_pool
         in_use = pool.num_gpu_blocks - 1 - pool.get_num_free_blocks()
         if in_use > self.eviction_stats.peak_blocks_in_use:

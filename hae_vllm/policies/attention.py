@@ -18,6 +18,7 @@ def attention_probs(
     keys: torch.Tensor,
     query_positions: torch.Tensor,
     scale: float,
+    key_positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal softmax attention of selected queries over keys ``0..T-1``.
 
@@ -26,6 +27,8 @@ def attention_probs(
         keys: [T, num_kv_heads, head_dim] (post-RoPE, positions 0..T-1).
         query_positions: [nq] logical positions of the queries (< T).
         scale: softmax scale.
+        key_positions: [T] positions of the keys (default ``0..T-1``); keys after a query's
+            position are masked.
 
     Returns:
         [num_heads, nq, T] float32 probabilities (GQA folded without copying keys).
@@ -35,7 +38,7 @@ def attention_probs(
     group = num_heads // num_kv_heads
     q = queries.float().view(nq, num_kv_heads, group, head_dim)
     logits = torch.einsum("ihgd,jhd->hgij", q, keys.float()) * scale
-    key_pos = torch.arange(T, device=keys.device)
+    key_pos = torch.arange(T, device=keys.device) if key_positions is None else key_positions.to(keys.device)
     mask = key_pos[None, :] > query_positions[:, None].to(keys.device)  # [nq, T]
     logits.masked_fill_(mask, float("-inf"))
     return torch.softmax(logits, dim=-1).reshape(num_heads, nq, T)

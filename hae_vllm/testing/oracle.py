@@ -124,6 +124,83 @@ class HFOracle:
         return out.logits[0, -1].float()
 
 
+class MaskedReplay:
+    """Replays an engine's eviction trace on a full HF cache with an attention mask.
+
+    Evicting, parking and restoring only change which cached positions attention may read, so
+    the reference keeps every entry and masks the ones vLLM does not read: masked keys get no
+    attention weight, exactly as if removed.  Events are ``(num_tokens, kind, positions)``,
+    applied before the token at position ``num_tokens`` is fed:
+
+    * ``prefill``: the first ``num_tokens`` tokens were (re)computed, then ``positions`` evicted;
+    * ``park``: ``positions`` leave the attention set (recycle bin);
+    * ``restore``: ``positions`` come back.
+    """
+
+    def __init__(self, oracle: HFOracle):
+        self.o = oracle
+
+    @torch.no_grad()
+    def generate(self, prompt: str, images: Sequence, max_new_tokens: int, events) -> OracleResult:
+        o = self.o
+        inputs = o.inputs(prompt, images)
+        prompt_ids = inputs["input_ids"][0].tolist()
+        L = len(prompt_ids)
+        by_n: dict[int, list] = {}
+        for n, kind, pos in events:
+            by_n.setdefault(int(n), []).append((kind, list(pos)))
+        live = torch.ones(L + max_new_tokens, dtype=torch.bool)
+        cache, logits = o._prefill(inputs, [])
+        tokens: list[int] = []
+        logprobs: list[float] = []
+        while True:
+            lp = torch.log_softmax(logits, dim=-1)
+            tok = int(torch.argmax(logits))
+            tokens.append(tok)
+            logprobs.append(float(lp[tok]))
+            if len(tokens) == max_new_tokens:
+                break
+            p = L + len(tokens) - 1  # position of the token fed next
+            for kind, pos in by_n.get(p, ()):
+                idx = torch.as_tensor(pos, dtype=torch.long)
+                if kind == "prefill":
+                    live[:p] = True
+                    live[idx] = False
+                elif kind == "park":
+                    live[idx] = False
+                elif kind == "restore":
+                    live[idx] = True
+                else:
+                    raise ValueError(f"unknown event kind {kind!r}")
+            kw = dict(
+                input_ids=torch.tensor([[tok]]),
+                past_key_values=cache,
+                use_cache=True,
+                cache_position=torch.tensor([p]),
+                attention_mask=live[: p + 1].long()[None, :],
+            )
+            if o.is_mrope:
+                delta = o.model.model.rope_deltas
+                pp = torch.tensor([[p]]) + (delta if delta is not None else 0)
+                kw["position_ids"] = pp.view(1, 1, 1).expand(3, 1, 1)
+            else:
+                kw["position_ids"] = torch.tensor([[p]])
+            out = o.model(**kw)
+            cache = out.past_key_values
+            logits = out.logits[0, -1].float()
+        return OracleResult(prompt_ids, tokens, logprobs, int(live[: L + len(tokens) - 1].sum()))
+
+
+def events_from_trace(records) -> list[tuple[int, str, list[int]]]:
+    """(num_tokens, kind, positions) from a request's trace records (prefill and decode)."""
+    out = []
+    for r in records:
+        kind = r.get("kind", "prefill")
+        pos = r["evicted_positions"] if kind == "prefill" else r["positions"]
+        out.append((r["num_tokens"], kind, pos))
+    return out
+
+
 def remove_positions(cache, keep: torch.Tensor) -> None:
     """Delete the positions where ``keep`` is False from every layer of a DynamicCache."""
     for layer in cache.layers:

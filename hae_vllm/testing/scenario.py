@@ -189,8 +189,10 @@ def _run(spec: ScenarioSpec, trace_path: str | None) -> dict[str, Any]:
     for res in results:
         rid = res["request_id"]
         mine = [t for t in trace if t["request_id"] == rid or t["request_id"].rsplit("-", 1)[0] == rid]
-        res["evictions"] = [t for t in mine if t.get("tp_rank", 0) == 0]
-        res["evictions_other_ranks"] = [t for t in mine if t.get("tp_rank", 0) != 0]
+        rank0 = [t for t in mine if t.get("tp_rank", 0) == 0]
+        res["evictions"] = [t for t in rank0 if t.get("kind", "prefill") == "prefill"]
+        res["decode_events"] = [t for t in rank0 if t.get("kind", "prefill") != "prefill"]
+        res["evictions_other_ranks"] = [t for t in mine if t.get("tp_rank", 0) != 0 and t.get("kind", "prefill") == "prefill"]
         res["eviction"] = res["evictions"][-1] if res["evictions"] else None
     return record
 

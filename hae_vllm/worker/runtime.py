@@ -30,6 +30,7 @@ from hae_vllm.plan import EvictionPlan, plan_compaction
 from hae_vllm.policies.attention import LayerAccumulator, attention_probs
 from hae_vllm.policies.base import AttentionStats, Policy, ScoringRequest
 from hae_vllm.policies.registry import get_policy
+from hae_vllm.worker.decode import BinEntry, DecodeActions, DecodeState, choose_parking, weakest_live_value
 
 if TYPE_CHECKING:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
@@ -39,17 +40,28 @@ logger = logging.getLogger("hae_vllm")
 REPORT_ATTR = "hae_eviction_reports"
 """Attribute of ModelRunnerOutput carrying {req_id: EvictionReport} to the scheduler."""
 
+BIN_UPDATES_ATTR = "hae_bin_updates"
+"""Attribute of SchedulerOutput carrying {req_id: BinUpdates} (restores confirmed, blocks lost)."""
+
 _QUERY_CHUNK = 256  # queries scored at once (bounds the [heads, q, T] logits buffer)
 
 
 @dataclass(frozen=True)
 class EvictionReport:
-    """Worker -> scheduler: blocks of one request that are now null holes."""
+    """Worker -> scheduler, per request and step.
 
-    hole_blocks: tuple[int, ...]
-    num_visual: int
-    num_text: int
-    num_prompt_tokens: int
+    hole_blocks: logical blocks that are now null holes (prefill eviction: free them);
+    parked: (logical index, block id) moved to the recycle bin (decode eviction);
+    released: parked block ids released for good; restore: (index, block id) to take back.
+    """
+
+    hole_blocks: tuple[int, ...] = ()
+    num_visual: int = 0
+    num_text: int = 0
+    num_prompt_tokens: int = 0
+    parked: tuple[tuple[int, int], ...] = ()
+    released: tuple[int, ...] = ()
+    restore: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass
@@ -63,10 +75,20 @@ class RequestState:
     accs: dict[int, LayerAccumulator] = field(default_factory=dict)  # layer ordinal -> stats
     decided: bool = False
     plan: EvictionPlan | None = None
+    decode: DecodeState | None = None
 
     def scores_layer(self, ordinal: int) -> bool:
         sc = self.scoring
         return sc is not None and (sc.layers is None or ordinal in sc.layers)
+
+
+@dataclass
+class DecodeTask:
+    state: RequestState
+    row: int
+    start: int
+    end: int
+    block_ids: list[int]
 
 
 @dataclass
@@ -101,6 +123,8 @@ class EvictionRuntime:
         self.cfg = cfg
         self.states: dict[str, RequestState] = {}
         self.tasks: list[ScoringTask] = []
+        self.decode_tasks: list[DecodeTask] = []
+        self._skip: set[str] = set()  # requests known not to need eviction (no re-check each step)
         self.reports: dict[str, EvictionReport] = {}
         self.num_requests_with_holes = 0
         self._holes: dict[str, int] = {}
@@ -182,12 +206,14 @@ class EvictionRuntime:
 
     def _drop(self, req_id: str) -> None:
         self.states.pop(req_id, None)
+        self._skip.discard(req_id)
         if self._holes.pop(req_id, None):
             self.num_requests_with_holes -= 1
 
     # ------------------------------------------------------------------ 1. step start
     def on_states_updated(self, scheduler_output) -> None:
         self.tasks = []
+        self.decode_tasks = []
         self._scoring_ordinals = set()
         for req_id in scheduler_output.finished_req_ids:
             self._drop(req_id)
@@ -197,6 +223,7 @@ class EvictionRuntime:
             self._drop(req_id)
         for new in scheduler_output.scheduled_new_reqs:
             self._drop(new.req_id)
+        self._apply_bin_updates(getattr(scheduler_output, BIN_UPDATES_ATTR, None))
         if not scheduler_output.num_scheduled_tokens:
             return
         self._attention_layers()
@@ -208,12 +235,18 @@ class EvictionRuntime:
             if req is None:
                 continue
             if st is None:
-                if req_id in self._holes or not req.mm_features or req.num_computed_tokens >= req.num_tokens:
+                if req_id in self._skip or req_id in self._holes or req.num_computed_tokens >= req.num_tokens:
                     continue
                 st = self._start(req)
                 if st is None:
+                    self._skip.add(req_id)
                     continue
             if st.decided:
+                if st.decode is not None:
+                    start = req.num_computed_tokens
+                    st.decode.ensure(len(req.block_ids[0]) * self.block_size)
+                    st.decode.slot_pos[start : start + n] = np.arange(start, start + n)
+                    self.decode_tasks.append(DecodeTask(st, index[req_id], start, start + n, req.block_ids[0]))
                 continue
             start = req.num_computed_tokens
             end = start + n
@@ -228,6 +261,8 @@ class EvictionRuntime:
                 )
             )
         num_layers = len(self._attention_layers())
+        if self.decode_tasks:
+            self._scoring_ordinals.add(0)
         for task in self.tasks:
             sc = task.state.scoring
             if sc is not None:
@@ -245,7 +280,7 @@ class EvictionRuntime:
         if not cfg.enabled:
             return None
         mask = visual_mask_from_features(req.mm_features, req.num_tokens)
-        if not mask.any():
+        if not mask.any() and not cfg.decode_enabled:
             return None
         policy = get_policy(cfg.method)
         scoring = policy.scoring(req.num_tokens, mask, cfg) if policy.uses_attention else None
@@ -281,6 +316,9 @@ class EvictionRuntime:
         layout = self.layout()
         qsl = query_start_loc.tolist()
         num_heads_total = impl.num_heads * self._tp_size
+        if ordinal == 0:
+            for dt in self.decode_tasks:
+                self._score_decode(dt, impl, query, kv_cache, qsl, layout)
         for task in self.tasks:
             st = task.state
             if not st.scores_layer(ordinal):
@@ -306,8 +344,61 @@ class EvictionRuntime:
                     probs = self._tp_group.all_gather(probs.to(query.device).contiguous(), dim=0)
                 acc.add(probs.cpu(), qpos)
 
+    def _gather_probs(self, q: torch.Tensor, keys: torch.Tensor, qpos: torch.Tensor, key_pos, impl) -> torch.Tensor:
+        probs = attention_probs(q, keys, qpos, impl.scale, key_pos)
+        if self._tp_group is not None:
+            probs = self._tp_group.all_gather(probs.to(q.device).contiguous(), dim=0)
+        return probs.cpu()
+
+    def _score_decode(self, dt: DecodeTask, impl, query, kv_cache, qsl, layout) -> None:
+        """Decayed layer-0 attention of the new query over live and binned tokens."""
+        ds, cfg, bs = dt.state.decode, dt.state.cfg, self.block_size
+        live = ds.live_slots(dt.block_ids, bs)
+        table = np.asarray(dt.block_ids)
+        phys = table[live // bs] * bs + live % bs
+        pos = ds.slot_pos[live]
+        for entry in ds.bin.values():
+            phys = np.concatenate([phys, entry.block_id * bs + np.arange(bs)])
+            pos = np.concatenate([pos, entry.positions])
+        keys = layout.gather_keys(kv_cache, torch.as_tensor(phys, dtype=torch.int64))
+        q0 = qsl[dt.row]
+        qpos = torch.arange(dt.start, dt.end)
+        probs = self._gather_probs(query[q0 : q0 + (dt.end - dt.start)], keys, qpos, torch.as_tensor(pos), impl)
+        ds.score.mul_(cfg.decode_decay)
+        ds.score.index_add_(0, torch.as_tensor(pos, dtype=torch.int64), probs.mean(0).sum(0))
+
+    def _apply_bin_updates(self, updates) -> None:
+        """Scheduler confirmations from the previous step: restored blocks re-enter the table."""
+        if not updates:
+            return
+        bs = self.block_size
+        batch = self.runner.input_batch
+        for req_id, upd in updates.items():
+            st = self.states.get(req_id)
+            if st is None or st.decode is None:
+                continue
+            ds = st.decode
+            for bid in upd.lost:
+                ds.bin.pop(bid, None)
+                ds.pending_restore.discard(bid)
+            req = self.runner.requests.get(req_id)
+            for idx, bid in upd.restored:
+                entry = ds.bin.pop(bid, None)
+                ds.pending_restore.discard(bid)
+                if entry is None or req is None:
+                    continue
+                req.block_ids[0][idx] = bid
+                row = batch.req_id_to_index.get(req_id)
+                if row is not None:
+                    batch.block_table[0].block_table.np[row, idx] = bid
+                ds.slot_pos[idx * bs : (idx + 1) * bs] = entry.positions
+                self._trace_event(st, "restore", req.num_computed_tokens, entry.positions.tolist())
+
     # ------------------------------------------------------------------ 3. after forward
     def after_forward(self) -> None:
+        dtasks, self.decode_tasks = self.decode_tasks, []
+        for dt in dtasks:
+            self._decode_step(dt)
         tasks, self.tasks = self.tasks, []
         for task in tasks:
             if not task.is_last_chunk:
@@ -331,6 +422,8 @@ class EvictionRuntime:
         sel = st.policy.select(stats, torch.from_numpy(visual), torch.from_numpy(protected), cfg)
         plan = plan_compaction(sel.victims.numpy(), T, bs)
         st.plan = plan
+        if cfg.decode_enabled:
+            st.decode = DecodeState.after_prefill(plan, T, bs)
         if plan.is_empty:
             return
         src = self._slots(task.block_ids, torch.as_tensor(plan.move_src, dtype=torch.int64))
@@ -366,6 +459,7 @@ class EvictionRuntime:
     def _trace(self, st: RequestState, plan: EvictionPlan, T: int, num_visual: int, diagnostics: dict) -> None:
         rec = {
             "request_id": st.req_id,
+            "kind": "prefill",
             "method": st.cfg.method,
             "tp_rank": self._tp_rank,
             "diagnostics": diagnostics,
@@ -377,6 +471,78 @@ class EvictionRuntime:
             "num_visual_tokens": int(st.visual_mask.sum()),
             "config": st.cfg.to_dict(),
         }
+        with self._trace_lock, open(self.cfg.trace_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    def _move_all_layers(self, fn, src: torch.Tensor, dst: torch.Tensor) -> None:
+        seen: set[int] = set()
+        for name in self._attention_layers():
+            kv = self._layer(name).kv_cache
+            if kv.data_ptr() in seen:
+                continue
+            seen.add(kv.data_ptr())
+            fn(kv, src, dst)
+
+    def _decode_step(self, dt: DecodeTask) -> None:
+        """Budget enforcement, bin overflow and restore proposals after a decode step."""
+        st, cfg, bs = dt.state, dt.state.cfg, self.block_size
+        ds = st.decode
+        ds.steps += 1
+        acts = DecodeActions()
+        plan = choose_parking(ds, cfg, dt.block_ids, dt.end, bs)
+        if plan is not None:
+            table = np.asarray(dt.block_ids)
+            src = torch.as_tensor(table[np.asarray(plan.move_src, dtype=np.int64) // bs] * bs
+                                  + np.asarray(plan.move_src, dtype=np.int64) % bs, dtype=torch.int64)
+            dst = torch.as_tensor(table[np.asarray(plan.move_dst, dtype=np.int64) // bs] * bs
+                                  + np.asarray(plan.move_dst, dtype=np.int64) % bs, dtype=torch.int64)
+            layout = self.layout()
+            self._move_all_layers(layout.swap, src, dst)
+            a, b = list(plan.move_src), list(plan.move_dst)
+            ds.slot_pos[a], ds.slot_pos[b] = ds.slot_pos[b].copy(), ds.slot_pos[a].copy()
+            req = self.runner.requests[st.req_id]
+            row = self.runner.input_batch.req_id_to_index[st.req_id]
+            table_np = self.runner.input_batch.block_table[0].block_table.np
+            for h in plan.hole_blocks:
+                bid = int(dt.block_ids[h])
+                positions = ds.slot_pos[h * bs : (h + 1) * bs].copy()
+                ds.bin[bid] = BinEntry(bid, h, positions)
+                ds.slot_pos[h * bs : (h + 1) * bs] = -1
+                req.block_ids[0][h] = 0
+                table_np[row, h] = 0
+                acts.parked.append((h, bid))
+                acts.parked_positions.extend(int(p) for p in positions)
+            if st.req_id not in self._holes:
+                self._holes[st.req_id] = 0
+                self.num_requests_with_holes += 1
+            self._holes[st.req_id] += len(plan.hole_blocks)
+            self._trace_event(st, "park", dt.end, acts.parked_positions)
+        # Final release when the bin is over capacity: lowest value first.
+        while len(ds.bin) > cfg.bin_capacity:
+            victim = min((e for e in ds.bin.values() if e.block_id not in ds.pending_restore),
+                         key=ds.value, default=None)
+            if victim is None:
+                break
+            del ds.bin[victim.block_id]
+            acts.released.append(victim.block_id)
+        # Restore: every rescore_interval steps, the best binned block against the weakest live.
+        if ds.bin and ds.steps % cfg.rescore_interval == 0:
+            best = max((e for e in ds.bin.values() if e.block_id not in ds.pending_restore),
+                       key=ds.value, default=None)
+            weakest = weakest_live_value(ds, cfg, dt.block_ids, dt.end, bs)
+            if best is not None and weakest is not None and ds.value(best) > cfg.restore_margin * weakest:
+                ds.pending_restore.add(best.block_id)
+                acts.restore.append((best.index, best.block_id))
+        if acts.parked or acts.released or acts.restore:
+            self.reports[st.req_id] = EvictionReport(
+                parked=tuple(acts.parked), released=tuple(acts.released), restore=tuple(acts.restore)
+            )
+
+    def _trace_event(self, st: RequestState, kind: str, num_tokens: int, positions: list[int]) -> None:
+        if not self.cfg.trace_path:
+            return
+        rec = {"request_id": st.req_id, "kind": kind, "num_tokens": int(num_tokens),
+               "positions": [int(p) for p in positions], "tp_rank": self._tp_rank}
         with self._trace_lock, open(self.cfg.trace_path, "a") as f:
             f.write(json.dumps(rec) + "\n")
 
