@@ -145,6 +145,9 @@ def _enforce_cuda_settings(engine_args) -> None:
         )
 
 
+_ALIBI_MODEL_TYPES = {"bloom", "mpt", "baichuan", "jais"}
+
+
 def check_model_supported(vllm_config) -> None:
     cfg = engine_config_from_additional(vllm_config.additional_config)
     if not cfg.enabled:
@@ -154,6 +157,13 @@ def check_model_supported(vllm_config) -> None:
         raise EvictionConfigError(
             f"--kv-eviction {cfg.method}: model {mc.model} uses sliding-window attention, which "
             "eviction does not support; start without --kv-eviction"
+        )
+    hf = mc.hf_text_config
+    if getattr(hf, "alibi", False) or getattr(hf, "use_alibi", False) or getattr(hf, "position_embedding_type", "") == "alibi" or mc.hf_config.model_type in _ALIBI_MODEL_TYPES:
+        raise EvictionConfigError(
+            f"--kv-eviction {cfg.method}: model {mc.model} uses ALiBi position biases, which "
+            "eviction does not support (scores and holes assume rotary or absolute positions); "
+            "start without --kv-eviction"
         )
     if not mc.is_multimodal_model:
         logger.warning(

@@ -1,0 +1,92 @@
+"""The catalogue of bad input: every case fails at start-up with a message that says what to do
+(or is refused per request with HTTP 400: tests/test_serve.py)."""
+
+import json
+
+import pytest
+
+import hae_vllm
+from hae_vllm.config import EvictionConfigError
+
+EngineArgs = pytest.importorskip("vllm.engine.arg_utils").EngineArgs
+
+
+def _engine_args(model, **kw):
+    import hae_vllm.plugin
+
+    hae_vllm.plugin.register()
+    return EngineArgs(model=str(model), max_model_len=512, **kw)
+
+
+def test_speculative_decoding_refused(llava_path):
+    ea = _engine_args(llava_path, additional_config=hae_vllm.kv_eviction("hae"),
+                      speculative_config={"method": "ngram", "num_speculative_tokens": 2})
+    with pytest.raises(EvictionConfigError, match="speculative decoding"):
+        ea.create_engine_config()
+
+
+def test_quantised_kv_cache_refused(llava_path):
+    ea = _engine_args(llava_path, additional_config=hae_vllm.kv_eviction("hae"), kv_cache_dtype="fp8")
+    with pytest.raises(EvictionConfigError, match="unquantised KV"):
+        ea.create_engine_config()
+
+
+def test_custom_scheduler_refused(llava_path):
+    ea = _engine_args(llava_path, additional_config=hae_vllm.kv_eviction("hae"), scheduler_cls="my.Scheduler")
+    with pytest.raises(EvictionConfigError, match="scheduler"):
+        ea.create_engine_config()
+
+
+def test_async_scheduling_refused(llava_path):
+    ea = _engine_args(llava_path, additional_config=hae_vllm.kv_eviction("hae"), async_scheduling=True)
+    with pytest.raises(EvictionConfigError, match="no-async-scheduling"):
+        ea.create_engine_config()
+
+
+def _tiny_text_model(tmp_path, **config):
+    """A config-only checkpoint: start-up checks run before any weight is read."""
+    from hae_vllm.testing.tiny_models import tiny_model_path
+
+    src = tiny_model_path("llava")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes((src / name).read_bytes())
+    base = dict(hidden_size=64, intermediate_size=128, num_attention_heads=2, num_key_value_heads=2,
+                num_hidden_layers=2, vocab_size=512, max_position_embeddings=1024, torch_dtype="float32")
+    base.update(config)
+    (tmp_path / "config.json").write_text(json.dumps(base))
+    return tmp_path
+
+
+def test_sliding_window_model_refused(tmp_path):
+    model = _tiny_text_model(tmp_path, architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=64)
+    ea = _engine_args(model, additional_config=hae_vllm.kv_eviction("hae"))
+    with pytest.raises(EvictionConfigError, match="sliding-window"):
+        ea.create_engine_config()
+
+
+def test_alibi_model_refused(tmp_path):
+    model = _tiny_text_model(tmp_path, architectures=["BloomForCausalLM"], model_type="bloom", n_head=2, n_layer=2)
+    ea = _engine_args(model, additional_config=hae_vllm.kv_eviction("hae"))
+    with pytest.raises(EvictionConfigError, match="ALiBi"):
+        ea.create_engine_config()
+
+
+def test_text_only_model_runs_without_eviction_with_warning(tmp_path, caplog):
+    model = _tiny_text_model(tmp_path, architectures=["LlamaForCausalLM"], model_type="llama")
+    ea = _engine_args(model, additional_config=hae_vllm.kv_eviction("hae"))
+    with caplog.at_level("WARNING", logger="hae_vllm"):
+        ea.create_engine_config()
+    assert "not multimodal" in caplog.text
+
+
+def test_unknown_method_in_additional_config(llava_path):
+    ea = _engine_args(llava_path, additional_config={"kv_eviction": {"method": "zip"}})
+    with pytest.raises(EvictionConfigError, match="unknown kv eviction method"):
+        ea.create_engine_config()
+
+
+def test_eviction_off_changes_nothing(llava_path):
+    """With the plugin loaded but eviction off, no setting is touched."""
+    ea = _engine_args(llava_path)
+    cfg = ea.create_engine_config()
+    assert cfg.scheduler_config.scheduler_cls is None or "hae_vllm" not in str(cfg.scheduler_config.scheduler_cls)
