@@ -60,3 +60,34 @@ def test_decode_events_replay_on_hf_oracle(record, oracle_for):
         events = events_from_trace(r["evictions"] + r["decode_events"])
         ref = replay.generate(p["prompt"], imgs, len(r["token_ids"]), events)
         assert_matches(r, ref, f"request {i} ({len(events)} events)")
+
+
+STORY = "Once upon a time " + " ".join(f"there was a little town number {i} by the sea." for i in range(12))
+SHARED = [
+    # A registers its blocks; B hits them in the prefix cache and evicts while decoding: the
+    # shared blocks must never be parked or rewritten; C repeats A and must read them intact.
+    RequestSpec(text=STORY, images=[], max_tokens=16, extra_args={"kv_eviction": "none"}),
+    RequestSpec(text=STORY, images=[], max_tokens=120, extra_args={"kv_eviction_decode_budget_tokens": 96}),
+    RequestSpec(text=STORY, images=[], max_tokens=16, extra_args={"kv_eviction": "none"}),
+]
+
+
+@pytest.fixture(scope="module")
+def shared_record():
+    return run_in_subprocess(ScenarioSpec(model="llava", requests=SHARED, eviction=EVICTION,
+                                          enable_prefix_caching=True, sequential=True))
+
+
+def test_decode_eviction_never_touches_prefix_cache_hits(shared_record, oracle_for):
+    a, b, c = shared_record["results"]
+    assert any(e["kind"] == "park" for e in b["decode_events"]), "B should have parked blocks"
+    assert (c["token_ids"], c["logprobs"]) == (a["token_ids"], a["logprobs"])
+    L = len(b["prompt_token_ids"])
+    hit = (L - 1) // 32 * 32
+    parked = {p for e in b["decode_events"] if e["kind"] == "park" for p in e["positions"]}
+    assert hit >= 64 and not (parked & set(range(hit))), "a shared prefix-cache token was parked"
+    replay = MaskedReplay(oracle_for(shared_record["model_path"]))
+    p = build_prompt("llava", SHARED[1])
+    ref = replay.generate(p["prompt"], [], len(b["token_ids"]), events_from_trace(b["evictions"] + b["decode_events"]))
+    assert_matches(b, ref, "decode-evicting request on shared prefix")
+    assert shared_record["free_blocks_after"] == shared_record["free_blocks_before"]

@@ -84,9 +84,13 @@ def decode_limit(cfg: EvictionConfig, num_tokens: int) -> int:
 
 
 def choose_parking(
-    ds: DecodeState, cfg: EvictionConfig, block_ids: list[int], end: int, block_size: int
+    ds: DecodeState, cfg: EvictionConfig, block_ids: list[int], end: int, block_size: int,
+    protected_prefix: int = 0,
 ):
-    """Victim slots to park now (ranked) and the swap plan, or None."""
+    """Victim slots to park now (ranked) and the swap plan, or None.
+
+    Slots below ``protected_prefix`` are prefix-cache hits shared with other requests: their
+    blocks are never rewritten, so no token in them moves."""
     bs = block_size
     live = ds.live_slots(block_ids, bs)
     excess = len(live) - decode_limit(cfg, end)
@@ -94,7 +98,12 @@ def choose_parking(
     if k == 0:
         return None
     pos = ds.slot_pos[live]
-    evictable = (pos >= cfg.sink_tokens) & (pos < end - cfg.decode_recent_tokens) & (live // bs < end // bs)
+    evictable = (
+        (pos >= cfg.sink_tokens)
+        & (pos < end - cfg.decode_recent_tokens)
+        & (live // bs < end // bs)
+        & (live >= protected_prefix)
+    )
     cand = live[evictable]
     if len(cand) < bs:
         return None
@@ -102,11 +111,17 @@ def choose_parking(
     order = torch.argsort(scores, stable=True).numpy()
     ranked = cand[order]
     plan = plan_compaction(ranked[: k * bs], end, bs)
-    return None if plan.is_empty else plan
+    if plan.is_empty:
+        return None
+    assert all(h * bs >= protected_prefix for h in plan.hole_blocks)
+    return plan
 
 
-def weakest_live_value(ds: DecodeState, cfg: EvictionConfig, block_ids, end: int, bs: int) -> float | None:
+def weakest_live_value(
+    ds: DecodeState, cfg: EvictionConfig, block_ids, end: int, bs: int, protected_prefix: int = 0
+) -> float | None:
     live = ds.live_slots(block_ids, bs)
+    live = live[live >= protected_prefix]
     pos = ds.slot_pos[live]
     pos = pos[(pos >= cfg.sink_tokens) & (pos < end - cfg.decode_recent_tokens)]
     if len(pos) < bs:

@@ -489,7 +489,7 @@ class EvictionRuntime:
         ds = st.decode
         ds.steps += 1
         acts = DecodeActions()
-        plan = choose_parking(ds, cfg, dt.block_ids, dt.end, bs)
+        plan = choose_parking(ds, cfg, dt.block_ids, dt.end, bs, st.protected_prefix)
         if plan is not None:
             table = np.asarray(dt.block_ids)
             src = torch.as_tensor(table[np.asarray(plan.move_src, dtype=np.int64) // bs] * bs
@@ -529,7 +529,7 @@ class EvictionRuntime:
         if ds.bin and ds.steps % cfg.rescore_interval == 0:
             best = max((e for e in ds.bin.values() if e.block_id not in ds.pending_restore),
                        key=ds.value, default=None)
-            weakest = weakest_live_value(ds, cfg, dt.block_ids, dt.end, bs)
+            weakest = weakest_live_value(ds, cfg, dt.block_ids, dt.end, bs, st.protected_prefix)
             if best is not None and weakest is not None and ds.value(best) > cfg.restore_margin * weakest:
                 ds.pending_restore.add(best.block_id)
                 acts.restore.append((best.index, best.block_id))
