@@ -53,6 +53,7 @@ class ScenarioSpec:
     tensor_parallel_size: int = 1
     distributed_executor_backend: str | None = None  # "mp" or "ray" (TP > 1)
     env: dict[str, str] = field(default_factory=dict)  # extra environment for the engine process
+    log_stats: bool = False  # per-request timing (TTFT, TPOT, preemptions) in the results
     sequential: bool = False  # submit requests one generate() call at a time
 
 
@@ -93,6 +94,7 @@ def _run(spec: ScenarioSpec, trace_path: str | None) -> dict[str, Any]:
         enforce_eager=True,
         limit_mm_per_prompt={"image": max([len(r.images) for r in spec.requests] + [1])},
         seed=0,
+        disable_log_stats=not spec.log_stats,
     )
     for name in ("block_size", "max_num_batched_tokens", "max_num_seqs", "enable_prefix_caching",
                  "num_gpu_blocks_override", "tensor_parallel_size", "distributed_executor_backend"):
@@ -109,7 +111,7 @@ def _run(spec: ScenarioSpec, trace_path: str | None) -> dict[str, Any]:
     t_start = time.perf_counter() - t0
 
     sched = None
-    peak = {"in_use": 0}
+    peak = {"in_use": 0, "running": 0}
     if not spec.multiprocessing:
         sched = llm.llm_engine.engine_core.engine_core.scheduler
         pool = sched.kv_cache_manager.block_pool
@@ -119,6 +121,7 @@ def _run(spec: ScenarioSpec, trace_path: str | None) -> dict[str, Any]:
         def schedule(*a, **k):
             out = orig_schedule(*a, **k)
             peak["in_use"] = max(peak["in_use"], total - pool.get_num_free_blocks())
+            peak["running"] = max(peak["running"], len(sched.running))
             return out
 
         sched.schedule = schedule
@@ -149,14 +152,19 @@ def _run(spec: ScenarioSpec, trace_path: str | None) -> dict[str, Any]:
         if c.logprobs:
             for tok, lp in zip(c.token_ids, c.logprobs):
                 lps.append(float(lp[tok].logprob))
-        results.append(
-            {
-                "request_id": o.request_id,
-                "prompt_token_ids": list(o.prompt_token_ids),
-                "token_ids": list(c.token_ids),
-                "logprobs": lps,
-            }
-        )
+        item = {
+            "request_id": o.request_id,
+            "prompt_token_ids": list(o.prompt_token_ids),
+            "token_ids": list(c.token_ids),
+            "logprobs": lps,
+        }
+        m = getattr(o, "metrics", None)
+        if m is not None and getattr(m, "first_token_ts", 0):
+            n = len(c.token_ids)
+            item["ttft_s"] = float(m.first_token_latency)
+            item["tpot_s"] = float((m.last_token_ts - m.first_token_ts) / (n - 1)) if n > 1 else 0.0
+            item["num_preemptions"] = int(m.num_preemptions)
+        results.append(item)
     record: dict[str, Any] = {
         "results": results,
         "engine_start_s": t_start,
@@ -171,6 +179,7 @@ def _run(spec: ScenarioSpec, trace_path: str | None) -> dict[str, Any]:
             free_blocks_after=pool.get_num_free_blocks(),
             total_blocks=pool.num_gpu_blocks - 1,
             peak_blocks_in_use=peak["in_use"],
+            peak_running=peak["running"],
             scheduler_cls=type(sched).__name__,
             eviction_stats=sched.eviction_stats.as_dict() if hasattr(sched, "eviction_stats") else None,
         )

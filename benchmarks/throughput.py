@@ -1,0 +1,85 @@
+"""Throughput at saturation: ``none`` vs an eviction method on the same, small KV memory.
+
+    python benchmarks/throughput.py [--method hae] [--num-requests 64] [--num-blocks 160]
+
+Many concurrent image requests on the tiny LLaVA against a KV pool small enough that capacity
+binds (``num_gpu_blocks_override``).  Reports output tokens/s, peak running requests,
+preemptions, TTFT and TPOT p50/p99 (vLLM's request metrics), the measured freed fraction ``r``
+(blocks freed by eviction over the blocks the evicting requests' prompts occupied) and the
+physical limit ``1/(1-r)`` on how many more sequences fit (DESIGN.md §3).
+
+Last line: throughput_ratio=<x> limit=<1/(1-r)> r=<r> max_running_ratio=<m>
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from hae_vllm.testing.scenario import RequestSpec, ScenarioSpec, environment_info, run_in_subprocess  # noqa: E402
+
+
+def pct(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, math.ceil(q * len(xs)) - 1))]
+
+
+def summarize(rec):
+    res = rec["results"]
+    n_out = sum(len(r["token_ids"]) for r in res)
+    ttft = [r["ttft_s"] for r in res]
+    tpot = [r["tpot_s"] for r in res]
+    return {
+        "output_tok_s": n_out / rec["generate_s"],
+        "generate_s": rec["generate_s"],
+        "peak_running": rec["peak_running"],
+        "peak_blocks_in_use": rec["peak_blocks_in_use"],
+        "preemptions": sum(r.get("num_preemptions", 0) for r in res),
+        "ttft_p50_s": pct(ttft, 0.5), "ttft_p99_s": pct(ttft, 0.99),
+        "tpot_p50_s": pct(tpot, 0.5), "tpot_p99_s": pct(tpot, 0.99),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--method", default="hae")
+    ap.add_argument("--budget", type=float, default=0.5)
+    ap.add_argument("--num-requests", type=int, default=64)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--num-blocks", type=int, default=160, help="KV blocks (of 32 tokens) for both runs")
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    args = ap.parse_args()
+    reqs = [RequestSpec(text="Describe the picture in detail.", images=[300 + i], max_tokens=args.max_tokens)
+            for i in range(args.num_requests)]
+    common = dict(model="llava", requests=reqs, log_stats=True, logprobs=False, trace=False,
+                  num_gpu_blocks_override=args.num_blocks, max_num_seqs=256, max_model_len=1024,
+                  max_num_batched_tokens=2048)
+    base = run_in_subprocess(ScenarioSpec(eviction="none", **common), timeout=3600)
+    meth = run_in_subprocess(ScenarioSpec(eviction={"method": args.method, "budget": args.budget}, **common), timeout=3600)
+    sb, sm = summarize(base), summarize(meth)
+    bs = 32
+    prompt_blocks = sum(math.ceil(len(r["prompt_token_ids"]) / bs) for r in meth["results"])
+    r = meth["eviction_stats"]["freed_blocks"] / prompt_blocks
+    limit = 1.0 / (1.0 - r)
+    ratio = sm["output_tok_s"] / sb["output_tok_s"]
+    run_ratio = sm["peak_running"] / sb["peak_running"]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"throughput_{args.method}.json").write_text(json.dumps({
+        "benchmark": "throughput", "args": vars(args), "none": sb, args.method: sm, "r": r, "limit": limit,
+        "throughput_ratio": ratio, "max_running_ratio": run_ratio, "machine": environment_info()}, indent=2))
+    for name, s in (("none", sb), (args.method, sm)):
+        print(f"{name:>6}: {s['output_tok_s']:.1f} tok/s, peak running {s['peak_running']}, preemptions {s['preemptions']}, "
+              f"TTFT p50/p99 {s['ttft_p50_s']*1e3:.0f}/{s['ttft_p99_s']*1e3:.0f} ms, "
+              f"TPOT p50/p99 {s['tpot_p50_s']*1e3:.1f}/{s['tpot_p99_s']*1e3:.1f} ms")
+    print(f"throughput_ratio={ratio:.4f} limit={limit:.4f} r={r:.4f} max_running_ratio={run_ratio:.4f}")
+
+
+if __name__ == "__main__":
+    main()
