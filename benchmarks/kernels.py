@@ -1,0 +1,81 @@
+"""Time the Triton kernels against their torch references and the device's copy bandwidth.
+
+    python benchmarks/kernels.py            (needs a CUDA GPU; torch + triton, no vLLM)
+
+Mirrors tests/test_kernels.py op by op.  For each op: milliseconds (triton, torch), bytes moved
+and achieved GB/s against the measured device-to-device copy bandwidth.  Results, with the
+device name, go to benchmarks/results/kernels_<device>.json.
+
+Last line: kernels=<n> scoring_gbps=<x> compaction_gbps=<y> copy_gbps=<z>
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from hae_vllm.kernels.compaction import move_slots, move_slots_ref  # noqa: E402
+from hae_vllm.kernels.scoring import attention_mass, attention_mass_ref  # noqa: E402
+
+
+def bench(fn, iters=50):
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def main() -> None:
+    if not torch.cuda.is_available():
+        print("kernels=0 scoring_gbps=nan compaction_gbps=nan copy_gbps=nan (no CUDA device)")
+        return
+    dev = torch.cuda.get_device_name()
+    x = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    copy_ms = bench(lambda: y.copy_(x))
+    copy_gbps = 2 * x.numel() / copy_ms / 1e6
+    rows = []
+    # Scoring: 32 queries (text after the image) over a 4k-token prompt, Llama-7B-like layer 0.
+    H, Hkv, D, bs, T, nq = 32, 32, 128, 16, 4096, 32
+    nb = T // bs + 8
+    kc = torch.randn(nb, bs, Hkv, D, device="cuda", dtype=torch.float16)
+    table = torch.randperm(nb, device="cuda")[: T // bs]
+    q = torch.randn(nq, H, D, device="cuda", dtype=torch.float16)
+    qpos = torch.full((nq,), T - 1, device="cuda")
+    t_tri = bench(lambda: attention_mass(q, kc, table, qpos, T, D**-0.5, impl="triton"))
+    t_ref = bench(lambda: attention_mass_ref(q, kc, table, qpos, T, D**-0.5))
+    # Two passes over the keys per query-head row; rows of one kv head share reads in cache.
+    scoring_bytes = 2 * T * Hkv * D * 2 + nq * T * 4
+    rows.append({"op": "attention_mass", "shape": dict(H=H, Hkv=Hkv, D=D, T=T, nq=nq), "triton_ms": t_tri, "torch_ms": t_ref,
+                 "bytes": scoring_bytes, "gbps": scoring_bytes / t_tri / 1e6})
+    # Compaction: move 1024 slots in all 32 layers at once.
+    L, n = 32, 1024
+    caches = torch.randn(L, 2, nb, bs, Hkv, D, device="cuda", dtype=torch.float16)
+    perm = torch.randperm(nb * bs, device="cuda")
+    src, dst = perm[:n], perm[n : 2 * n]
+    t_tri = bench(lambda: move_slots(caches, src, dst, impl="triton"))
+    t_ref = bench(lambda: move_slots_ref(caches, src, dst))
+    comp_bytes = 2 * L * 2 * n * Hkv * D * 2
+    rows.append({"op": "move_slots", "shape": dict(L=L, n=n, Hkv=Hkv, D=D), "triton_ms": t_tri, "torch_ms": t_ref,
+                 "bytes": comp_bytes, "gbps": comp_bytes / t_tri / 1e6})
+    out = REPO / "benchmarks" / "results" / f"kernels_{dev.replace(' ', '_')}.json"
+    out.write_text(json.dumps({"device": dev, "torch": torch.__version__, "copy_gbps": copy_gbps, "rows": rows}, indent=2))
+    for r in rows:
+        print(f"{r['op']}: triton {r['triton_ms']:.3f} ms, torch {r['torch_ms']:.3f} ms, {r['gbps']:.0f} GB/s")
+    print(f"kernels={len(rows)} scoring_gbps={rows[0]['gbps']:.1f} compaction_gbps={rows[1]['gbps']:.1f} copy_gbps={copy_gbps:.1f}")
+
+
+if __name__ == "__main__":
+    main()
