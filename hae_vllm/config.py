@@ -239,19 +239,30 @@ def build_engine_config(method: str | None, source: str | None = None, **overrid
     return EvictionConfig.from_dict(data)
 
 
+_ENGINE_CONFIG_CACHE: dict[str, EvictionConfig] = {}
+
+
 def engine_config_from_additional(additional_config: Mapping[str, Any] | None) -> EvictionConfig:
-    """The engine-wide config as stored in ``VllmConfig.additional_config``."""
+    """The engine-wide config as stored in ``VllmConfig.additional_config`` (memoised: it is
+    read on every request's validation, and presets live in YAML files)."""
     if not additional_config or CONFIG_KEY not in additional_config:
         return EvictionConfig()
     raw = additional_config[CONFIG_KEY]
-    if isinstance(raw, str):
-        return build_engine_config(raw)
-    if not isinstance(raw, Mapping):
+    if not isinstance(raw, (str, Mapping)):
         raise EvictionConfigError(
             f"additional_config[{CONFIG_KEY!r}] must be a method name or a mapping, got {raw!r}"
         )
-    raw = dict(raw)
-    return build_engine_config(raw.pop("method", None), None, **raw)
+    key = json.dumps(raw, sort_keys=True, default=str)
+    cfg = _ENGINE_CONFIG_CACHE.get(key)
+    if cfg is None:
+        if isinstance(raw, str):
+            cfg = build_engine_config(raw)
+        else:
+            data = dict(raw)
+            cfg = build_engine_config(data.pop("method", None), None, **data)
+        if len(_ENGINE_CONFIG_CACHE) < 64:
+            _ENGINE_CONFIG_CACHE[key] = cfg
+    return cfg
 
 
 def request_config(base: EvictionConfig, extra_args: Mapping[str, Any] | None) -> EvictionConfig:

@@ -99,10 +99,12 @@ class SlotLayout:
         return cls(block_dim, bs, H, D, index.contiguous())
 
     # -------------------------------------------------------------- access
-    def _coords(self, kv_cache: torch.Tensor, slots: torch.Tensor):
+    def _coords(self, kv_cache: torch.Tensor, slots: torch.Tensor, keys_only: bool = False):
         slots = slots.to(self.index.device, torch.int64)
         blocks = (slots // self.block_size)[:, None]
         idx = self.index[slots % self.block_size]  # [n, E, ndim-1]
+        if keys_only:
+            idx = idx[:, : self.num_kv_heads * self.head_size]
         view = kv_cache.movedim(self.block_dim, 0)
         return view, (blocks.to(kv_cache.device),) + tuple(
             idx[..., r].to(kv_cache.device) for r in range(idx.shape[-1])
@@ -115,7 +117,8 @@ class SlotLayout:
 
     def gather_keys(self, kv_cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """[n] slots -> keys [n, H, D] as stored (post-RoPE)."""
-        return self.gather(kv_cache, slots)[:, 0]
+        view, coords = self._coords(kv_cache, slots, keys_only=True)
+        return view[coords].view(-1, self.num_kv_heads, self.head_size)
 
     def move(self, kv_cache: torch.Tensor, src_slots: torch.Tensor, dst_slots: torch.Tensor) -> None:
         """Copy every element of each source slot into the matching destination slot.

@@ -38,7 +38,7 @@ def without_holes(common_attn_metadata, block_size: int):
     return dataclasses.replace(cam, **changes)
 
 
-def maybe_score(impl, layer, query: torch.Tensor, kv_cache: torch.Tensor, attn_metadata) -> None:
+def maybe_score(impl, layer, query: torch.Tensor, key: torch.Tensor, kv_cache: torch.Tensor, attn_metadata) -> None:
     """Run layer-0 dual-attention scoring when this is the scoring layer and a request needs it."""
     if attn_metadata is None:
         return
@@ -49,4 +49,4 @@ def maybe_score(impl, layer, query: torch.Tensor, kv_cache: torch.Tensor, attn_m
     qsl = getattr(attn_metadata, "query_start_loc_cpu", None)
     if qsl is None:
         qsl = attn_metadata.query_start_loc
-    rt.score(impl, name, query, kv_cache, qsl.cpu())
+    rt.score(impl, name, query, key, kv_cache, qsl.cpu())

@@ -29,7 +29,7 @@ class EvictionFlashAttentionMetadataBuilder(FlashAttentionMetadataBuilder):
 class EvictionFlashAttentionImpl(FlashAttentionImpl):
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
         out = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
-        maybe_score(self, layer, query, kv_cache, attn_metadata)
+        maybe_score(self, layer, query, key, kv_cache, attn_metadata)
         return out
 
 

@@ -306,11 +306,22 @@ class EvictionRuntime:
         table = torch.as_tensor(block_ids, dtype=torch.int64)
         return table[positions // bs] * bs + positions % bs
 
-    def score(self, impl, layer_name: str, query: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: torch.Tensor) -> None:
+    def _keys(self, task, key: torch.Tensor, q0: int, kv_cache, layout) -> torch.Tensor:
+        """Keys of positions 0..end-1: this chunk's straight from the layer input, earlier
+        chunks' gathered from the paged cache.  [T, num_kv_heads, head_dim]."""
+        n = task.end - task.start
+        current = key[q0 : q0 + n].view(n, -1, key.shape[-1]) if key.dim() == 3 else key[q0 : q0 + n]
+        if task.start == 0:
+            return current
+        past = layout.gather_keys(kv_cache, self._slots(task.block_ids, torch.arange(task.start)))
+        return torch.cat([past.to(current.dtype), current], dim=0)
+
+    def score(self, impl, layer_name: str, query: torch.Tensor, key: torch.Tensor, kv_cache: torch.Tensor,
+              query_start_loc: torch.Tensor) -> None:
         """Accumulate the attention statistics this step's tasks asked for at this layer.
 
-        query: [num_tokens, num_heads, head_dim] of the layer (post-RoPE).
-        kv_cache: the layer's cache, already holding this step's keys.
+        query: [num_tokens, num_heads, head_dim], key: [num_tokens, num_kv_heads, head_dim] of
+        the layer (post-RoPE); kv_cache: the layer's cache, already holding this step's keys.
         """
         ordinal = self._ordinal[layer_name]
         layout = self.layout()
@@ -332,7 +343,7 @@ class EvictionRuntime:
             acc = st.accs.get(ordinal)
             if acc is None:
                 acc = st.accs[ordinal] = LayerAccumulator(len(qmask), num_heads_total, st.scoring.per_head)
-            keys = layout.gather_keys(kv_cache, self._slots(task.block_ids, torch.arange(T)))
+            keys = self._keys(task, key, q0, kv_cache, layout)
             # Under TP every rank must take part in the same collectives, so an empty
             # selection still gathers an empty tensor.
             for c in range(0, max(len(sel), 1), _QUERY_CHUNK):
