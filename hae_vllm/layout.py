@@ -99,6 +99,23 @@ class SlotLayout:
         return cls(block_dim, bs, H, D, index.contiguous())
 
     # -------------------------------------------------------------- access
+    def _flat(self, kv_cache: torch.Tensor, slots: torch.Tensor, keys_only: bool) -> torch.Tensor | None:
+        """Flat element offsets [n, E] into a contiguous cache (one index op instead of one per
+        dimension); None when the cache is not contiguous."""
+        if not kv_cache.is_contiguous():
+            return None
+        strides = kv_cache.stride()
+        key = (strides, keys_only, str(kv_cache.device))
+        cache = self.__dict__.setdefault("_flat_cache", {})
+        within = cache.get(key)
+        if within is None:
+            rest = [st for d, st in enumerate(strides) if d != self.block_dim]
+            idx = self.index[:, : self.num_kv_heads * self.head_size] if keys_only else self.index
+            within = (idx * torch.tensor(rest, dtype=torch.int64)).sum(-1).to(kv_cache.device)  # [bs, E]
+            cache[key] = within
+        slots = slots.to(kv_cache.device, torch.int64)
+        return (slots // self.block_size * strides[self.block_dim])[:, None] + within[slots % self.block_size]
+
     def _coords(self, kv_cache: torch.Tensor, slots: torch.Tensor, keys_only: bool = False):
         slots = slots.to(self.index.device, torch.int64)
         blocks = (slots // self.block_size)[:, None]
@@ -112,11 +129,17 @@ class SlotLayout:
 
     def gather(self, kv_cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """[n] slots -> [n, 2, H, D] (K plane, V plane)."""
+        flat = self._flat(kv_cache, slots, keys_only=False)
+        if flat is not None:
+            return kv_cache.view(-1)[flat].view(-1, 2, self.num_kv_heads, self.head_size)
         view, coords = self._coords(kv_cache, slots)
         return view[coords].view(-1, 2, self.num_kv_heads, self.head_size)
 
     def gather_keys(self, kv_cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """[n] slots -> keys [n, H, D] as stored (post-RoPE)."""
+        flat = self._flat(kv_cache, slots, keys_only=True)
+        if flat is not None:
+            return kv_cache.view(-1)[flat].view(-1, self.num_kv_heads, self.head_size)
         view, coords = self._coords(kv_cache, slots, keys_only=True)
         return view[coords].view(-1, self.num_kv_heads, self.head_size)
 
@@ -126,6 +149,11 @@ class SlotLayout:
         Source and destination sets must be disjoint (the compaction plan guarantees it)."""
         if src_slots.numel() == 0:
             return
+        flat_src = self._flat(kv_cache, src_slots, keys_only=False)
+        if flat_src is not None:
+            flat = kv_cache.view(-1)
+            flat[self._flat(kv_cache, dst_slots, keys_only=False)] = flat[flat_src]
+            return
         view, src = self._coords(kv_cache, src_slots)
         _, dst = self._coords(kv_cache, dst_slots)
         view[dst] = view[src]
@@ -133,6 +161,14 @@ class SlotLayout:
     def swap(self, kv_cache: torch.Tensor, a_slots: torch.Tensor, b_slots: torch.Tensor) -> None:
         """Exchange the contents of two disjoint slot sets (parking keeps both sides' data)."""
         if a_slots.numel() == 0:
+            return
+        fa = self._flat(kv_cache, a_slots, keys_only=False)
+        if fa is not None:
+            flat = kv_cache.view(-1)
+            fb = self._flat(kv_cache, b_slots, keys_only=False)
+            va = flat[fa].clone()
+            flat[fa] = flat[fb]
+            flat[fb] = va
             return
         view, a = self._coords(kv_cache, a_slots)
         _, b = self._coords(kv_cache, b_slots)

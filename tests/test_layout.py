@@ -84,3 +84,24 @@ def test_probe_handles_flash_attention_style_layout():
     assert torch.equal(layout.gather_keys(cache, slots), k)
     layout.move(cache, slots[:2], torch.tensor([60, 61]))
     assert torch.equal(layout.gather(cache, torch.tensor([60, 61]))[:, 1], v[:2])
+
+
+def test_non_contiguous_cache_uses_coordinates():
+    """A cache that is a strided view (padding in the last dim) takes the per-dimension path."""
+    bs, H, D, nb = 16, 2, 8, 5
+
+    def fa_write(k, v, cache, slots):
+        b, o = slots // bs, slots % bs
+        cache[0, b, o] = k
+        cache[1, b, o] = v
+
+    layout = SlotLayout.probe(fa_write, (2, nb, bs, H, D), torch.float32, nb, bs, H, D)
+    cache = torch.zeros(2, nb, bs, H, D + 3)[..., :D]
+    assert not cache.is_contiguous()
+    slots = torch.tensor([1, 20, 33, 70])
+    k, v = torch.randn(4, H, D), torch.randn(4, H, D)
+    fa_write(k, v, cache, slots)
+    assert torch.equal(layout.gather_keys(cache, slots), k)
+    layout.swap(cache, slots[:2], slots[2:])
+    assert torch.equal(layout.gather(cache, slots[2:])[:, 1], v[:2])
+    assert torch.equal(layout.gather(cache, slots[:2])[:, 0], k[2:])
