@@ -64,7 +64,7 @@ ops = st.lists(
 )
 
 
-@settings(max_examples=1000, deadline=None)
+@settings(max_examples=2000, deadline=None)
 @given(ops)
 def test_random_sequences_no_leak_no_double_free(seq):
     pool, bin_ = make_pool(24)

@@ -76,6 +76,9 @@ class Policy:
     description: ClassVar[str] = ""
     uses_attention: ClassVar[bool] = True
     has_thresholds: ClassVar[bool] = False  # can decide a count without a budget
+    # Decode stage: rank parking candidates by position (oldest first) instead of by the
+    # decayed layer-0 attention score (HAE's Dynamic Decoding Eviction, the default).
+    decode_by_position: ClassVar[bool] = False
 
     def scoring(self, num_tokens: int, visual_mask: np.ndarray, cfg: EvictionConfig) -> ScoringRequest | None:
         return None

@@ -14,6 +14,7 @@ class StreamingLLMPolicy(Policy):
     name = "streamingllm"
     description = "attention sinks + recent window: evicts the oldest non-sink tokens (no attention needed)"
     uses_attention = False
+    decode_by_position = True
 
     def scores(self, stats, visual_mask, candidates, cfg):
         return torch.arange(visual_mask.numel(), dtype=torch.float32)

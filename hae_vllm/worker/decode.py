@@ -43,6 +43,7 @@ class DecodeState:
     bin: dict[int, BinEntry] = field(default_factory=dict)
     pending_restore: set[int] = field(default_factory=set)
     steps: int = 0
+    by_position: bool = False  # StreamingLLM: park the oldest tokens, never restore
 
     @classmethod
     def after_prefill(cls, plan, num_tokens: int, block_size: int) -> "DecodeState":
@@ -107,7 +108,10 @@ def choose_parking(
     cand = live[evictable]
     if len(cand) < bs:
         return None
-    scores = ds.score[torch.as_tensor(ds.slot_pos[cand])]
+    if ds.by_position:
+        scores = torch.as_tensor(ds.slot_pos[cand], dtype=torch.float32)
+    else:
+        scores = ds.score[torch.as_tensor(ds.slot_pos[cand])]
     order = torch.argsort(scores, stable=True).numpy()
     ranked = cand[order]
     plan = plan_compaction(ranked[: k * bs], end, bs)

@@ -435,6 +435,7 @@ class EvictionRuntime:
         st.plan = plan
         if cfg.decode_enabled:
             st.decode = DecodeState.after_prefill(plan, T, bs)
+            st.decode.by_position = st.policy.decode_by_position
         if plan.is_empty:
             return
         src = self._slots(task.block_ids, torch.as_tensor(plan.move_src, dtype=torch.int64))
@@ -537,7 +538,7 @@ class EvictionRuntime:
             del ds.bin[victim.block_id]
             acts.released.append(victim.block_id)
         # Restore: every rescore_interval steps, the best binned block against the weakest live.
-        if ds.bin and ds.steps % cfg.rescore_interval == 0:
+        if ds.bin and not ds.by_position and ds.steps % cfg.rescore_interval == 0:
             best = max((e for e in ds.bin.values() if e.block_id not in ds.pending_restore),
                        key=ds.value, default=None)
             weakest = weakest_live_value(ds, cfg, dt.block_ids, dt.end, bs, st.protected_prefix)
