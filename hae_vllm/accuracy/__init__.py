@@ -1,0 +1,1 @@
+"""Accuracy under eviction: procedurally generated visual tasks and their exact scoring."""

@@ -1,0 +1,185 @@
+"""Procedural visual tasks whose answers depend on a small part of the image.
+
+Every item is generated from a seed, so train and held-out splits never overlap (different seed
+ranges) and anyone can regenerate the same data.  Answers are scored exactly.
+
+* ``cell``: a G x G grid of coloured shapes; "What colour is the shape in row r column c?"
+* ``count``: "How many <colour> shapes are there?"
+* ``exists``: "Is there a <colour> <shape>?" (yes/no)
+* ``needle``: several grids; a question about one of them, plus a text needle in the prompt
+* ``describe``: "Describe the grid cell by cell." - long grounded generation, scored per cell
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Iterator
+
+import numpy as np
+
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (230, 210, 40),
+    "purple": (140, 60, 170),
+    "orange": (240, 140, 30),
+}
+SHAPES = ("square", "circle", "triangle")
+SPLIT_SEEDS = {"train": 0, "heldout": 10_000_000}
+
+
+@dataclass
+class Grid:
+    size: int  # cells per side
+    cells: list[list[tuple[str, str] | None]]  # [row][col] -> (colour, shape) or empty
+
+    @classmethod
+    def random(cls, rng: np.random.Generator, size: int = 4, fill: float = 0.7) -> "Grid":
+        cells = [
+            [
+                (str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES))) if rng.random() < fill else None
+                for _ in range(size)
+            ]
+            for _ in range(size)
+        ]
+        return cls(size, cells)
+
+    def render(self, pixels: int = 224):
+        from PIL import Image, ImageDraw
+
+        img = Image.new("RGB", (pixels, pixels), (245, 245, 245))
+        draw = ImageDraw.Draw(img)
+        step = pixels / self.size
+        for r in range(self.size):
+            for c in range(self.size):
+                cell = self.cells[r][c]
+                x0, y0 = c * step, r * step
+                draw.rectangle([x0, y0, x0 + step - 1, y0 + step - 1], outline=(200, 200, 200))
+                if cell is None:
+                    continue
+                colour, shape = cell
+                pad = step * 0.18
+                box = [x0 + pad, y0 + pad, x0 + step - pad, y0 + step - pad]
+                fill = COLOURS[colour]
+                if shape == "square":
+                    draw.rectangle(box, fill=fill)
+                elif shape == "circle":
+                    draw.ellipse(box, fill=fill)
+                else:
+                    draw.polygon([(box[0], box[3]), ((box[0] + box[2]) / 2, box[1]), (box[2], box[3])], fill=fill)
+        return img
+
+    def describe(self) -> str:
+        parts = []
+        for r in range(self.size):
+            for c in range(self.size):
+                cell = self.cells[r][c]
+                parts.append(f"r{r + 1}c{c + 1} " + ("empty" if cell is None else f"{cell[0]} {cell[1]}"))
+        return ", ".join(parts)
+
+
+@dataclass
+class Item:
+    task: str
+    question: str
+    answer: str
+    grids: list[Grid] = field(repr=False)
+    scoring: str = "exact"  # "exact" or "cells"
+    seed: int = 0
+
+    def images(self, pixels: int = 224):
+        return [g.render(pixels) for g in self.grids]
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["grids"] = [asdict(g) for g in self.grids]
+        return d
+
+
+def _cell_item(rng, seed: int, size: int) -> Item:
+    g = Grid.random(rng, size)
+    filled = [(r, c) for r in range(size) for c in range(size) if g.cells[r][c] is not None]
+    if not filled:
+        g.cells[0][0] = ("red", "square")
+        filled = [(0, 0)]
+    r, c = filled[rng.integers(len(filled))]
+    q = f"What color is the shape in row {r + 1} column {c + 1}?"
+    return Item("cell", q, g.cells[r][c][0], [g], seed=seed)
+
+
+def _count_item(rng, seed: int, size: int) -> Item:
+    g = Grid.random(rng, size)
+    colour = str(rng.choice(list(COLOURS)))
+    n = sum(1 for row in g.cells for cell in row if cell is not None and cell[0] == colour)
+    return Item("count", f"How many {colour} shapes are there?", str(n), [g], seed=seed)
+
+
+def _exists_item(rng, seed: int, size: int) -> Item:
+    g = Grid.random(rng, size)
+    colour, shape = str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES))
+    yes = any(cell == (colour, shape) for row in g.cells for cell in row)
+    return Item("exists", f"Is there a {colour} {shape}?", "yes" if yes else "no", [g], seed=seed)
+
+
+def _needle_item(rng, seed: int, size: int, num_images: int = 3) -> Item:
+    grids = [Grid.random(rng, size) for _ in range(num_images)]
+    k = int(rng.integers(num_images))
+    g = grids[k]
+    filled = [(r, c) for r in range(size) for c in range(size) if g.cells[r][c] is not None] or [(0, 0)]
+    if g.cells[0][0] is None and filled == [(0, 0)]:
+        g.cells[0][0] = ("blue", "circle")
+    r, c = filled[rng.integers(len(filled))]
+    code = int(rng.integers(100, 1000))
+    q = (f"The secret number is {code}. In image {k + 1}, what color is the shape in row {r + 1} "
+         f"column {c + 1}? Then repeat the secret number.")
+    return Item("needle", q, f"{g.cells[r][c][0]} {code}", grids, seed=seed)
+
+
+def _describe_item(rng, seed: int, size: int) -> Item:
+    g = Grid.random(rng, size)
+    return Item("describe", "Describe the grid cell by cell.", g.describe(), [g], scoring="cells", seed=seed)
+
+
+GENERATORS = {"cell": _cell_item, "count": _count_item, "exists": _exists_item, "needle": _needle_item,
+              "describe": _describe_item}
+
+
+def generate(task: str, split: str, n: int, size: int = 4) -> Iterator[Item]:
+    """``n`` items of ``task`` from ``split`` (seeds never shared between splits)."""
+    base = SPLIT_SEEDS[split] + 1000 * list(GENERATORS).index(task)
+    for i in range(n):
+        seed = base + i * 7919
+        yield GENERATORS[task](np.random.default_rng(seed), seed, size)
+
+
+def normalize(text: str) -> str:
+    return " ".join(text.strip().lower().replace(".", " ").replace(",", " , ").split())
+
+
+def score(item_answer: str, prediction: str, scoring: str = "exact") -> float:
+    """1.0/0.0 for exact answers (first words must match); fraction of cells for ``cells``."""
+    if scoring == "cells":
+        want = [p.strip() for p in normalize(item_answer).split(",")]
+        got = [p.strip() for p in normalize(prediction).split(",")]
+        return sum(1 for a, b in zip(want, got) if a == b) / len(want)
+    want = normalize(item_answer).split()
+    got = normalize(prediction).split()
+    return float(got[: len(want)] == want)
+
+
+def write_jsonl(items, path: str, image_dir: str) -> None:
+    """Dataset file in the harness's JSONL format (image paths, question, answer, scoring)."""
+    import os
+
+    os.makedirs(image_dir, exist_ok=True)
+    with open(path, "w") as f:
+        for idx, it in enumerate(items):
+            paths = []
+            for j, img in enumerate(it.images()):
+                p = os.path.join(image_dir, f"{it.task}_{it.seed}_{j}.png")
+                img.save(p)
+                paths.append(p)
+            f.write(json.dumps({"id": f"{it.task}-{it.seed}", "images": paths, "question": it.question,
+                                "answer": it.answer, "scoring": it.scoring, "task": it.task}) + "\n")
