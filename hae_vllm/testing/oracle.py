@@ -104,8 +104,9 @@ class HFOracle:
         out = self.model(**kw, use_cache=True)
         return out.past_key_values, out.logits[0, -1].float()
 
-    def _decode(self, cache, tok: int, pos: int) -> torch.Tensor:
-        """Feed ``tok`` at logical position ``pos``; return the next logits."""
+    def _decode(self, cache, tok: int, pos: int, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Feed ``tok`` at logical position ``pos``; return the next logits.  Without a mask
+        every cached entry is attended."""
         kw = dict(
             input_ids=torch.tensor([[tok]]),
             past_key_values=cache,
@@ -119,7 +120,9 @@ class HFOracle:
             kw["position_ids"] = p.view(1, 1, 1).expand(3, 1, 1)
         else:
             kw["position_ids"] = torch.tensor([[pos]])
-        kw["attention_mask"] = torch.ones(1, cache.get_seq_length() + 1, dtype=torch.long)
+        if attention_mask is None:
+            attention_mask = torch.ones(1, cache.get_seq_length() + 1, dtype=torch.long)
+        kw["attention_mask"] = attention_mask
         out = self.model(**kw)
         return out.logits[0, -1].float()
 
@@ -172,22 +175,8 @@ class MaskedReplay:
                     live[idx] = True
                 else:
                     raise ValueError(f"unknown event kind {kind!r}")
-            kw = dict(
-                input_ids=torch.tensor([[tok]]),
-                past_key_values=cache,
-                use_cache=True,
-                cache_position=torch.tensor([p]),
-                attention_mask=live[: p + 1].long()[None, :],
-            )
-            if o.is_mrope:
-                delta = o.model.model.rope_deltas
-                pp = torch.tensor([[p]]) + (delta if delta is not None else 0)
-                kw["position_ids"] = pp.view(1, 1, 1).expand(3, 1, 1)
-            else:
-                kw["position_ids"] = torch.tensor([[p]])
-            out = o.model(**kw)
-            cache = out.past_key_values
-            logits = out.logits[0, -1].float()
+            # DynamicCache grows in place, so the same object serves every step.
+            logits = o._decode(cache, tok, p, attention_mask=live[: p + 1].long()[None, :])
         return OracleResult(prompt_ids, tokens, logprobs, int(live[: L + len(tokens) - 1].sum()))
 
 

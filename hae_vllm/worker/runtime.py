@@ -440,14 +440,7 @@ class EvictionRuntime:
             return
         src = self._slots(task.block_ids, torch.as_tensor(plan.move_src, dtype=torch.int64))
         dst = self._slots(task.block_ids, torch.as_tensor(plan.move_dst, dtype=torch.int64))
-        layout = self.layout()
-        seen: set[int] = set()
-        for name in self._attention_layers():
-            kv = self._layer(name).kv_cache
-            if kv.data_ptr() in seen:
-                continue
-            seen.add(kv.data_ptr())
-            layout.move(kv, src, dst)
+        self._move_all_layers(self.layout().move, src, dst)
         # Null the holes in the worker's tables: the cached request state (used when the
         # request re-enters the persistent batch) and the persistent batch row itself.
         req = self.runner.requests[st.req_id]
@@ -487,6 +480,8 @@ class EvictionRuntime:
             f.write(json.dumps(rec) + "\n")
 
     def _move_all_layers(self, fn, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Apply ``fn(kv_cache, src_slots, dst_slots)`` to every layer's cache once (index
+        broadcasting: one plan, all layers)."""
         seen: set[int] = set()
         for name in self._attention_layers():
             kv = self._layer(name).kv_cache
@@ -503,13 +498,9 @@ class EvictionRuntime:
         acts = DecodeActions()
         plan = choose_parking(ds, cfg, dt.block_ids, dt.end, bs, st.protected_prefix)
         if plan is not None:
-            table = np.asarray(dt.block_ids)
-            src = torch.as_tensor(table[np.asarray(plan.move_src, dtype=np.int64) // bs] * bs
-                                  + np.asarray(plan.move_src, dtype=np.int64) % bs, dtype=torch.int64)
-            dst = torch.as_tensor(table[np.asarray(plan.move_dst, dtype=np.int64) // bs] * bs
-                                  + np.asarray(plan.move_dst, dtype=np.int64) % bs, dtype=torch.int64)
-            layout = self.layout()
-            self._move_all_layers(layout.swap, src, dst)
+            src = self._slots(dt.block_ids, torch.as_tensor(plan.move_src, dtype=torch.int64))
+            dst = self._slots(dt.block_ids, torch.as_tensor(plan.move_dst, dtype=torch.int64))
+            self._move_all_layers(self.layout().swap, src, dst)
             a, b = list(plan.move_src), list(plan.move_dst)
             ds.slot_pos[a], ds.slot_pos[b] = ds.slot_pos[b].copy(), ds.slot_pos[a].copy()
             req = self.runner.requests[st.req_id]
