@@ -31,6 +31,18 @@ def test_quantised_kv_cache_refused(llava_path):
         ea.create_engine_config()
 
 
+def test_pipeline_parallel_refused(llava_path):
+    ea = _engine_args(llava_path, additional_config=hae_vllm.kv_eviction("hae"), pipeline_parallel_size=2)
+    with pytest.raises(EvictionConfigError, match="pipeline parallelism"):
+        ea.create_engine_config()
+
+
+def test_unquantised_explicit_kv_dtype_allowed(llava_path):
+    cfg = _engine_args(llava_path, additional_config=hae_vllm.kv_eviction("hae"), kv_cache_dtype="float16",
+                       dtype="float16").create_engine_config()
+    assert cfg.scheduler_config.scheduler_cls == "hae_vllm.engine.scheduler.EvictionScheduler"
+
+
 def test_custom_scheduler_refused(llava_path):
     ea = _engine_args(llava_path, additional_config=hae_vllm.kv_eviction("hae"), scheduler_cls="my.Scheduler")
     with pytest.raises(EvictionConfigError, match="scheduler"):

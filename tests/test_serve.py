@@ -117,6 +117,11 @@ def test_bad_per_request_knob_is_http_400(server, knobs, needle):
 
 
 def test_help_lists_the_flag():
+    out = subprocess.run([VLLM, "serve", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "KVEviction" in out.stdout
+    out = subprocess.run([VLLM, "serve", "--help=kv-eviction"], capture_output=True, text=True, timeout=120)
+    assert "--kv-eviction {" in out.stdout
     out = subprocess.run([VLLM, "serve", "--help=all"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "--kv-eviction {fastv,h2o,hae,madakv,none,random,snapkv,streamingllm}" in out.stdout

@@ -15,6 +15,7 @@ from hae_vllm.patches import is_patched, wraps_patch
 logger = logging.getLogger("hae_vllm")
 
 SCHEDULER_CLS = "hae_vllm.engine.scheduler.EvictionScheduler"
+_UNQUANTISED_KV = {"None", "auto", "bfloat16", "float16"}
 
 def _help_method() -> str:
     return "KV-cache token eviction method (hae_vllm; `python -m hae_vllm.policies` lists them). " + "; ".join(
@@ -37,7 +38,9 @@ def patch_add_cli_args(cls) -> None:
         parser = original(parser, *args, **kwargs)
         if any("--kv-eviction" in a.option_strings for a in parser._actions):
             return parser
-        group = parser.add_argument_group("KV eviction (hae_vllm)")
+        group = parser.add_argument_group(
+            "KVEviction", "hae_vllm: evict multimodal KV-cache tokens and free whole paged blocks."
+        )
         group.add_argument("--kv-eviction", choices=sorted(methods()), default=None, help=_help_method())
         group.add_argument("--kv-eviction-config", type=str, default=None, help=_HELP_CONFIG)
         return parser
@@ -92,12 +95,15 @@ def enforce_eviction_settings(engine_args) -> None:
             f"--kv-eviction needs its own scheduler class; drop --scheduler-cls "
             f"{engine_args.scheduler_cls!r}"
         )
-    if engine_args.kv_cache_dtype not in (None, "auto") and not str(engine_args.kv_cache_dtype).startswith(
-        ("auto",)
-    ):
+    if str(engine_args.kv_cache_dtype) not in _UNQUANTISED_KV:
         raise EvictionConfigError(
             f"--kv-eviction supports unquantised KV caches only; drop --kv-cache-dtype "
             f"{engine_args.kv_cache_dtype}"
+        )
+    if (engine_args.pipeline_parallel_size or 1) > 1:
+        raise EvictionConfigError(
+            "--kv-eviction does not support pipeline parallelism (one plan must reach every "
+            "layer's cache in one worker); use --tensor-parallel-size instead"
         )
     if getattr(engine_args, "kv_transfer_config", None):
         raise EvictionConfigError("--kv-eviction cannot be combined with a KV connector (--kv-transfer-config)")
