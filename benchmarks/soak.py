@@ -15,14 +15,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import io
 import json
-import os
 import random
 import re
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -48,20 +43,6 @@ INVALID_KNOBS = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def image_url(seed: int) -> str:
-    from hae_vllm.testing.tiny_models import make_test_image
-
-    buf = io.BytesIO()
-    make_test_image(seed, 224).save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
 def metric(text: str, name: str) -> float | None:
     for line in text.splitlines():
         if line.startswith(name) and not line.startswith("#"):
@@ -78,9 +59,10 @@ async def run_load(base: str, model: str, n: int, concurrency: int, seed: int) -
     import httpx
     import openai
 
+    from hae_vllm.testing.server import image_data_url
+
     client = openai.AsyncOpenAI(base_url=base + "/v1", api_key="x", max_retries=0, timeout=300)
-    rng = random.Random(seed)
-    images = [image_url(i) for i in range(6)]
+    images = [image_data_url(i) for i in range(6)]
     counts = {"ok": 0, "client_errors": 0, "server_errors": 0, "disconnects": 0, "unexpected_ok": 0}
     errors: list[str] = []
     queue: asyncio.Queue = asyncio.Queue()
@@ -167,32 +149,16 @@ def main() -> None:
     import requests as http
 
     from hae_vllm.testing.scenario import environment_info
+    from hae_vllm.testing.server import is_alive, vllm_server
     from hae_vllm.testing.tiny_models import tiny_model_path
 
     model = str(tiny_model_path("llava"))
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    log_path = out / "soak_server.log.tmp"
-    vllm_bin = str(Path(sys.executable).parent / "vllm")
-    cmd = [vllm_bin, "serve", model, "--host", "127.0.0.1", "--port", str(port), "--kv-eviction", "hae",
-           "--dtype", "float32", "--max-model-len", "1024", "--enforce-eager", "--max-num-seqs", "8",
-           "--num-gpu-blocks-override", str(args.num_gpu_blocks), "--limit-mm-per-prompt", '{"image": 2}']
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
-    with open(log_path, "w") as logf:
-        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            if proc.poll() is not None:
-                raise SystemExit(f"server died at start:\n{log_path.read_text()[-3000:]}")
-            try:
-                if http.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except http.RequestException:
-                pass
-            time.sleep(1)
+    serve_args = ["--kv-eviction", "hae", "--dtype", "float32", "--max-model-len", "1024", "--enforce-eager",
+                  "--max-num-seqs", "8", "--num-gpu-blocks-override", str(args.num_gpu_blocks),
+                  "--limit-mm-per-prompt", '{"image": 2}']
+    with vllm_server(model, serve_args, out / "soak_server.log.tmp") as base:
         m0 = http.get(base + "/metrics").text
         usage0 = metric(m0, "vllm:kv_cache_usage_perc") or 0.0
         counts = asyncio.run(run_load(base, model, args.requests, args.concurrency, args.seed))
@@ -207,16 +173,11 @@ def main() -> None:
         usage1 = metric(m1, "vllm:kv_cache_usage_perc") or 0.0
         total = num_blocks(m1) or args.num_gpu_blocks
         leaked = round((usage1 - usage0) * (total - 1))
-        alive = proc.poll() is None and http.get(base + "/health", timeout=5).status_code == 200
+        alive = is_alive(base)
         if not alive:
             counts["server_errors"] += 1
         freed = metric(m1, "vllm:hae_freed_kv_blocks_total")
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    cmd = ["vllm", "serve", model, *serve_args]
     summary = {"benchmark": "soak", "args": vars(args), "server_cmd": cmd, "counts": counts, "server_alive": alive,
                "kv_usage_before": usage0, "kv_usage_after": usage1, "num_gpu_blocks": total, "leaked_blocks": leaked,
                "hae_freed_kv_blocks_total": freed, "machine": environment_info()}

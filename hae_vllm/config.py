@@ -13,8 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 

@@ -1,10 +1,5 @@
 """`vllm serve MODEL --kv-eviction hae` as a user types it: OpenAI API, /metrics, bad input."""
 
-import base64
-import io
-import os
-import re
-import socket
 import subprocess
 import sys
 import time
@@ -13,60 +8,27 @@ from pathlib import Path
 import pytest
 import requests
 
-from hae_vllm.testing.tiny_models import make_test_image
+from hae_vllm.testing.server import ServerError, image_data_url, vllm_server
 
 pytestmark = pytest.mark.engine
 
 VLLM = str(Path(sys.executable).parent / "vllm")
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _image_url(seed):
-    buf = io.BytesIO()
-    make_test_image(seed, 224).save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
 @pytest.fixture(scope="module")
 def server(llava_path, tmp_path_factory):
-    port = _free_port()
     log = tmp_path_factory.mktemp("serve") / "server.log"
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
-    cmd = [VLLM, "serve", llava_path, "--host", "127.0.0.1", "--port", str(port),
-           "--kv-eviction", "hae", "--kv-eviction-config", '{"budget": 0.5}',
-           "--dtype", "float32", "--max-model-len", "2048", "--enforce-eager",
-           "--limit-mm-per-prompt", '{"image": 2}']
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"server died:\n{log.read_text()[-4000:]}")
-        try:
-            if requests.get(base + "/health", timeout=2).status_code == 200:
-                break
-        except requests.RequestException:
-            pass
-        time.sleep(1)
-    else:
-        proc.kill()
-        pytest.fail(f"server did not start:\n{log.read_text()[-4000:]}")
-    yield base, llava_path, log
-    proc.terminate()
+    args = ["--kv-eviction", "hae", "--kv-eviction-config", '{"budget": 0.5}', "--dtype", "float32",
+            "--max-model-len", "2048", "--enforce-eager", "--limit-mm-per-prompt", '{"image": 2}']
     try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+        with vllm_server(llava_path, args, log, timeout=240) as base:
+            yield base, llava_path, log
+    except ServerError as e:
+        pytest.fail(str(e))
 
 
 def _chat(base, model, extra=None, n_images=1, max_tokens=8):
-    content = [{"type": "image_url", "image_url": {"url": _image_url(i)}} for i in range(n_images)]
+    content = [{"type": "image_url", "image_url": {"url": image_data_url(i)}} for i in range(n_images)]
     content.append({"type": "text", "text": "What do you see?"})
     body = {"model": model, "messages": [{"role": "user", "content": content}],
             "max_tokens": max_tokens, "temperature": 0}

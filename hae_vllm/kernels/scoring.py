@@ -41,6 +41,16 @@ def attention_mass_ref(
 if HAS_TRITON:
 
     @triton.jit
+    def _tile_logits(q, k_ptr, bt_ptr, n, nmask, d, dmask, kvh, scale,
+                     stride_kb, stride_ks, stride_kh, BLOCK_SIZE: tl.constexpr):
+        """Scaled logits of one query-head row against the keys at positions ``n``, read in
+        place through the block table."""
+        blk = tl.load(bt_ptr + n // BLOCK_SIZE, mask=nmask, other=0)
+        koff = blk.to(tl.int64) * stride_kb + (n % BLOCK_SIZE) * stride_ks + kvh * stride_kh
+        k = tl.load(k_ptr + koff[:, None] + d[None, :], mask=nmask[:, None] & dmask[None, :], other=0.0)
+        return tl.sum(k.to(tl.float32) * q[None, :], axis=1) * scale
+
+    @triton.jit
     def _attention_mass_kernel(
         q_ptr, k_ptr, bt_ptr, qpos_ptr, out_ptr,
         T, scale,
@@ -64,10 +74,8 @@ if HAS_TRITON:
         for start in range(0, n_keys, BLOCK_N):
             n = start + tl.arange(0, BLOCK_N)
             nmask = n < n_keys
-            blk = tl.load(bt_ptr + n // BLOCK_SIZE, mask=nmask, other=0)
-            koff = blk.to(tl.int64) * stride_kb + (n % BLOCK_SIZE) * stride_ks + kvh * stride_kh
-            k = tl.load(k_ptr + koff[:, None] + d[None, :], mask=nmask[:, None] & dmask[None, :], other=0.0)
-            s = tl.sum(k.to(tl.float32) * q[None, :], axis=1) * scale
+            s = _tile_logits(q, k_ptr, bt_ptr, n, nmask, d, dmask, kvh, scale,
+                             stride_kb, stride_ks, stride_kh, BLOCK_SIZE)
             s = tl.where(nmask, s, float("-inf"))
             m_new = tl.maximum(m_run, tl.max(s, axis=0))
             l_run = l_run * tl.exp(m_run - m_new) + tl.sum(tl.exp(s - m_new), axis=0)
@@ -76,10 +84,8 @@ if HAS_TRITON:
         for start in range(0, n_keys, BLOCK_N):
             n = start + tl.arange(0, BLOCK_N)
             nmask = n < n_keys
-            blk = tl.load(bt_ptr + n // BLOCK_SIZE, mask=nmask, other=0)
-            koff = blk.to(tl.int64) * stride_kb + (n % BLOCK_SIZE) * stride_ks + kvh * stride_kh
-            k = tl.load(k_ptr + koff[:, None] + d[None, :], mask=nmask[:, None] & dmask[None, :], other=0.0)
-            s = tl.sum(k.to(tl.float32) * q[None, :], axis=1) * scale
+            s = _tile_logits(q, k_ptr, bt_ptr, n, nmask, d, dmask, kvh, scale,
+                             stride_kb, stride_ks, stride_kh, BLOCK_SIZE)
             prob = tl.exp(s - m_run) / l_run
             tl.atomic_add(out_ptr + i * stride_oi + n, prob, mask=nmask)
 

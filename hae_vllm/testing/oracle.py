@@ -77,10 +77,7 @@ class HFOracle:
                     keep[torch.as_tensor(plan[n], dtype=torch.long)] = False
                     remove_positions(cache, keep)
                 kv_len = cache.get_seq_length()
-            lp = torch.log_softmax(logits, dim=-1)
-            tok = int(torch.argmax(logits))
-            tokens.append(tok)
-            logprobs.append(float(lp[tok]))
+            tok = _greedy(logits, tokens, logprobs)
             if len(tokens) == max_new_tokens:
                 break
             if (L + len(tokens)) in plan:
@@ -157,10 +154,7 @@ class MaskedReplay:
         tokens: list[int] = []
         logprobs: list[float] = []
         while True:
-            lp = torch.log_softmax(logits, dim=-1)
-            tok = int(torch.argmax(logits))
-            tokens.append(tok)
-            logprobs.append(float(lp[tok]))
+            tok = _greedy(logits, tokens, logprobs)
             if len(tokens) == max_new_tokens:
                 break
             p = L + len(tokens) - 1  # position of the token fed next
@@ -188,6 +182,14 @@ def events_from_trace(records) -> list[tuple[int, str, list[int]]]:
         pos = r["evicted_positions"] if kind == "prefill" else r["positions"]
         out.append((r["num_tokens"], kind, pos))
     return out
+
+
+def _greedy(logits: torch.Tensor, tokens: list[int], logprobs: list[float]) -> int:
+    """Append the argmax token and its log-probability."""
+    tok = int(torch.argmax(logits))
+    tokens.append(tok)
+    logprobs.append(float(torch.log_softmax(logits, dim=-1)[tok]))
+    return tok
 
 
 def remove_positions(cache, keep: torch.Tensor) -> None:

@@ -19,7 +19,7 @@ import json
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -339,7 +339,6 @@ class EvictionRuntime:
             qmask = st.scoring.query_mask
             pos = np.arange(task.start, min(task.end, len(qmask)))
             sel = pos[qmask[pos]] if len(pos) else pos
-            T = task.end
             acc = st.accs.get(ordinal)
             if acc is None:
                 acc = st.accs[ordinal] = LayerAccumulator(len(qmask), num_heads_total, st.scoring.per_head)
