@@ -108,6 +108,14 @@ def main() -> None:
         name: r["free_blocks_before"] - r["free_blocks_after"] for name, r in (("none", base), ("method", meth), ("full_budget", full))
     }
     n_prompt = sum(len(r["prompt_token_ids"]) for r in meth["results"])
+    # Method-specific logical measurements from the trace (e.g. MadaKV's share of its exact
+    # per-layer/per-head selection kept by the single freed set), averaged over requests.
+    diag: dict[str, list[float]] = {}
+    for r in meth["results"]:
+        for k, v in ((r["eviction"] or {}).get("diagnostics") or {}).items():
+            if isinstance(v, (int, float)):
+                diag.setdefault(k, []).append(float(v))
+    diagnostics = {k: {"mean": sum(v) / len(v), "min": min(v), "max": max(v), "requests": len(v)} for k, v in diag.items()}
     ev = meth["eviction_stats"]
     summary = {
         "benchmark": "prefill_eviction",
@@ -126,6 +134,7 @@ def main() -> None:
             "evicted_visual_tokens": ev["evicted_visual_tokens"],
             "evicted_text_tokens": ev["evicted_text_tokens"],
             "evicted_token_frac": (ev["evicted_visual_tokens"] + ev["evicted_text_tokens"]) / n_prompt,
+            "method_diagnostics": diagnostics,
         },
         "checks": {"hf_oracle_match": oracle_ok, "oracle": checks, "full_budget_identical": identical},
         "timing_s": {"none_generate": base["generate_s"], "method_generate": meth["generate_s"], "wall": time.time() - t0},
@@ -138,6 +147,8 @@ def main() -> None:
     print(f"peak KV blocks: none={base['peak_blocks_in_use']} {args.method}={meth['peak_blocks_in_use']}; "
           f"freed by eviction={ev['freed_blocks']} blocks; evicted tokens={summary['logical']['evicted_token_frac']:.3f} "
           f"of prompt; leaked={leaked}; results: {path}")
+    for k, d in diagnostics.items():
+        print(f"{k}: mean={d['mean']:.3f} min={d['min']:.3f} max={d['max']:.3f} over {d['requests']} requests")
     print(f"kv_blocks_saved_frac={saved:.4f} hf_oracle_match={str(oracle_ok).lower()} "
           f"full_budget_identical={str(identical).lower()}")
 

@@ -106,60 +106,41 @@ class EvictionConfig:
         return self.enabled and (self.decode_budget is not None or self.decode_budget_tokens is not None)
 
     def validate(self) -> "EvictionConfig":
+        """Raise :class:`EvictionConfigError` naming the first bad setting (wrong types too)."""
         if self.method not in methods():
             raise EvictionConfigError(
                 f"unknown kv eviction method {self.method!r}; choose one of {sorted(methods())}"
             )
-        if self.budget is not None:
-            if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)):
-                raise EvictionConfigError(f"budget must be a number in (0, 1], got {self.budget!r}")
-            if not (0.0 < float(self.budget) <= 1.0) or math.isnan(self.budget):
-                raise EvictionConfigError(
-                    f"budget is the fraction of prompt tokens to keep and must be in (0, 1], "
-                    f"got {self.budget}"
-                )
-        for name in ("r_global", "r_individual", "variance_gain", "text_threshold_scale"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0 or math.isnan(v):
-                raise EvictionConfigError(f"{name} must be a non-negative number, got {v!r}")
-        if not (0.0 <= self.max_evict_frac <= 1.0):
-            raise EvictionConfigError(f"max_evict_frac must be in [0, 1], got {self.max_evict_frac}")
-        if self.decode_budget is not None and (
-            isinstance(self.decode_budget, bool)
-            or not isinstance(self.decode_budget, (int, float))
-            or not (0.0 < float(self.decode_budget) <= 1.0)
+        # (name, low, high, low inclusive, optional)
+        for name, lo, hi, lo_incl, optional in (
+            ("budget", 0.0, 1.0, False, True),
+            ("decode_budget", 0.0, 1.0, False, True),
+            ("max_evict_frac", 0.0, 1.0, True, False),
+            ("decode_decay", 0.0, 1.0, True, False),
+            ("theta", 0.0, 1.0, False, False),
+            ("r_global", 0.0, math.inf, True, False),
+            ("r_individual", 0.0, math.inf, True, False),
+            ("variance_gain", 0.0, math.inf, True, False),
+            ("text_threshold_scale", 0.0, math.inf, True, False),
+            ("restore_margin", 0.0, math.inf, True, False),
         ):
-            raise EvictionConfigError(f"decode_budget must be in (0, 1], got {self.decode_budget!r}")
-        if self.decode_budget_tokens is not None and (
-            not isinstance(self.decode_budget_tokens, int) or self.decode_budget_tokens < 1
+            _check_number(name, getattr(self, name), lo, hi, lo_incl, optional)
+        for name, minimum, optional in (
+            ("sink_tokens", 0, False), ("recent_tokens", 0, False), ("window", 0, False),
+            ("pool_kernel", 0, False), ("fastv_layer", 0, False), ("seed", 0, False),
+            ("decode_recent_tokens", 0, False), ("bin_capacity", 0, False),
+            ("rescore_interval", 1, False), ("decode_budget_tokens", 1, True),
+            ("default_block_size", 16, False),
         ):
-            raise EvictionConfigError(
-                f"decode_budget_tokens must be a positive integer, got {self.decode_budget_tokens!r}"
-            )
-        if not (0.0 <= self.decode_decay <= 1.0):
-            raise EvictionConfigError(f"decode_decay must be in [0, 1], got {self.decode_decay}")
-        if not isinstance(self.restore_margin, (int, float)) or self.restore_margin < 0:
-            raise EvictionConfigError(f"restore_margin must be >= 0, got {self.restore_margin!r}")
-        for name in ("decode_recent_tokens", "bin_capacity"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise EvictionConfigError(f"{name} must be a non-negative integer, got {v!r}")
-        if not isinstance(self.rescore_interval, int) or self.rescore_interval < 1:
-            raise EvictionConfigError(f"rescore_interval must be a positive integer, got {self.rescore_interval!r}")
+            _check_int(name, getattr(self, name), minimum, optional)
+        if self.default_block_size % 16 != 0:
+            raise EvictionConfigError("default_block_size must be a positive multiple of 16")
         if self.pooling not in ("max", "avg"):
             raise EvictionConfigError(f"pooling must be 'max' or 'avg', got {self.pooling!r}")
-        if not (0.0 < self.theta <= 1.0):
-            raise EvictionConfigError(f"theta must be in (0, 1], got {self.theta}")
         if self.budget is None and self.method not in ("none", "hae"):
             raise EvictionConfigError(
                 f"method {self.method!r} has no thresholds of its own: set a budget (keep ratio)"
             )
-        for name in ("sink_tokens", "recent_tokens", "window", "pool_kernel", "fastv_layer", "seed"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise EvictionConfigError(f"{name} must be a non-negative integer, got {v!r}")
-        if self.default_block_size % 16 != 0 or self.default_block_size <= 0:
-            raise EvictionConfigError("default_block_size must be a positive multiple of 16")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -178,6 +159,25 @@ class EvictionConfig:
                 f"unknown kv eviction setting(s) {unknown}; valid settings: {sorted(known)}"
             )
         return cls(**dict(data)).validate()
+
+
+def _check_number(name: str, v: Any, lo: float, hi: float, lo_incl: bool, optional: bool) -> None:
+    if v is None and optional:
+        return
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
+    ok = ok and (lo <= v if lo_incl else lo < v) and v <= hi
+    if not ok:
+        lb = "[" if lo_incl else "("
+        rng = f"{lb}{lo:g}, {hi:g}]" if math.isfinite(hi) else f">= {lo:g}"
+        raise EvictionConfigError(f"{name} must be a number in {rng}, got {v!r}")
+
+
+def _check_int(name: str, v: Any, minimum: int, optional: bool) -> None:
+    if v is None and optional:
+        return
+    if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
+        kind = "non-negative integer" if minimum == 0 else f"integer >= {minimum}"
+        raise EvictionConfigError(f"{name} must be a {kind}, got {v!r}")
 
 
 # Fields a single request may override (trace_path and block size are engine-wide).
