@@ -15,9 +15,9 @@ command -v uv >/dev/null 2>&1 || python3 -m pip install --quiet "uv>=0.5"
 [ -x .venv/bin/python ] || uv venv --python "$(command -v python3)" .venv
 target=${HAE_VLLM_TARGET:-cpu}
 if [ "$target" = cpu ]; then
-  uv pip install --python .venv/bin/python --override scripts/overrides-cpu.txt -e ".[cpu,test]"
+  uv pip install --python .venv/bin/python --override scripts/overrides-cpu.txt -e ".[cpu,test,bench]"
 else
-  uv pip install --python .venv/bin/python -e ".[cuda,test]"
+  uv pip install --python .venv/bin/python -e ".[cuda,test,bench]"
 fi
 .venv/bin/python -m hae_vllm.launcher --install-check
 HF_HUB_OFFLINE=1 .venv/bin/python -m hae_vllm.testing.tiny_models --kind all

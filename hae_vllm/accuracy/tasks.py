@@ -158,14 +158,23 @@ def normalize(text: str) -> str:
     return " ".join(text.strip().lower().replace(".", " ").replace(",", " , ").split())
 
 
+SCORING_MODES = ("exact", "contains", "cells")
+
+
 def score(item_answer: str, prediction: str, scoring: str = "exact") -> float:
-    """1.0/0.0 for exact answers (first words must match); fraction of cells for ``cells``."""
+    """``exact``: 1.0 when the prediction's first words are the answer's words; ``contains``:
+    1.0 when the answer's words occur in a row anywhere in the prediction (verbose models);
+    ``cells``: the fraction of comma-separated cells that match in order."""
+    if scoring not in SCORING_MODES:
+        raise ValueError(f"unknown scoring mode {scoring!r}; choose one of {SCORING_MODES}")
     if scoring == "cells":
         want = [p.strip() for p in normalize(item_answer).split(",")]
         got = [p.strip() for p in normalize(prediction).split(",")]
         return sum(1 for a, b in zip(want, got) if a == b) / len(want)
     want = normalize(item_answer).split()
     got = normalize(prediction).split()
+    if scoring == "contains":
+        return float(any(got[i : i + len(want)] == want for i in range(len(got) - len(want) + 1)))
     return float(got[: len(want)] == want)
 
 

@@ -342,10 +342,12 @@ class EvictionRuntime:
             acc = st.accs.get(ordinal)
             if acc is None:
                 acc = st.accs[ordinal] = LayerAccumulator(len(qmask), num_heads_total, st.scoring.per_head)
+            if not len(sel):
+                # No scoring query in this chunk (e.g. an image-only chunk).  Every TP rank
+                # sees the same tasks, so all of them skip the collective together.
+                continue
             keys = self._keys(task, key, q0, kv_cache, layout)
-            # Under TP every rank must take part in the same collectives, so an empty
-            # selection still gathers an empty tensor.
-            for c in range(0, max(len(sel), 1), _QUERY_CHUNK):
+            for c in range(0, len(sel), _QUERY_CHUNK):
                 chunk = sel[c : c + _QUERY_CHUNK]
                 qpos = torch.as_tensor(chunk, dtype=torch.int64)
                 q = query[q0 + (qpos - task.start).to(query.device)]

@@ -1,0 +1,109 @@
+"""Accuracy under KV eviction: every method x every budget through vLLM, scored exactly.
+
+    python benchmarks/accuracy.py --quick
+    python benchmarks/accuracy.py [--tasks cell,needle,describe] [--n 100] [--budgets 0.1,0.2,0.4,0.6]
+    python benchmarks/accuracy.py --model /path/to/hf-vlm --dataset data.jsonl --dtype bfloat16
+
+Default model: the VLM trained in this repository (models/grid-llava-v1, see its README.md);
+default data: held-out items of the procedural tasks (hae_vllm/accuracy/tasks.py).  Any local HF
+VLM that vLLM serves and any JSONL dataset (see hae_vllm.accuracy.harness.load_jsonl) work too.
+
+All settings run in one engine (per-request method and budget knobs), so every method sees the
+same batches.  ``kv_kept_frac`` is physical: KV blocks actually returned to vLLM's pool, over the
+prompt's blocks.  Writes accuracy_<name>.json (config, machine, versions, per-item results),
+accuracy_<name>.md (table) and accuracy_<name>.png (accuracy against KV kept, one line per
+method) to --out.
+
+Last line (stable format), at --default-budget:
+    full_acc=<x> hae_acc=<y> best_baseline_acc=<z> budget=<b> kv_kept_frac=<k>
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from hae_vllm.accuracy import harness as H  # noqa: E402
+from hae_vllm.testing.scenario import environment_info  # noqa: E402
+
+DEFAULT_MODEL = REPO / "models" / "grid-llava-v1"
+BASELINES = ["madakv", "snapkv", "h2o", "fastv", "streamingllm", "random"]
+
+
+def _floats(s: str) -> list[float]:
+    return [float(x) for x in s.split(",") if x]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=str(DEFAULT_MODEL), help="local HF VLM directory")
+    ap.add_argument("--dataset", default=None, help="JSONL dataset (default: procedural held-out tasks)")
+    ap.add_argument("--tasks", default="cell,needle,describe,count,exists", help="procedural tasks")
+    ap.add_argument("--n", type=int, default=100, help="items per procedural task")
+    ap.add_argument("--methods", default=",".join(["hae"] + BASELINES))
+    ap.add_argument("--budgets", default="0.1,0.2,0.3,0.4,0.6,0.8", help="keep ratios")
+    ap.add_argument("--default-budget", type=float, default=0.4,
+                    help="budget of the last line (0.4 frees 5 of the 9 blocks of a one-image prompt at block size 32)")
+    ap.add_argument("--extra", default="{}", help="JSON knobs for every eviction setting, e.g. '{\"evict_text\": true}'")
+    ap.add_argument("--quick", action="store_true", help="single-cell questions only, the default budget")
+    ap.add_argument("--block-size", type=int, default=32)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--max-model-len", type=int, default=4096)
+    ap.add_argument("--tensor-parallel-size", type=int, default=1)
+    ap.add_argument("--name", default=None, help="result file stem (default: quick or full)")
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    args = ap.parse_args()
+
+    model = Path(args.model)
+    if not (model / "config.json").is_file():
+        sys.exit(f"error: {model} is not a HF model directory (no config.json). The default model is "
+                 "trained by `python -m hae_vllm.accuracy.train --out models/grid-llava-v1`.")
+    methods = [m for m in args.methods.split(",") if m]
+    budgets = [args.default_budget] if args.quick else sorted(set(_floats(args.budgets)) | {args.default_budget})
+    if args.dataset:
+        items = H.load_jsonl(args.dataset)
+    else:
+        tasks = ["cell"] if args.quick else [t for t in args.tasks.split(",") if t]
+        items = H.procedural_items(tasks, args.n)
+    settings = [H.Setting(H.FULL)] + [H.Setting(m, b) for b in budgets for m in methods]
+    cfg = H.RunConfig(model=str(model), settings=settings, extra=json.loads(args.extra), block_size=args.block_size,
+                      dtype=args.dtype, max_model_len=args.max_model_len,
+                      tensor_parallel_size=args.tensor_parallel_size)
+    print(f"{len(items)} items x {len(settings)} settings on {model}", flush=True)
+    t0 = time.time()
+    res = H.run(items, cfg)
+    summary = H.summarize(res["rows"])
+    stats = res["scheduler_stats"]
+    freed_trace = sum(r["freed_blocks"] for r in res["rows"])
+    if stats is not None and stats["freed_blocks"] != freed_trace:
+        print(f"WARNING: scheduler freed {stats['freed_blocks']} blocks, traces say {freed_trace}")
+
+    name = args.name or ("quick" if args.quick else "full")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    title = f"{model.name}, {len(items)} items" + (f", {Path(args.dataset).name}" if args.dataset else "")
+    md = H.markdown_table(summary)
+    (out / f"accuracy_{name}.md").write_text(f"# Accuracy under eviction ({title})\n\n"
+                                              f"Command: `python benchmarks/accuracy.py {' '.join(sys.argv[1:])}`\n\n" + md)
+    H.plot(summary, out / f"accuracy_{name}.png", title)
+    record = {
+        "benchmark": "accuracy", "argv": sys.argv[1:], "model": str(model), "dataset": args.dataset,
+        "settings": [s.label for s in settings], "block_size": args.block_size, "dtype": args.dtype,
+        "extra": cfg.extra, "environment": environment_info(), "wall_s": time.time() - t0,
+        "engine_start_s": res["engine_start_s"], "generate_s": res["generate_s"],
+        "scheduler_stats": stats, "freed_blocks_from_traces": freed_trace,
+        "summary": summary, "rows": res["rows"],
+    }
+    (out / f"accuracy_{name}.json").write_text(json.dumps(record, indent=1))
+    print(md)
+    print(H.quick_line(summary, args.default_budget))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,317 @@
+"""Accuracy under eviction: methods x budgets through vLLM, scored exactly.
+
+The harness runs one offline :class:`vllm.LLM` engine started with eviction enabled and sends
+every (setting, item) pair as its own request; the setting (method, keep-ratio budget) travels
+as per-request knobs (``kv_eviction``, ``kv_eviction_budget``), so every method sees the same
+engine, the same batches and the same block size.  ``full`` is the same engine with
+``kv_eviction="none"`` (bit-identical to vanilla vLLM, tests/test_identity.py).
+
+Physical memory is measured, not derived from the budget: each request's eviction trace lists
+the KV blocks it handed back to vLLM's pool (``hole_blocks``); ``kv_kept_frac`` is
+``1 - freed / ceil(prompt_tokens / block_size)``.  The sum over all requests is checked against
+the scheduler's own ``freed_blocks`` counter.
+
+Prompts go through the model's chat template (``LLM.chat`` with image parts), so any local HF
+VLM that vLLM serves works; images are sent as data URLs.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import mimetypes
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from hae_vllm.accuracy.tasks import SCORING_MODES, generate, score
+
+FULL = "full"
+
+
+@dataclass
+class EvalItem:
+    id: str
+    question: str
+    answer: str
+    images: list[str]  # data URLs
+    scoring: str = "exact"
+    task: str = "custom"
+    max_tokens: int | None = None
+
+
+@dataclass(frozen=True)
+class Setting:
+    method: str  # "full" = no eviction
+    budget: float | None = None
+
+    @property
+    def label(self) -> str:
+        return FULL if self.method == FULL else f"{self.method}@{self.budget:g}"
+
+    def extra_args(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        if self.method == FULL:
+            return {"kv_eviction": "none"}
+        args = {"kv_eviction": self.method, "kv_eviction_budget": self.budget}
+        for k, v in (extra or {}).items():
+            args[f"kv_eviction_{k}"] = v
+        return args
+
+
+# --------------------------------------------------------------------------------------
+# Datasets
+# --------------------------------------------------------------------------------------
+
+def pil_data_url(img) -> str:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def image_data_url(src: str, base_dir: Path) -> str:
+    """A data URL from an image path (relative to the dataset file), a data URL, or raw base64."""
+    if src.startswith("data:"):
+        return src
+    path = Path(src) if os.path.isabs(src) else base_dir / src
+    if path.is_file():
+        mime = mimetypes.guess_type(path.name)[0] or "image/png"
+        return f"data:{mime};base64," + base64.b64encode(path.read_bytes()).decode()
+    try:
+        raw = base64.b64decode(src, validate=True)
+    except ValueError:
+        raise FileNotFoundError(f"image {src!r} is neither a file (looked in {base_dir}) nor base64") from None
+    if len(raw) < 8:
+        raise ValueError(f"image {src[:40]!r}... decodes to {len(raw)} bytes: not an image")
+    return "data:image/png;base64," + src
+
+
+def load_jsonl(path: str | os.PathLike) -> list[EvalItem]:
+    """Items from a JSONL file, one object per line::
+
+        {"id": "q1", "image": "imgs/a.png" | ["a.png", "b.png"] | "<base64>" | "data:...",
+         "question": "...", "answer": "B", "scoring": "exact" | "contains" | "cells",
+         "task": "optional group name", "max_tokens": 8}
+
+    ``images`` is accepted for ``image``; relative paths are relative to the JSONL file.
+    """
+    path = Path(path)
+    items = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                d = json.loads(line)
+                imgs = d.get("images", d.get("image", []))
+                imgs = [imgs] if isinstance(imgs, str) else list(imgs)
+                scoring = d.get("scoring", "exact")
+                if scoring not in SCORING_MODES:
+                    raise ValueError(f"scoring {scoring!r} is not one of {SCORING_MODES}")
+                items.append(EvalItem(
+                    id=str(d.get("id", n)), question=d["question"], answer=str(d["answer"]),
+                    images=[image_data_url(s, path.parent) for s in imgs], scoring=scoring,
+                    task=str(d.get("task", "custom")), max_tokens=d.get("max_tokens"),
+                ))
+            except (KeyError, ValueError, FileNotFoundError, json.JSONDecodeError) as e:
+                raise ValueError(f"{path}:{n}: {e}") from e
+    if not items:
+        raise ValueError(f"{path}: no items")
+    return items
+
+
+def procedural_items(tasks: Iterable[str], n: int, split: str = "heldout") -> list[EvalItem]:
+    """Held-out items of the repository's procedural tasks (hae_vllm.accuracy.tasks)."""
+    out = []
+    for task in tasks:
+        for it in generate(task, split, n):
+            out.append(EvalItem(id=f"{task}-{it.seed}", question=it.question, answer=it.answer,
+                                images=[pil_data_url(im) for im in it.images()], scoring=it.scoring,
+                                task=task))
+    return out
+
+
+def messages(item: EvalItem) -> list[dict[str, Any]]:
+    content: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": u}} for u in item.images]
+    content.append({"type": "text", "text": item.question})
+    return [{"role": "user", "content": content}]
+
+
+# --------------------------------------------------------------------------------------
+# Running
+# --------------------------------------------------------------------------------------
+
+@dataclass
+class RunConfig:
+    model: str
+    settings: list[Setting]
+    extra: dict[str, Any] = field(default_factory=dict)  # method knobs for every eviction setting
+    block_size: int = 32
+    dtype: str = "float32"
+    max_model_len: int = 4096
+    max_num_seqs: int = 64
+    tensor_parallel_size: int = 1
+    max_tokens_margin: int = 4
+    default_max_tokens: int = 32
+    kv_cache_space_gib: int = 2
+
+
+def _trace_by_request(trace_path: str) -> dict[str, dict]:
+    """Last prefill record per engine request id (a preempted request is re-planned)."""
+    out: dict[str, dict] = {}
+    if os.path.exists(trace_path):
+        with open(trace_path) as f:
+            for line in f:
+                rec = json.loads(line)
+                if rec.get("kind", "prefill") == "prefill" and rec.get("tp_rank", 0) == 0:
+                    out[rec["request_id"]] = rec
+    return out
+
+
+def run(items: list[EvalItem], cfg: RunConfig) -> dict[str, Any]:
+    """Every setting on every item through one vLLM engine; returns per-item rows and the
+    scheduler's counters."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.kv_cache_space_gib))
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from vllm import LLM, SamplingParams
+
+    tmp = tempfile.mkdtemp(prefix="hae_accuracy_")
+    trace_path = os.path.join(tmp, "trace.jsonl")
+    max_images = max([len(it.images) for it in items] + [1])
+    t0 = time.perf_counter()
+    llm = LLM(
+        model=cfg.model, dtype=cfg.dtype, max_model_len=cfg.max_model_len, block_size=cfg.block_size,
+        max_num_seqs=cfg.max_num_seqs, tensor_parallel_size=cfg.tensor_parallel_size, seed=0,
+        limit_mm_per_prompt={"image": max_images}, enable_prefix_caching=False,
+        additional_config={"kv_eviction": {"method": "hae", "trace_path": trace_path}},
+    )
+    engine_start_s = time.perf_counter() - t0
+    tok = llm.get_tokenizer()
+    convs, params, keys = [], [], []
+    for s in cfg.settings:
+        for it in items:
+            mt = it.max_tokens or (len(tok(it.answer, add_special_tokens=False)["input_ids"]) + cfg.max_tokens_margin
+                                   if it.answer else cfg.default_max_tokens)
+            convs.append(messages(it))
+            params.append(SamplingParams(max_tokens=mt, temperature=0.0, extra_args=s.extra_args(cfg.extra)))
+            keys.append((s, it))
+    t0 = time.perf_counter()
+    outs = llm.chat(convs, params, use_tqdm=False)
+    generate_s = time.perf_counter() - t0
+    traces = _trace_by_request(trace_path)
+    rows = []
+    for (s, it), o in zip(keys, outs):
+        rid = o.request_id
+        tr = traces.get(rid) or next((t for k, t in traces.items() if k.rsplit("-", 1)[0] == rid), None)
+        T = len(o.prompt_token_ids)
+        blocks = math.ceil(T / cfg.block_size)
+        freed = len(tr["hole_blocks"]) if tr else 0
+        evicted = len(tr["evicted_positions"]) if tr else 0
+        text = o.outputs[0].text
+        rows.append({
+            "setting": s.label, "method": s.method, "budget": s.budget, "id": it.id, "task": it.task,
+            "question": it.question, "answer": it.answer, "prediction": text,
+            "score": score(it.answer, text, it.scoring), "prompt_tokens": T, "prompt_blocks": blocks,
+            "freed_blocks": freed, "evicted_tokens": evicted,
+            "evicted_visual_tokens": tr["num_visual_evicted"] if tr else 0,
+            "num_visual_tokens": tr["num_visual_tokens"] if tr else None,
+        })
+    stats = None
+    try:
+        stats = llm.llm_engine.engine_core.engine_core.scheduler.eviction_stats.as_dict()
+    except AttributeError:  # engine core in another process: no in-process counters
+        pass
+    del llm
+    return {"rows": rows, "scheduler_stats": stats, "engine_start_s": engine_start_s,
+            "generate_s": generate_s}
+
+
+# --------------------------------------------------------------------------------------
+# Reporting
+# --------------------------------------------------------------------------------------
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per setting: accuracy (overall and per task), physical KV kept (blocks) and logical
+    tokens kept, in the order settings first appear."""
+    order: list[str] = []
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["setting"] not in groups:
+            order.append(r["setting"])
+            groups[r["setting"]] = []
+        groups[r["setting"]].append(r)
+    out = []
+    for label in order:
+        g = groups[label]
+        tasks = sorted({r["task"] for r in g})
+        blocks = sum(r["prompt_blocks"] for r in g)
+        toks = sum(r["prompt_tokens"] for r in g)
+        out.append({
+            "setting": label, "method": g[0]["method"], "budget": g[0]["budget"], "n": len(g),
+            "accuracy": sum(r["score"] for r in g) / len(g),
+            "per_task": {t: sum(r["score"] for r in g if r["task"] == t) / sum(1 for r in g if r["task"] == t)
+                         for t in tasks},
+            "kv_kept_frac": 1.0 - sum(r["freed_blocks"] for r in g) / blocks,
+            "tokens_kept_frac": 1.0 - sum(r["evicted_tokens"] for r in g) / toks,
+            "freed_blocks": sum(r["freed_blocks"] for r in g),
+        })
+    return out
+
+
+def markdown_table(summary: list[dict]) -> str:
+    tasks = sorted({t for s in summary for t in s["per_task"]})
+    head = ["setting", "KV kept (blocks)", "tokens kept", "accuracy"] + tasks
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s in summary:
+        cells = [s["setting"], f"{s['kv_kept_frac']:.3f}", f"{s['tokens_kept_frac']:.3f}", f"{s['accuracy']:.3f}"]
+        cells += [f"{s['per_task'][t]:.3f}" if t in s["per_task"] else "-" for t in tasks]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: list[dict], path: str | os.PathLike, title: str = "") -> None:
+    """Accuracy against physical KV kept, one line per method, full cache as a reference."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    methods = []
+    for s in summary:
+        if s["method"] not in methods and s["method"] != FULL:
+            methods.append(s["method"])
+    for m in methods:
+        pts = sorted((s["kv_kept_frac"], s["accuracy"]) for s in summary if s["method"] == m)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m,
+                linewidth=2.5 if m == "hae" else 1.2)
+    for s in summary:
+        if s["method"] == FULL:
+            ax.axhline(s["accuracy"], color="black", linestyle="--", linewidth=1, label="full cache")
+    ax.set_xlabel("KV cache kept (physical blocks, fraction of full)")
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0, 1.02)
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def quick_line(summary: list[dict], budget: float) -> str:
+    """``full_acc=<x> hae_acc=<y> best_baseline_acc=<z> budget=<b> kv_kept_frac=<k>``."""
+    full = next(s for s in summary if s["method"] == FULL)
+    at_b = [s for s in summary if s["method"] != FULL and s["budget"] == budget]
+    hae = next(s for s in at_b if s["method"] == "hae")
+    base = [s["accuracy"] for s in at_b if s["method"] != "hae"]
+    best = max(base) if base else float("nan")
+    return (f"full_acc={full['accuracy']:.4f} hae_acc={hae['accuracy']:.4f} best_baseline_acc={best:.4f} "
+            f"budget={budget:g} kv_kept_frac={hae['kv_kept_frac']:.4f}")
+

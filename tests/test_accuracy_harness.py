@@ -1,0 +1,127 @@
+"""The accuracy harness: dataset loading, scoring modes, aggregation over physical blocks, reports."""
+
+import base64
+import json
+
+import pytest
+
+from hae_vllm.accuracy import harness as H
+from hae_vllm.accuracy.tasks import Grid, score
+
+
+def _png(tmp_path, name="a.png"):
+    p = tmp_path / name
+    Grid(2, [[("red", "square"), None], [None, None]]).render(32).save(p)
+    return p
+
+
+def test_contains_scoring_and_unknown_mode():
+    assert score("blue", "The answer is Blue.", "contains") == 1.0
+    assert score("blue 12", "blue 13 blue 12", "contains") == 1.0
+    assert score("blue", "bluish", "contains") == 0.0
+    with pytest.raises(ValueError, match="scoring"):
+        score("a", "a", "fuzzy")
+
+
+def test_load_jsonl_paths_base64_and_data_urls(tmp_path):
+    p = _png(tmp_path)
+    b64 = base64.b64encode(p.read_bytes()).decode()
+    lines = [
+        {"id": "x", "image": "a.png", "question": "q?", "answer": "B"},
+        {"images": [str(p), b64, "data:image/png;base64," + b64], "question": "q2", "answer": 3,
+         "scoring": "contains", "task": "mm", "max_tokens": 5},
+    ]
+    ds = tmp_path / "d.jsonl"
+    ds.write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
+    items = H.load_jsonl(ds)
+    assert [it.id for it in items] == ["x", "2"]
+    assert items[1].answer == "3" and items[1].scoring == "contains" and items[1].max_tokens == 5
+    urls = items[0].images + items[1].images
+    assert len(urls) == 4 and all(u.startswith("data:image/png;base64,") for u in urls)
+    assert len({u.split(",", 1)[1] for u in urls}) == 1  # the same bytes every way
+
+
+@pytest.mark.parametrize("line, msg", [
+    ({"image": "missing.png", "question": "q", "answer": "a"}, "neither a file"),
+    ({"image": [], "question": "q", "answer": "a", "scoring": "fuzzy"}, "scoring"),
+    ({"image": [], "answer": "a"}, "question"),
+])
+def test_load_jsonl_errors_name_the_line(tmp_path, line, msg):
+    ds = tmp_path / "d.jsonl"
+    ds.write_text(json.dumps({"image": [], "question": "ok", "answer": "a"}) + "\n" + json.dumps(line) + "\n")
+    with pytest.raises(ValueError, match=rf"d.jsonl:2: .*{msg}"):
+        H.load_jsonl(ds)
+
+
+def _row(setting, method, budget, task, sc, T=281, freed=0, evicted=0):
+    return {"setting": setting, "method": method, "budget": budget, "task": task, "score": sc,
+            "prompt_tokens": T, "prompt_blocks": -(-T // 32), "freed_blocks": freed, "evicted_tokens": evicted}
+
+
+def test_summary_uses_freed_blocks_and_the_quick_line():
+    rows = [
+        _row("full", "full", None, "cell", 1.0), _row("full", "full", None, "cell", 1.0),
+        _row("hae@0.4", "hae", 0.4, "cell", 1.0, freed=5, evicted=160),
+        _row("hae@0.4", "hae", 0.4, "cell", 0.0, freed=5, evicted=160),
+        _row("random@0.4", "random", 0.4, "cell", 0.0, freed=5, evicted=160),
+        _row("random@0.4", "random", 0.4, "needle", 0.0, T=800, freed=14, evicted=448),
+        _row("h2o@0.4", "h2o", 0.4, "cell", 0.0, freed=5, evicted=160),
+        _row("h2o@0.4", "h2o", 0.4, "cell", 0.5, freed=5, evicted=160),
+    ]
+    s = H.summarize(rows)
+    assert [x["setting"] for x in s] == ["full", "hae@0.4", "random@0.4", "h2o@0.4"]
+    assert s[0]["kv_kept_frac"] == 1.0 and s[0]["accuracy"] == 1.0
+    assert s[1]["kv_kept_frac"] == pytest.approx(4 / 9) and s[1]["tokens_kept_frac"] == pytest.approx(1 - 160 / 281)
+    assert s[2]["kv_kept_frac"] == pytest.approx(1 - 19 / (9 + 25)) and s[2]["per_task"] == {"cell": 0.0, "needle": 0.0}
+    line = H.quick_line(s, 0.4)
+    assert line == "full_acc=1.0000 hae_acc=0.5000 best_baseline_acc=0.2500 budget=0.4 kv_kept_frac=0.4444"
+    md = H.markdown_table(s)
+    assert md.count("\n") == 6 and "| hae@0.4 | 0.444 | 0.431 | 0.500 | 0.500 | - |" in md
+
+
+def test_plot_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    s = H.summarize([_row("full", "full", None, "cell", 1.0), _row("hae@0.4", "hae", 0.4, "cell", 1.0, freed=5),
+                     _row("hae@0.2", "hae", 0.2, "cell", 0.0, freed=7)])
+    H.plot(s, tmp_path / "p.png", "t")
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_settings_send_per_request_knobs():
+    assert H.Setting("full").extra_args({"evict_text": True}) == {"kv_eviction": "none"}
+    assert H.Setting("snapkv", 0.3).extra_args({"window": 8}) == {
+        "kv_eviction": "snapkv", "kv_eviction_budget": 0.3, "kv_eviction_window": 8}
+    assert H.Setting("snapkv", 0.3).label == "snapkv@0.3"
+
+
+def test_procedural_items_are_held_out_data_urls():
+    items = H.procedural_items(["cell", "needle"], 2)
+    assert [it.task for it in items] == ["cell", "cell", "needle", "needle"]
+    assert [len(it.images) for it in items] == [1, 1, 3, 3]
+    assert all(u.startswith("data:image/png;base64,") for it in items for u in it.images)
+    assert H.messages(items[0])[0]["content"][-1] == {"type": "text", "text": items[0].question}
+
+
+def test_mmbench_tsv_converts_to_a_loadable_dataset(tmp_path):
+    import csv
+    import importlib.util
+
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "mmbench_to_jsonl.py"
+    spec = importlib.util.spec_from_file_location("mmbench_to_jsonl", path)
+    mm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mm)
+    b64 = base64.b64encode(_png(tmp_path).read_bytes()).decode()
+    tsv = tmp_path / "mm.tsv"
+    with open(tsv, "w", newline="") as f:
+        w = csv.writer(f, delimiter="\t")
+        w.writerow(["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "image"])
+        w.writerow([7, "What colour?", "nan", "red", "blue", "nan", "nan", "A", "colour", b64])
+        w.writerow([8, "Test split row", "", "x", "y", "", "", "", "c", b64])  # no answer: skipped
+    out = tmp_path / "mm.jsonl"
+    assert mm.convert(str(tsv), str(out)) == 1
+    (item,) = H.load_jsonl(out)
+    assert item.id == "7" and item.answer == "A" and item.task == "colour" and item.max_tokens == 4
+    assert item.question == "What colour?\nA. red\nB. blue\n" + mm.INSTRUCTION
+    assert score(item.answer, "A.", item.scoring) == 1.0 and score(item.answer, "B", item.scoring) == 0.0
