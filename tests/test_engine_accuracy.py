@@ -1,6 +1,6 @@
 """The accuracy benchmark end to end through vLLM, on the VLM trained in this repository.
 
-Proves three things: the committed weights load in vLLM and answer the held-out single-cell
+Proves three things: the committed weights load in vLLM and answer the held-out single-shape
 questions (the harness feeds them the prompt format they were trained on, through the chat
 template); ``kv_kept_frac`` is the physical fraction (blocks freed, cross-checked with the
 scheduler's counter); the report files and the stable last line are written.
@@ -42,7 +42,7 @@ def test_trained_weights_answer_in_vllm(quick):
     # Deterministic (greedy, fixed held-out items); the training log reports >= 0.95 on 200.
     assert full_acc >= 0.9, line
     train_log = json.loads((MODEL / "train_log.json").read_text())
-    assert train_log["final_heldout"]["cell"] >= 0.95
+    assert train_log["final_heldout"]["single"] >= 0.95
 
 
 def test_kv_kept_is_physical_and_reports_are_written(quick):

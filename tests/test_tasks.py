@@ -41,3 +41,28 @@ def test_scoring_is_exact():
     g = Grid(2, [[("red", "square"), None], [None, ("blue", "circle")]])
     assert score(g.describe(), g.describe(), "cells") == 1.0
     assert score(g.describe(), "r1c1 red square, r1c2 empty, r2c1 red circle, r2c2 blue circle", "cells") == 0.75
+
+
+def test_shape_items_name_a_unique_colour():
+    for item in generate("shape", "heldout", 30, fill=(0.3, 1.0)):
+        colour = item.question.split()[-2]
+        cells = [cell for row in item.grids[0].cells for cell in row if cell is not None]
+        matching = [cell for cell in cells if cell[0] == colour]
+        assert len(matching) == 1 and matching[0][1] == item.answer
+
+
+def test_fill_range_varies_density_and_float_fill_keeps_items():
+    dens = [sum(c is not None for row in it.grids[0].cells for c in row)
+            for it in generate("cell", "train", 40, fill=(0.1, 0.7))]
+    assert min(dens) <= 4 and max(dens) >= 9
+    a = [i.to_json() for i in generate("cell", "heldout", 5)]
+    assert a == [i.to_json() for i in generate("cell", "heldout", 5, fill=0.7)]
+
+
+def test_single_items_have_exactly_one_shape_of_the_answer_colour():
+    for item in generate("single", "heldout", 20):
+        cells = [cell for row in item.grids[0].cells for cell in row if cell is not None]
+        assert len(cells) == 1 and item.answer == f"the shape is {cells[0][0]}"
+        img = np.asarray(item.images()[0]).reshape(-1, 3).astype(int)
+        coloured = np.abs(img - np.array(COLOURS[cells[0][0]])).sum(1) < 30
+        assert 0.01 < coloured.mean() < 0.06  # a small part of the image decides the answer

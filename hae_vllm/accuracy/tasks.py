@@ -4,6 +4,8 @@ Every item is generated from a seed, so train and held-out splits never overlap 
 ranges) and anyone can regenerate the same data.  Answers are scored exactly.
 
 * ``cell``: a G x G grid of coloured shapes; "What colour is the shape in row r column c?"
+* ``shape``: the same grid; "What shape is the <colour> one?" (the only one of that colour)
+* ``single``: one shape in an empty grid; "What color is the shape?"
 * ``count``: "How many <colour> shapes are there?"
 * ``exists``: "Is there a <colour> <shape>?" (yes/no)
 * ``needle``: several grids; a question about one of them, plus a text needle in the prompt
@@ -98,8 +100,8 @@ class Item:
         return d
 
 
-def _cell_item(rng, seed: int, size: int) -> Item:
-    g = Grid.random(rng, size)
+def _cell_item(rng, seed: int, size: int, fill: float = 0.7) -> Item:
+    g = Grid.random(rng, size, fill)
     filled = [(r, c) for r in range(size) for c in range(size) if g.cells[r][c] is not None]
     if not filled:
         g.cells[0][0] = ("red", "square")
@@ -109,22 +111,50 @@ def _cell_item(rng, seed: int, size: int) -> Item:
     return Item("cell", q, g.cells[r][c][0], [g], seed=seed)
 
 
-def _count_item(rng, seed: int, size: int) -> Item:
-    g = Grid.random(rng, size)
+def _shape_item(rng, seed: int, size: int, fill: float = 0.7) -> Item:
+    """A single cell named by its colour (the only shape of that colour): retrieval by content."""
+    g = Grid.random(rng, size, fill)
+    filled = [(r, c) for r in range(size) for c in range(size) if g.cells[r][c] is not None]
+    if not filled:
+        g.cells[0][0] = ("red", "square")
+        filled = [(0, 0)]
+    r, c = filled[rng.integers(len(filled))]
+    colour, shape = g.cells[r][c]
+    others = [k for k in COLOURS if k != colour]
+    for rr, cc in filled:
+        if (rr, cc) != (r, c) and g.cells[rr][cc][0] == colour:
+            g.cells[rr][cc] = (others[rng.integers(len(others))], g.cells[rr][cc][1])
+    return Item("shape", f"What shape is the {colour} one?", shape, [g], seed=seed)
+
+
+def _single_item(rng, seed: int, size: int, fill: float = 0.7) -> Item:
+    """One shape somewhere in an otherwise empty grid: its 9-16 patches out of 256 decide the
+    answer, every other visual token is background (``fill`` is ignored)."""
+    g = Grid(size, [[None] * size for _ in range(size)])
+    r, c = int(rng.integers(size)), int(rng.integers(size))
+    g.cells[r][c] = (str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES)))
+    # The colour is the answer's fourth token, not its first: the first token is sampled from
+    # the prefill's logits, computed before prefill eviction takes effect, so a one-word answer
+    # could not be hurt by any eviction at all.
+    return Item("single", "What color is the shape?", f"the shape is {g.cells[r][c][0]}", [g], seed=seed)
+
+
+def _count_item(rng, seed: int, size: int, fill: float = 0.7) -> Item:
+    g = Grid.random(rng, size, fill)
     colour = str(rng.choice(list(COLOURS)))
     n = sum(1 for row in g.cells for cell in row if cell is not None and cell[0] == colour)
     return Item("count", f"How many {colour} shapes are there?", str(n), [g], seed=seed)
 
 
-def _exists_item(rng, seed: int, size: int) -> Item:
-    g = Grid.random(rng, size)
+def _exists_item(rng, seed: int, size: int, fill: float = 0.7) -> Item:
+    g = Grid.random(rng, size, fill)
     colour, shape = str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES))
     yes = any(cell == (colour, shape) for row in g.cells for cell in row)
     return Item("exists", f"Is there a {colour} {shape}?", "yes" if yes else "no", [g], seed=seed)
 
 
-def _needle_item(rng, seed: int, size: int, num_images: int = 3) -> Item:
-    grids = [Grid.random(rng, size) for _ in range(num_images)]
+def _needle_item(rng, seed: int, size: int, fill: float = 0.7, num_images: int = 3) -> Item:
+    grids = [Grid.random(rng, size, fill) for _ in range(num_images)]
     k = int(rng.integers(num_images))
     g = grids[k]
     filled = [(r, c) for r in range(size) for c in range(size) if g.cells[r][c] is not None] or [(0, 0)]
@@ -137,21 +167,27 @@ def _needle_item(rng, seed: int, size: int, num_images: int = 3) -> Item:
     return Item("needle", q, f"{g.cells[r][c][0]} {code}", grids, seed=seed)
 
 
-def _describe_item(rng, seed: int, size: int) -> Item:
-    g = Grid.random(rng, size)
+def _describe_item(rng, seed: int, size: int, fill: float = 0.7) -> Item:
+    g = Grid.random(rng, size, fill)
     return Item("describe", "Describe the grid cell by cell.", g.describe(), [g], scoring="cells", seed=seed)
 
 
+# Append new tasks at the end: a task's seeds depend on its index here.
 GENERATORS = {"cell": _cell_item, "count": _count_item, "exists": _exists_item, "needle": _needle_item,
-              "describe": _describe_item}
+              "describe": _describe_item, "shape": _shape_item, "single": _single_item}
 
 
-def generate(task: str, split: str, n: int, size: int = 4) -> Iterator[Item]:
-    """``n`` items of ``task`` from ``split`` (seeds never shared between splits)."""
+def generate(task: str, split: str, n: int, size: int = 4, fill: float | tuple[float, float] = 0.7) -> Iterator[Item]:
+    """``n`` items of ``task`` from ``split`` (seeds never shared between splits).
+
+    ``fill``: share of occupied cells, or a (low, high) range drawn per item (training uses a
+    range: sparse grids, with fewer distractors, teach where a cell is before dense ones)."""
     base = SPLIT_SEEDS[split] + 1000 * list(GENERATORS).index(task)
     for i in range(n):
         seed = base + i * 7919
-        yield GENERATORS[task](np.random.default_rng(seed), seed, size)
+        rng = np.random.default_rng(seed)
+        f = float(rng.uniform(*fill)) if isinstance(fill, tuple) else fill
+        yield GENERATORS[task](rng, seed, size, f)
 
 
 def normalize(text: str) -> str:
