@@ -274,32 +274,36 @@ def markdown_table(summary: list[dict]) -> str:
 
 
 def plot(summary: list[dict], path: str | os.PathLike, title: str = "") -> None:
-    """Accuracy against physical KV kept, one line per method, full cache as a reference."""
+    """Accuracy against physical KV kept, one line per method and one panel per task, with
+    the full cache as a reference."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    tasks = sorted({t for s in summary for t in s["per_task"]})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 4.2), squeeze=False)
     methods = []
     for s in summary:
         if s["method"] not in methods and s["method"] != FULL:
             methods.append(s["method"])
-    for m in methods:
-        pts = sorted((s["kv_kept_frac"], s["accuracy"]) for s in summary if s["method"] == m)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m,
-                linewidth=2.5 if m == "hae" else 1.2)
-    for s in summary:
-        if s["method"] == FULL:
-            ax.axhline(s["accuracy"], color="black", linestyle="--", linewidth=1, label="full cache")
-    ax.set_xlabel("KV cache kept (physical blocks, fraction of full)")
-    ax.set_ylabel("accuracy")
-    ax.set_xlim(0, 1.02)
-    ax.set_ylim(0, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    for ax, task in zip(axes[0], tasks):
+        for m in methods:
+            pts = sorted((s["kv_kept_frac"], s["per_task"][task]) for s in summary if s["method"] == m)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m,
+                    linewidth=2.5 if m == "hae" else 1.2)
+        for s in summary:
+            if s["method"] == FULL:
+                ax.axhline(s["per_task"][task], color="black", linestyle="--", linewidth=1, label="full cache")
+        ax.set_title(f"task: {task}", fontsize=9)
+        ax.set_xlabel("KV cache kept (physical blocks, fraction of full)")
+        ax.set_ylabel("accuracy")
+        ax.set_xlim(0, 1.02)
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     if title:
-        ax.set_title(title, fontsize=9)
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
