@@ -23,6 +23,7 @@ import json
 import math
 import mimetypes
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -161,14 +162,16 @@ class RunConfig:
 
 
 def _trace_by_request(trace_path: str) -> dict[str, dict]:
-    """Last prefill record per engine request id (a preempted request is re-planned)."""
+    """Last prefill record per request id (a preempted request is re-planned), under both the
+    engine-internal id ("<id>-<suffix>") and the id the output carries."""
     out: dict[str, dict] = {}
     if os.path.exists(trace_path):
         with open(trace_path) as f:
             for line in f:
                 rec = json.loads(line)
                 if rec.get("kind", "prefill") == "prefill" and rec.get("tp_rank", 0) == 0:
-                    out[rec["request_id"]] = rec
+                    rid = rec["request_id"]
+                    out[rid] = out[rid.rsplit("-", 1)[0]] = rec
     return out
 
 
@@ -186,6 +189,8 @@ def run(items: list[EvalItem], cfg: RunConfig) -> dict[str, Any]:
     llm = LLM(
         model=cfg.model, dtype=cfg.dtype, max_model_len=cfg.max_model_len, block_size=cfg.block_size,
         max_num_seqs=cfg.max_num_seqs, tensor_parallel_size=cfg.tensor_parallel_size, seed=0,
+        # No prefix caching: a full-cache request's blocks would otherwise become cache hits
+        # that later requests on the same image must keep, and settings would free differently.
         limit_mm_per_prompt={"image": max_images}, enable_prefix_caching=False,
         additional_config={"kv_eviction": {"method": "hae", "trace_path": trace_path}},
     )
@@ -203,10 +208,11 @@ def run(items: list[EvalItem], cfg: RunConfig) -> dict[str, Any]:
     outs = llm.chat(convs, params, use_tqdm=False)
     generate_s = time.perf_counter() - t0
     traces = _trace_by_request(trace_path)
+    shutil.rmtree(tmp, ignore_errors=True)
     rows = []
     for (s, it), o in zip(keys, outs):
         rid = o.request_id
-        tr = traces.get(rid) or next((t for k, t in traces.items() if k.rsplit("-", 1)[0] == rid), None)
+        tr = traces.get(rid)
         T = len(o.prompt_token_ids)
         blocks = math.ceil(T / cfg.block_size)
         freed = len(tr["hole_blocks"]) if tr else 0
