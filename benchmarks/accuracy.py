@@ -67,6 +67,8 @@ def main() -> None:
         sys.exit(f"error: {model} is not a HF model directory (no config.json). The default model is "
                  "trained by `python -m hae_vllm.accuracy.train --out models/grid-llava-v1`.")
     methods = [m for m in args.methods.split(",") if m]
+    if "hae" not in methods:
+        sys.exit("error: --methods must include hae (the last line compares it with the baselines)")
     budgets = [args.default_budget] if args.quick else sorted(set(_floats(args.budgets)) | {args.default_budget})
     if args.dataset:
         items = H.load_jsonl(args.dataset)

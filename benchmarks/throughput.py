@@ -65,6 +65,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--images", type=int, default=1, help="images per request")
     ap.add_argument("--num-blocks", type=int, default=160, help="KV blocks (of 32 tokens) for both runs")
+    ap.add_argument("--tag", default="", help="suffix of the result file (variants of the default run)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = ap.parse_args()
     reqs = [RequestSpec(text="Describe the picture in detail.", images=[300 + args.images * i + j for j in range(args.images)], max_tokens=args.max_tokens)
@@ -89,7 +90,7 @@ def main() -> None:
     run_ratio = sm["peak_running"] / sb["peak_running"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"throughput_{args.method}.json").write_text(json.dumps({
+    (out / f"throughput_{args.method}{'_' + args.tag if args.tag else ''}.json").write_text(json.dumps({
         "benchmark": "throughput", "args": vars(args), "none": sb, args.method: sm, "r": r, "r_prompt": holes / prompt_blocks, "limit": limit,
         "throughput_ratio_wall": wall_ratio,
         "throughput_ratio": ratio, "max_running_ratio": run_ratio, "machine": environment_info()}, indent=2))

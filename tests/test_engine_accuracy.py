@@ -40,7 +40,7 @@ def test_trained_weights_answer_in_vllm(quick):
     assert m, line
     full_acc = float(m.group(1))
     # Deterministic (greedy, fixed held-out items); the training log reports >= 0.95 on 200.
-    assert full_acc >= 0.9, line
+    assert full_acc >= 0.95, line
     train_log = json.loads((MODEL / "train_log.json").read_text())
     assert train_log["final_heldout"]["single"] >= 0.95
 

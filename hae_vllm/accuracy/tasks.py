@@ -100,25 +100,26 @@ class Item:
         return d
 
 
-def _cell_item(rng, seed: int, size: int, fill: float = 0.7) -> Item:
+def _grid_and_target(rng, size: int, fill: float) -> tuple[Grid, list[tuple[int, int]], int, int]:
+    """A random grid (never empty), its filled cells and one of them drawn at random."""
     g = Grid.random(rng, size, fill)
     filled = [(r, c) for r in range(size) for c in range(size) if g.cells[r][c] is not None]
     if not filled:
         g.cells[0][0] = ("red", "square")
         filled = [(0, 0)]
     r, c = filled[rng.integers(len(filled))]
+    return g, filled, r, c
+
+
+def _cell_item(rng, seed: int, size: int, fill: float = 0.7) -> Item:
+    g, _, r, c = _grid_and_target(rng, size, fill)
     q = f"What color is the shape in row {r + 1} column {c + 1}?"
     return Item("cell", q, g.cells[r][c][0], [g], seed=seed)
 
 
 def _shape_item(rng, seed: int, size: int, fill: float = 0.7) -> Item:
     """A single cell named by its colour (the only shape of that colour): retrieval by content."""
-    g = Grid.random(rng, size, fill)
-    filled = [(r, c) for r in range(size) for c in range(size) if g.cells[r][c] is not None]
-    if not filled:
-        g.cells[0][0] = ("red", "square")
-        filled = [(0, 0)]
-    r, c = filled[rng.integers(len(filled))]
+    g, filled, r, c = _grid_and_target(rng, size, fill)
     colour, shape = g.cells[r][c]
     others = [k for k in COLOURS if k != colour]
     for rr, cc in filled:
