@@ -5,7 +5,8 @@
 Runs the overhead benchmark's workload (tiny LLaVA, one image per request) in one engine whose
 core runs in this process, wraps the worker runtime's hooks with timers, and compares their time
 with the model runner's ``execute_model`` and with the whole ``generate`` (after a warm-up
-call).  Less noisy than end-to-end TTFT: both sides come from the same run.
+call).  Less noisy than end-to-end TTFT: both sides come from the same run; ``--repeats`` timed calls,
+medians reported (calls are those of the last run).
 
 Last line: scoring_ms=<layer scoring> planning_ms=<selection+compaction> execute_ms=<...> generate_ms=<...>
 """
@@ -16,6 +17,7 @@ import argparse
 import collections
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -33,6 +35,7 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=1.0)
     ap.add_argument("--num-requests", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=5, help="timed generate calls; medians are reported")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = ap.parse_args()
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -65,21 +68,29 @@ def main() -> None:
               additional_config={"kv_eviction": {"method": "hae", "budget": args.budget}})
     runner = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
     timed(type(runner), "execute_model", "execute_model")
-    reqs = [build_prompt("llava", RequestSpec(text="Describe the picture.", images=[200 + i]))
-            for i in range(args.num_requests)]
+    def batch(first_image: int):  # fresh images every call: nothing comes from the prefix cache
+        return [build_prompt("llava", RequestSpec(text="Describe the picture.", images=[first_image + i]))
+                for i in range(args.num_requests)]
+
     sp = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
-    llm.generate(reqs[:2], sp, use_tqdm=False)  # warm-up
-    spent.clear()
-    calls.clear()
-    t = time.perf_counter()
-    llm.generate(reqs, sp, use_tqdm=False)
-    gen = time.perf_counter() - t
-    ms = {k: round(v * 1e3, 2) for k, v in spent.items()}
+    llm.generate(batch(100)[:2], sp, use_tqdm=False)  # warm-up
+    per_run = []
+    for rep in range(args.repeats):
+        reqs = batch(200 + 1000 * rep)
+        spent.clear()
+        calls.clear()
+        t = time.perf_counter()
+        llm.generate(reqs, sp, use_tqdm=False)
+        per_run.append({"generate": time.perf_counter() - t, **spent})
+    med = {k: statistics.median(r.get(k, 0.0) for r in per_run) for k in per_run[0]}
+    ms = {k: round(v * 1e3, 2) for k, v in med.items() if k != "generate"}
+    gen = med["generate"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "hook_time.json").write_text(json.dumps({
         "benchmark": "hook_time", "args": vars(args), "ms": ms, "calls": dict(calls),
-        "generate_ms": round(gen * 1e3, 2), "machine": environment_info()}, indent=2))
+        "generate_ms": round(gen * 1e3, 2), "runs_ms": [{k: round(v * 1e3, 2) for k, v in r.items()} for r in per_run],
+        "machine": environment_info()}, indent=2))
     print(f"scoring_ms={ms.get('scoring', 0.0)} planning_ms={ms.get('planning', 0.0)} "
           f"execute_ms={ms.get('execute_model', 0.0)} generate_ms={round(gen * 1e3, 2)}")
 

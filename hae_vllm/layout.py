@@ -147,31 +147,41 @@ class SlotLayout:
         """Copy every element of each source slot into the matching destination slot.
 
         Source and destination sets must be disjoint (the compaction plan guarantees it)."""
-        if src_slots.numel() == 0:
-            return
-        flat_src = self._flat(kv_cache, src_slots, keys_only=False)
-        if flat_src is not None:
-            flat = kv_cache.view(-1)
-            flat[self._flat(kv_cache, dst_slots, keys_only=False)] = flat[flat_src]
-            return
-        view, src = self._coords(kv_cache, src_slots)
-        _, dst = self._coords(kv_cache, dst_slots)
-        view[dst] = view[src]
+        self.move_many([kv_cache], src_slots, dst_slots)
 
     def swap(self, kv_cache: torch.Tensor, a_slots: torch.Tensor, b_slots: torch.Tensor) -> None:
         """Exchange the contents of two disjoint slot sets (parking keeps both sides' data)."""
+        self.swap_many([kv_cache], a_slots, b_slots)
+
+    def _pairs(self, caches: list[torch.Tensor], a_slots: torch.Tensor, b_slots: torch.Tensor):
+        """Per cache: (flat view, offsets of a, offsets of b), or (movedim view, coords a, coords b)
+        for a non-contiguous cache.  Offsets are computed once per distinct (strides, device):
+        every layer of a model shares them, so one plan costs one index computation."""
+        memo: dict = {}
+        for kv in caches:
+            if kv.is_contiguous():
+                key = (kv.stride(), str(kv.device))
+                if key not in memo:
+                    memo[key] = (self._flat(kv, a_slots, keys_only=False), self._flat(kv, b_slots, keys_only=False))
+                fa, fb = memo[key]
+                yield kv.view(-1), fa, fb
+            else:
+                view, ca = self._coords(kv, a_slots)
+                _, cb = self._coords(kv, b_slots)
+                yield view, ca, cb
+
+    def move_many(self, caches: list[torch.Tensor], src_slots: torch.Tensor, dst_slots: torch.Tensor) -> None:
+        """:meth:`move` on several caches of this layout (the layers of one model)."""
+        if src_slots.numel() == 0:
+            return
+        for view, src, dst in self._pairs(caches, src_slots, dst_slots):
+            view[dst] = view[src]
+
+    def swap_many(self, caches: list[torch.Tensor], a_slots: torch.Tensor, b_slots: torch.Tensor) -> None:
+        """:meth:`swap` on several caches of this layout."""
         if a_slots.numel() == 0:
             return
-        fa = self._flat(kv_cache, a_slots, keys_only=False)
-        if fa is not None:
-            flat = kv_cache.view(-1)
-            fb = self._flat(kv_cache, b_slots, keys_only=False)
-            va = flat[fa].clone()
-            flat[fa] = flat[fb]
-            flat[fb] = va
-            return
-        view, a = self._coords(kv_cache, a_slots)
-        _, b = self._coords(kv_cache, b_slots)
-        va = view[a].clone()
-        view[a] = view[b]
-        view[b] = va
+        for view, a, b in self._pairs(caches, a_slots, b_slots):
+            va = view[a].clone()
+            view[a] = view[b]
+            view[b] = va

@@ -78,10 +78,10 @@ def plan_compaction(
     dst = np.sort(victims[~hole_set[blocks]])
     assert len(src) == len(dst), (len(src), len(dst))
     return EvictionPlan(
-        victims=tuple(int(v) for v in np.sort(victims)),
-        hole_blocks=tuple(int(h) for h in holes),
-        move_src=tuple(int(s) for s in src),
-        move_dst=tuple(int(d) for d in dst),
+        victims=tuple(np.sort(victims).tolist()),
+        hole_blocks=tuple(holes.tolist()),
+        move_src=tuple(src.tolist()),
+        move_dst=tuple(dst.tolist()),
     )
 
 

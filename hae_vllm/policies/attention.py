@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from hae_vllm.policies.base import LayerStats
@@ -36,12 +37,21 @@ def attention_probs(
     nq, num_heads, head_dim = queries.shape
     T, num_kv_heads, _ = keys.shape
     group = num_heads // num_kv_heads
-    q = queries.float().view(nq, num_kv_heads, group, head_dim)
-    logits = torch.einsum("ihgd,jhd->hgij", q, keys.float()) * scale
-    key_pos = torch.arange(T, device=keys.device) if key_positions is None else key_positions.to(keys.device)
-    mask = key_pos[None, :] > query_positions[:, None].to(keys.device)  # [nq, T]
-    logits.masked_fill_(mask, float("-inf"))
-    return torch.softmax(logits, dim=-1).reshape(num_heads, nq, T)
+    # Head h = kv_head * group + g: [H, nq, D] viewed as [kv heads, group * nq, D] makes one
+    # batched matmul per KV head, and its output is already [H, nq, T] in memory.
+    q = (queries.float() * scale).permute(1, 0, 2).reshape(num_kv_heads, group * nq, head_dim)
+    logits = torch.bmm(q, keys.float().permute(1, 2, 0)).view(num_heads, nq, T)
+    qp = query_positions.to(keys.device)
+    if key_positions is None:
+        # Keys are 0..T-1: only the columns after the earliest query can be in its future.
+        lo = int(qp.min()) + 1 if nq else T
+        if lo < T:
+            mask = torch.arange(lo, T, device=keys.device)[None, :] > qp[:, None]
+            logits[:, :, lo:].masked_fill_(mask, float("-inf"))
+    else:
+        mask = key_positions.to(keys.device)[None, :] > qp[:, None]  # [nq, T]
+        logits.masked_fill_(mask, float("-inf"))
+    return torch.softmax(logits, dim=-1)
 
 
 def attention_rows(queries, keys, query_positions, scale) -> torch.Tensor:
@@ -60,9 +70,9 @@ class LayerAccumulator:
     def __post_init__(self) -> None:
         self.g = torch.zeros(self.capacity)
         self.m = torch.zeros(self.capacity)
-        self.count = torch.zeros(self.capacity)
         self.head_sum = torch.zeros(self.num_heads, self.capacity) if self.per_head else None
         self.num_queries = 0
+        self._query_positions: list[np.ndarray] = []  # count[j] = #queries at positions >= j
 
     def _grow(self, T: int) -> None:
         if T <= self.g.numel():
@@ -70,7 +80,6 @@ class LayerAccumulator:
         extra = T - self.g.numel()
         self.g = torch.cat([self.g, torch.zeros(extra)])
         self.m = torch.cat([self.m, torch.zeros(extra)])
-        self.count = torch.cat([self.count, torch.zeros(extra)])
         if self.head_sum is not None:
             self.head_sum = torch.cat([self.head_sum, torch.zeros(self.num_heads, extra)], dim=1)
 
@@ -82,12 +91,20 @@ class LayerAccumulator:
         self._grow(T)
         rows = probs.mean(0)  # head-averaged [nq, T]
         self.g[:T] += rows.sum(0)
-        self.m[:T] = torch.maximum(self.m[:T], rows.max(0).values)
-        key_pos = torch.arange(T)
-        self.count[:T] += (key_pos[None, :] <= query_positions[:, None]).sum(0).float()
+        torch.maximum(self.m[:T], rows.amax(0), out=self.m[:T])
         if self.head_sum is not None:
             self.head_sum[:, :T] += probs.sum(1)
+        self._query_positions.append(np.asarray(query_positions.cpu(), dtype=np.int64))
         self.num_queries += nq
+
+    @property
+    def count(self) -> torch.Tensor:
+        """[capacity]: how many of the added queries can see each key position (causal)."""
+        n = self.g.numel()
+        if not self._query_positions:
+            return torch.zeros(n)
+        hist = np.bincount(np.concatenate(self._query_positions), minlength=n)[:n]
+        return torch.from_numpy(np.ascontiguousarray(hist[::-1].cumsum()[::-1], dtype=np.float32))
 
     def stats(self, T: int) -> LayerStats:
         self._grow(T)

@@ -124,30 +124,31 @@ class Policy:
         T = visual_mask.numel()
         protected = protected_mask | self.protected(T, cfg)
         cand = self.candidates(visual_mask, cfg) & ~protected
-        s = self.scores(stats, visual_mask, cand, cfg).float()
-        s = torch.where(cand, s, torch.full_like(s, float("inf")))
-        positions = torch.isfinite(s).nonzero(as_tuple=True)[0]
+        s = self.scores(stats, visual_mask, cand, cfg).float().numpy()
+        # numpy from here: a few hundred elements, where torch's per-op dispatch would dominate.
+        ok = cand.numpy() & np.isfinite(s)
+        positions = np.flatnonzero(ok)
         cand_scores = s[positions]
-        order = torch.argsort(cand_scores, stable=True)
+        order = np.argsort(cand_scores, kind="stable")
         positions, cand_scores = positions[order], cand_scores[order]
-        n_thr = self.threshold_count(cand_scores) if self.has_thresholds else 0
+        n_thr = self.threshold_count(torch.from_numpy(cand_scores)) if self.has_thresholds else 0
         if cfg.budget is None:
             n = n_thr
         else:
             n = T - math.ceil(cfg.budget * T - 1e-9)
-        cap = int(cfg.max_evict_frac * positions.numel())
-        n = max(0, min(n, cap, positions.numel()))
+        cap = int(cfg.max_evict_frac * positions.size)
+        n = max(0, min(n, cap, positions.size))
         victims = positions[:n]
-        nv = int(visual_mask[victims].sum()) if n else 0
-        keep = torch.ones(T, dtype=torch.bool)
+        nv = int(visual_mask.numpy()[victims].sum()) if n else 0
+        keep = np.ones(T, dtype=bool)
         keep[victims] = False
         return Selection(
-            victims=victims,
-            scores=cand_scores[:n],
+            victims=torch.from_numpy(victims),
+            scores=torch.from_numpy(cand_scores[:n]),
             num_threshold_victims=min(n_thr, n),
             num_visual=nv,
             num_text=n - nv,
-            diagnostics=self.diagnostics(stats, keep, visual_mask, cand, cfg),
+            diagnostics=self.diagnostics(stats, torch.from_numpy(keep), visual_mask, cand, cfg),
         )
 
 

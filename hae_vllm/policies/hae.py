@@ -33,18 +33,22 @@ def normalized_scores(
     concentrated the attention on this modality, the more of its tokens are redundant.
     Returns +inf outside the modality.
     """
-    out = torch.full_like(g, float("inf"))
-    idx = modality_mask.nonzero(as_tuple=True)[0]
-    if idx.numel() == 0:
-        return out
-    gv = g[idx]
+    # numpy: a few hundred elements, where torch's per-op dispatch would dominate.
+    gn, mn = g.numpy(), m.numpy()
+    out = np.full(gn.shape, np.inf, dtype=np.float32)
+    idx = np.flatnonzero(modality_mask.numpy())
+    if idx.size == 0:
+        return torch.from_numpy(out)
+    gv = gn[idx]
     total = gv.sum()
-    p = gv / total if total > 0 else torch.full_like(gv, 1.0 / gv.numel())
-    cv = (p.std(unbiased=False) / p.mean()).item() if p.numel() > 1 and p.mean() > 0 else 0.0
+    p = gv / total if total > 0 else np.full_like(gv, 1.0 / gv.size)
+    mean = p.mean()
+    # Equal shares have no variation (exactly: pairwise sums would leave rounding noise).
+    cv = float(p.std() / mean) if p.size > 1 and mean > 0 and p.max() > p.min() else 0.0
     r_g = r_global * (1.0 + variance_gain * cv)
     eps = 1e-30
-    out[idx] = torch.maximum(p / max(r_g, eps), m[idx] / max(r_individual, eps))
-    return out
+    out[idx] = np.maximum(p / max(r_g, eps), mn[idx] / max(r_individual, eps))
+    return torch.from_numpy(out)
 
 
 class HAEPolicy(Policy):

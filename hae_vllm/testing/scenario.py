@@ -55,6 +55,9 @@ class ScenarioSpec:
     env: dict[str, str] = field(default_factory=dict)  # extra environment for the engine process
     log_stats: bool = False  # per-request timing (TTFT, TPOT, preemptions) in the results
     sequential: bool = False  # submit requests one generate() call at a time
+    # Requests run (and discarded) before the measured ones: one-time costs of a fresh engine
+    # (first calls into torch kernels, lazy initialisation) stay out of the timings.
+    warmup_requests: int = 0
 
 
 def _model_kind_and_path(model: str) -> tuple[str, str]:
@@ -78,7 +81,8 @@ def build_prompt(kind: str, req: RequestSpec) -> dict:
     return prompt
 
 
-def _run(spec: ScenarioSpec, trace_path: str | None) -> dict[str, Any]:
+def _engine(spec: ScenarioSpec, trace_path: str | None):
+    """(llm, model kind, model path, start-up seconds), warm-up requests already run."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(spec.kv_cache_space_gib))
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if spec.multiprocessing else "0"
     if spec.multiprocessing:
@@ -109,6 +113,67 @@ def _run(spec: ScenarioSpec, trace_path: str | None) -> dict[str, Any]:
     t0 = time.perf_counter()
     llm = LLM(**kwargs)
     t_start = time.perf_counter() - t0
+    if spec.warmup_requests:
+        warm = [RequestSpec(text=r.text, images=[9000 + 16 * i + j for j in range(len(r.images))],
+                            image_size=r.image_size, max_tokens=4)
+                for i, r in zip(range(spec.warmup_requests), spec.requests * spec.warmup_requests)]
+        llm.generate([build_prompt(kind, r) for r in warm],
+                     SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True), use_tqdm=False)
+    return llm, kind, path, t_start
+
+
+def _sampling_params(spec: ScenarioSpec) -> list:
+    from vllm import SamplingParams
+
+    return [
+        SamplingParams(
+            max_tokens=r.max_tokens,
+            temperature=0.0,
+            logprobs=1 if spec.logprobs else None,
+            extra_args=r.extra_args,
+            ignore_eos=True,
+        )
+        for r in spec.requests
+    ]
+
+
+def _result(o) -> dict[str, Any]:
+    """Tokens, log-probs and vLLM's request timings of one RequestOutput."""
+    c = o.outputs[0]
+    lps = []
+    if c.logprobs:
+        for tok, lp in zip(c.token_ids, c.logprobs):
+            lps.append(float(lp[tok].logprob))
+    item = {
+        "request_id": o.request_id,
+        "prompt_token_ids": list(o.prompt_token_ids),
+        "token_ids": list(c.token_ids),
+        "logprobs": lps,
+    }
+    m = getattr(o, "metrics", None)
+    if m is not None and getattr(m, "first_token_ts", 0):
+        n = len(c.token_ids)
+        item["ttft_s"] = float(m.first_token_latency)
+        item["tpot_s"] = float((m.last_token_ts - m.first_token_ts) / (n - 1)) if n > 1 else 0.0
+        item["num_preemptions"] = int(m.num_preemptions)
+    return item
+
+
+def _step_profile(steps: list[tuple[float, int, int]]) -> dict[str, Any]:
+    dec = [s for s in steps if s[2] == 0]
+    mixed = [s for s in steps if s[2] > 0]
+    return {
+        "decode_steps": len(dec),
+        "decode_s": sum(s[0] for s in dec),
+        "decode_mean_batch": sum(s[1] for s in dec) / len(dec) if dec else 0.0,
+        "prefill_steps": len(mixed),
+        "prefill_s": sum(s[0] for s in mixed),
+        "prefill_tokens": sum(s[2] for s in mixed),
+    }
+
+
+def _run(spec: ScenarioSpec, trace_path: str | None) -> dict[str, Any]:
+    llm, kind, path, t_start = _engine(spec, trace_path)
 
     sched = None
     peak = {"in_use": 0, "running": 0}
@@ -128,18 +193,24 @@ def _run(spec: ScenarioSpec, trace_path: str | None) -> dict[str, Any]:
 
         sched.schedule = schedule
         free_before = pool.get_num_free_blocks()
+        # Forward time per step, split into decode-only steps and steps that prefill: where the
+        # engine's time goes (eviction can shorten the first kind, never the prefill work).
+        executor = llm.llm_engine.engine_core.engine_core.model_executor
+        orig_execute = executor.execute_model
+        steps: list[tuple[float, int, int]] = []
+
+        def execute_model(scheduler_output, *a, **k):
+            t = time.perf_counter()
+            out = orig_execute(scheduler_output, *a, **k)
+            n = scheduler_output.num_scheduled_tokens
+            steps.append((time.perf_counter() - t, sum(1 for v in n.values() if v == 1),
+                          sum(v for v in n.values() if v > 1)))
+            return out
+
+        executor.execute_model = execute_model
 
     prompts = [build_prompt(kind, r) for r in spec.requests]
-    params = [
-        SamplingParams(
-            max_tokens=r.max_tokens,
-            temperature=0.0,
-            logprobs=1 if spec.logprobs else None,
-            extra_args=r.extra_args,
-            ignore_eos=True,
-        )
-        for r in spec.requests
-    ]
+    params = _sampling_params(spec)
     t0 = time.perf_counter()
     if spec.sequential:
         outs = [llm.generate([p], sp, use_tqdm=False)[0] for p, sp in zip(prompts, params)]
@@ -148,26 +219,7 @@ def _run(spec: ScenarioSpec, trace_path: str | None) -> dict[str, Any]:
     t_end = time.perf_counter()
     t_gen = t_end - t0
 
-    results = []
-    for o in outs:
-        c = o.outputs[0]
-        lps = []
-        if c.logprobs:
-            for tok, lp in zip(c.token_ids, c.logprobs):
-                lps.append(float(lp[tok].logprob))
-        item = {
-            "request_id": o.request_id,
-            "prompt_token_ids": list(o.prompt_token_ids),
-            "token_ids": list(c.token_ids),
-            "logprobs": lps,
-        }
-        m = getattr(o, "metrics", None)
-        if m is not None and getattr(m, "first_token_ts", 0):
-            n = len(c.token_ids)
-            item["ttft_s"] = float(m.first_token_latency)
-            item["tpot_s"] = float((m.last_token_ts - m.first_token_ts) / (n - 1)) if n > 1 else 0.0
-            item["num_preemptions"] = int(m.num_preemptions)
-        results.append(item)
+    results = [_result(o) for o in outs]
     record: dict[str, Any] = {
         "results": results,
         "engine_start_s": t_start,
@@ -189,6 +241,7 @@ def _run(spec: ScenarioSpec, trace_path: str | None) -> dict[str, Any]:
             engine_busy_s=t_end - peak.get("first_schedule", t_end),
             scheduler_cls=type(sched).__name__,
             eviction_stats=sched.eviction_stats.as_dict() if hasattr(sched, "eviction_stats") else None,
+            step_profile=_step_profile(steps),
         )
     if spec.multiprocessing:
         from hae_vllm.testing.probes import probe_worker
@@ -269,7 +322,81 @@ def run_in_subprocess(spec: ScenarioSpec, timeout: float = 900) -> dict[str, Any
         return json.loads(out_path.read_text())
 
 
+_ROUND_DONE = "@@hae_round "
+
+
+def _serve_rounds(spec: ScenarioSpec) -> None:
+    """Live mode: one engine, then one round of ``spec.requests`` per stdin line (a JSON object
+    ``{"image_offset": k}``: every image seed shifted by k, so the prefix cache never serves a
+    round); each round's results go to stdout as one marked line."""
+    llm, kind, _, _ = _engine(spec, None)
+    params = _sampling_params(spec)
+    print(_ROUND_DONE + "[]", flush=True)  # ready
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        reqs = [RequestSpec(r.text, [i + cmd["image_offset"] for i in r.images], r.image_size, r.max_tokens, r.extra_args)
+                for r in spec.requests]
+        outs = llm.generate([build_prompt(kind, r) for r in reqs], params, use_tqdm=False)
+        print(_ROUND_DONE + json.dumps([_result(o) for o in outs]), flush=True)
+
+
+class LiveScenario:
+    """An engine kept alive in a subprocess, running rounds of the same workload on demand.
+
+    Two of them side by side let a benchmark interleave rounds (A, B, B, A, ...), so both see the
+    same machine state instead of engines minutes apart."""
+
+    def __init__(self, spec: ScenarioSpec) -> None:
+        self._tmp = tempfile.TemporaryDirectory(prefix="hae_live_")
+        spec_path = Path(self._tmp.name) / "spec.json"
+        spec_path.write_text(json.dumps(asdict(spec)))
+        env = dict(os.environ)
+        env.update(spec.env)
+        env.pop("VLLM_PLUGINS", None)
+        if spec.vanilla:
+            env["VLLM_PLUGINS"] = "lora_filesystem_resolver"
+        self._log = open(Path(self._tmp.name) / "stderr.log", "w+")
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "hae_vllm.testing.scenario", "--live", str(spec_path)],
+            env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True,
+        )
+        self._wait()  # started and warmed up: a second engine starting now competes with nothing
+
+    def round(self, image_offset: int) -> list[dict[str, Any]]:
+        assert self._proc.stdin is not None
+        self._proc.stdin.write(json.dumps({"image_offset": image_offset}) + "\n")
+        self._proc.stdin.flush()
+        return self._wait()
+
+    def _wait(self) -> list[dict[str, Any]]:
+        assert self._proc.stdout is not None
+        for line in self._proc.stdout:
+            if line.startswith(_ROUND_DONE):
+                return json.loads(line[len(_ROUND_DONE):])
+        self._log.seek(0)
+        raise RuntimeError(f"live scenario exited (code {self._proc.wait()}):\n{self._log.read()[-6000:]}")
+
+    def close(self) -> None:
+        if self._proc.stdin:
+            self._proc.stdin.close()
+        try:
+            self._proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+        self._log.close()
+        self._tmp.cleanup()
+
+    def __enter__(self) -> "LiveScenario":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def main(argv: list[str]) -> int:
+    if argv[0] == "--live":
+        _serve_rounds(spec_from_dict(json.loads(Path(argv[1]).read_text())))
+        return 0
     spec = spec_from_dict(json.loads(Path(argv[0]).read_text()))
     trace_path = str(Path(argv[1]).with_suffix(".trace.jsonl"))
     record = _run(spec, trace_path)

@@ -124,6 +124,9 @@ class EvictionRuntime:
         self.states: dict[str, RequestState] = {}
         self.tasks: list[ScoringTask] = []
         self.decode_tasks: list[DecodeTask] = []
+        # Requests whose prefill finished last step: selected and compacted at the start of
+        # their first decode step, so the first token does not wait for it.
+        self._pending: list[ScoringTask] = []
         self._skip: set[str] = set()  # requests known not to need eviction (no re-check each step)
         self.reports: dict[str, EvictionReport] = {}
         self.num_requests_with_holes = 0
@@ -224,6 +227,7 @@ class EvictionRuntime:
         for new in scheduler_output.scheduled_new_reqs:
             self._drop(new.req_id)
         self._apply_bin_updates(getattr(scheduler_output, BIN_UPDATES_ATTR, None))
+        self._run_pending(scheduler_output.num_scheduled_tokens)
         if not scheduler_output.num_scheduled_tokens:
             return
         self._attention_layers()
@@ -413,13 +417,40 @@ class EvictionRuntime:
             self._decode_step(dt)
         tasks, self.tasks = self.tasks, []
         for task in tasks:
-            if not task.is_last_chunk:
-                continue
-            st = task.state
-            st.decided = True
-            self._compact(task)
+            if task.is_last_chunk:
+                task.state.decided = True
+                self._pending.append(task)
 
-    def _compact(self, task: ScoringTask) -> None:
+    def _run_pending(self, scheduled: dict[str, int]) -> None:
+        """Select and compact the requests whose prefill ended last step, before this step's
+        forward reads their cache.  This keeps selection and the copies off the first token's
+        path (its logits come from the prefill, before any eviction).
+
+        Only requests scheduled in this step are compacted: one that finished, or was preempted
+        (its blocks freed, maybe handed to another request already), is not, and one that was
+        not scheduled for any other reason keeps its full cache."""
+        if not scheduled or not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        moves = []
+        for task in pending:
+            rid = task.state.req_id
+            if rid not in scheduled or self.states.get(rid) is not task.state:
+                continue
+            move = self._compact(task)
+            if move is not None:
+                moves.append(move)
+        if moves:
+            # One copy per layer for every request compacted now (their slots are disjoint:
+            # each request owns its blocks).
+            src = torch.cat([m[0] for m in moves])
+            dst = torch.cat([m[1] for m in moves])
+            self.layout().move_many(self._caches(), src, dst)
+
+    def _compact(self, task: ScoringTask) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Select and plan one request's eviction, null its hole blocks in the worker's tables
+        and queue its report.  Returns the (source, destination) slots still to be copied, in
+        every layer, before this step's forward (the caller batches the copies)."""
         st, cfg, T = task.state, task.state.cfg, task.end
         bs = self.block_size
         visual = np.zeros(T, dtype=bool)
@@ -438,10 +469,9 @@ class EvictionRuntime:
             st.decode = DecodeState.after_prefill(plan, T, bs)
             st.decode.by_position = st.policy.decode_by_position
         if plan.is_empty:
-            return
+            return None
         src = self._slots(task.block_ids, torch.as_tensor(plan.move_src, dtype=torch.int64))
         dst = self._slots(task.block_ids, torch.as_tensor(plan.move_dst, dtype=torch.int64))
-        self._move_all_layers(self.layout().move, src, dst)
         # Null the holes in the worker's tables: the cached request state (used when the
         # request re-enters the persistent batch) and the persistent batch row itself.
         req = self.runner.requests[st.req_id]
@@ -461,6 +491,7 @@ class EvictionRuntime:
         )
         if self.cfg.trace_path:
             self._trace(st, plan, T, num_visual, sel.diagnostics)
+        return src, dst
 
     def _trace(self, st: RequestState, plan: EvictionPlan, T: int, num_visual: int, diagnostics: dict) -> None:
         rec = {
@@ -480,16 +511,16 @@ class EvictionRuntime:
         with self._trace_lock, open(self.cfg.trace_path, "a") as f:
             f.write(json.dumps(rec) + "\n")
 
-    def _move_all_layers(self, fn, src: torch.Tensor, dst: torch.Tensor) -> None:
-        """Apply ``fn(kv_cache, src_slots, dst_slots)`` to every layer's cache once (index
-        broadcasting: one plan, all layers)."""
+    def _caches(self) -> list[torch.Tensor]:
+        """Every attention layer's KV cache tensor, once each (one plan, all layers)."""
         seen: set[int] = set()
+        caches = []
         for name in self._attention_layers():
             kv = self._layer(name).kv_cache
-            if kv.data_ptr() in seen:
-                continue
-            seen.add(kv.data_ptr())
-            fn(kv, src, dst)
+            if kv.data_ptr() not in seen:
+                seen.add(kv.data_ptr())
+                caches.append(kv)
+        return caches
 
     def _decode_step(self, dt: DecodeTask) -> None:
         """Budget enforcement, bin overflow and restore proposals after a decode step."""
@@ -501,7 +532,7 @@ class EvictionRuntime:
         if plan is not None:
             src = self._slots(dt.block_ids, torch.as_tensor(plan.move_src, dtype=torch.int64))
             dst = self._slots(dt.block_ids, torch.as_tensor(plan.move_dst, dtype=torch.int64))
-            self._move_all_layers(self.layout().swap, src, dst)
+            self.layout().swap_many(self._caches(), src, dst)
             a, b = list(plan.move_src), list(plan.move_dst)
             ds.slot_pos[a], ds.slot_pos[b] = ds.slot_pos[b].copy(), ds.slot_pos[a].copy()
             req = self.runner.requests[st.req_id]
