@@ -52,7 +52,7 @@ def main() -> None:
         for i in range(args.rounds):
             # Both engines get the same images in a round; the order flips every round.
             for name in (("none", "hae") if i % 2 == 0 else ("hae", "none")):
-                runs[name].append(medians(engines[name].round(1000 * (i + 1))))
+                runs[name].append(medians(engines[name].round(1000 * (i + 1))["results"]))
     ttft_ratios = [h[0] / n[0] for h, n in zip(runs["hae"], runs["none"])]
     tpot_ratios = [h[1] / n[1] for h, n in zip(runs["hae"], runs["none"])]
     ttft_over = statistics.median(ttft_ratios) - 1.0

@@ -29,13 +29,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from hae_vllm.testing.scenario import RequestSpec, ScenarioSpec, environment_info, run_in_subprocess  # noqa: E402
+from hae_vllm.testing.scenario import LiveScenario, RequestSpec, ScenarioSpec, environment_info  # noqa: E402
 
 
 def pct(xs, q):
@@ -71,6 +72,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--images", type=int, default=1, help="images per request")
     ap.add_argument("--num-blocks", type=int, default=160, help="KV blocks (of 32 tokens) for both runs")
+    ap.add_argument("--rounds", type=int, default=5, help="paired rounds (each engine runs this many)")
+    ap.add_argument("--warmup", type=int, default=4, help="requests run before the measured ones in each engine")
     ap.add_argument("--tag", default="", help="suffix of the result file (variants of the default run)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = ap.parse_args()
@@ -78,41 +81,57 @@ def main() -> None:
             for i in range(args.num_requests)]
     common = dict(model="llava", requests=reqs, log_stats=True, logprobs=False, trace=True,
                   num_gpu_blocks_override=args.num_blocks, max_num_seqs=256, max_model_len=1024,
-                  max_num_batched_tokens=2048)
-    base = run_in_subprocess(ScenarioSpec(eviction="none", **common), timeout=3600)
-    meth = run_in_subprocess(ScenarioSpec(eviction={"method": args.method, "budget": args.budget}, **common), timeout=3600)
-    sb, sm = summarize(base), summarize(meth)
+                  max_num_batched_tokens=2048, warmup_requests=args.warmup)
+    names = ("none", args.method)
+    rounds: dict[str, list] = {n: [] for n in names}
+    with LiveScenario(ScenarioSpec(eviction="none", **common)) as base, \
+            LiveScenario(ScenarioSpec(eviction={"method": args.method, "budget": args.budget}, **common)) as meth:
+        engines = dict(zip(names, (base, meth)))
+        for i in range(args.rounds):
+            # Same images for both engines in a round; the order flips every round.
+            for name in (names if i % 2 == 0 else names[::-1]):
+                rounds[name].append(engines[name].round(10_000 * (i + 1)))
     bs = 32
-    # r from each request's final plan (a preempted request is re-planned on recompute; the
-    # scheduler's counter would count its blocks twice), over the footprint without eviction.
-    res = meth["results"]
-    footprint = sum(math.ceil((len(x["prompt_token_ids"]) + len(x["token_ids"])) / bs) for x in res)
-    prompt_blocks = sum(math.ceil(len(x["prompt_token_ids"]) / bs) for x in res)
-    holes = sum(len(x["eviction"]["hole_blocks"]) for x in res if x["eviction"])
-    r = holes / footprint
+    paired = []
+    for b, m in zip(rounds["none"], rounds[args.method]):
+        sb, sm = summarize(b), summarize(m)
+        # r from each request's final plan (a preempted request is re-planned on recompute; the
+        # scheduler's counter would count its blocks twice), over the footprint without eviction.
+        res = m["results"]
+        footprint = sum(math.ceil((len(x["prompt_token_ids"]) + len(x["token_ids"])) / bs) for x in res)
+        prompt_blocks = sum(math.ceil(len(x["prompt_token_ids"]) / bs) for x in res)
+        holes = sum(len(x["eviction"]["hole_blocks"]) for x in res if x["eviction"])
+        paired.append({
+            "none": sb, args.method: sm, "r": holes / footprint, "r_prompt": holes / prompt_blocks,
+            "prompt_tokens_mean": statistics.mean(len(x["prompt_token_ids"]) for x in res),
+            "throughput_ratio": sm["output_tok_s"] / sb["output_tok_s"],
+            "throughput_ratio_wall": sm["output_tok_s_wall"] / sb["output_tok_s_wall"],
+            "max_running_ratio": sm["peak_running"] / sb["peak_running"],
+        })
+    med = {k: statistics.median(p[k] for p in paired)
+           for k in ("r", "r_prompt", "throughput_ratio", "throughput_ratio_wall", "max_running_ratio")}
+    r = med["r"]
     limit = 1.0 / (1.0 - r)
-    ratio = sm["output_tok_s"] / sb["output_tok_s"]
-    wall_ratio = sm["output_tok_s_wall"] / sb["output_tok_s_wall"]
-    run_ratio = sm["peak_running"] / sb["peak_running"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"throughput_{args.method}{'_' + args.tag if args.tag else ''}.json").write_text(json.dumps({
-        "benchmark": "throughput", "args": vars(args), "none": sb, args.method: sm, "r": r, "r_prompt": holes / prompt_blocks, "limit": limit,
-        "throughput_ratio_wall": wall_ratio,
-        "throughput_ratio": ratio, "max_running_ratio": run_ratio, "machine": environment_info()}, indent=2))
-    for name, s in (("none", sb), (args.method, sm)):
-        print(f"{name:>6}: {s['output_tok_s']:.1f} tok/s, peak running {s['peak_running']}, preemptions {s['preemptions']}, "
-              f"TTFT p50/p99 {s['ttft_p50_s']*1e3:.0f}/{s['ttft_p99_s']*1e3:.0f} ms, "
-              f"TPOT p50/p99 {s['tpot_p50_s']*1e3:.1f}/{s['tpot_p99_s']*1e3:.1f} ms")
-    for name, s in (("none", sb), (args.method, sm)):
-        p = s["step_profile"]
-        print(f"{name:>6}: forward time {p['decode_s']:.2f} s in {p['decode_steps']} decode-only steps (mean batch "
-              f"{p['decode_mean_batch']:.1f}) + {p['prefill_s']:.2f} s in {p['prefill_steps']} steps with prefill "
-              f"({p['prefill_tokens']} prompt tokens, recomputation after preemption included)")
-    print(f"wall-clock ratio (input processing included): {wall_ratio:.4f}; freed share of prompt blocks "
-          f"{holes / prompt_blocks:.4f}")
-    print(f"throughput_ratio={ratio:.4f} limit={limit:.4f} r={r:.4f} max_running_ratio={run_ratio:.4f}")
-
+        "benchmark": "throughput", "args": vars(args), "rounds": paired, "median": med, "r": r, "limit": limit,
+        "throughput_ratio": med["throughput_ratio"], "max_running_ratio": med["max_running_ratio"],
+        "machine": environment_info()}, indent=2))
+    for i, p in enumerate(paired):
+        for name in names:
+            s = p[name]
+            q = s["step_profile"]
+            print(f"round {i} {name:>6}: {s['output_tok_s']:.0f} tok/s, peak running {s['peak_running']}, "
+                  f"preemptions {s['preemptions']}, TTFT p50/p99 {s['ttft_p50_s']*1e3:.0f}/{s['ttft_p99_s']*1e3:.0f} ms, "
+                  f"TPOT p50/p99 {s['tpot_p50_s']*1e3:.1f}/{s['tpot_p99_s']*1e3:.1f} ms; forward {q['decode_s']:.2f} s in "
+                  f"{q['decode_steps']} decode-only steps (mean batch {q['decode_mean_batch']:.1f}) + {q['prefill_s']:.2f} s "
+                  f"in {q['prefill_steps']} steps with prefill ({q['prefill_tokens']} prompt tokens)")
+        print(f"round {i} ratio {p['throughput_ratio']:.4f} (wall-clock {p['throughput_ratio_wall']:.4f}), r {p['r']:.4f}")
+    print(f"median of {len(paired)} paired rounds; freed share of prompt blocks {med['r_prompt']:.4f}; "
+          f"wall-clock ratio (input processing included) {med['throughput_ratio_wall']:.4f}")
+    print(f"throughput_ratio={med['throughput_ratio']:.4f} limit={limit:.4f} r={r:.4f} "
+          f"max_running_ratio={med['max_running_ratio']:.4f}")
 
 if __name__ == "__main__":
     main()

@@ -47,6 +47,12 @@ def _create() -> dict[str, Any]:
             "KV blocks currently parked in recycle bins (free, still readable).",
             labelnames=["engine"],
         ),
+        "pressure": Counter(
+            "vllm:hae_pressure_steps",
+            "Steps under KV memory pressure, whose evicted blocks were freed within the step "
+            "(otherwise at the start of the request's first decode step).",
+            labelnames=["engine"],
+        ),
         "peak": Gauge(
             "vllm:hae_peak_kv_blocks_in_use",
             "Largest number of KV blocks in use seen after any schedule() step.",
@@ -81,6 +87,7 @@ def observe(scheduler_stats, engine_idx: int) -> None:
         _metrics["tokens"].labels(eng, "text").inc(delta("evicted_text_tokens"))
         _metrics["blocks"].labels(eng).inc(delta("freed_blocks"))
         _metrics["requests"].labels(eng).inc(delta("evicted_requests"))
+        _metrics["pressure"].labels(eng).inc(delta("pressure_steps"))
         _metrics["peak"].labels(eng).set(int(stats.get("peak_blocks_in_use", 0)))
         for event in ("parked", "restored", "released", "lost"):
             _metrics["bin_events"].labels(eng, event).inc(delta(f"{event}_blocks"))

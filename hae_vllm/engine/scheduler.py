@@ -16,7 +16,7 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec
 from hae_vllm.config import EvictionConfigError, engine_config_from_additional, request_config
 from hae_vllm.engine.kv_manager import MAY_EVICT_ATTR, EvictableFullAttentionManager
 from hae_vllm.engine.recycle_bin import RecycleBin
-from hae_vllm.worker.runtime import BIN_UPDATES_ATTR, REPORT_ATTR
+from hae_vllm.worker.runtime import BIN_UPDATES_ATTR, PRESSURE_ATTR, REPORT_ATTR
 
 logger = logging.getLogger("hae_vllm")
 
@@ -35,6 +35,7 @@ class EvictionStats:
         self.released_blocks = 0
         self.lost_blocks = 0
         self.bin_occupancy = 0
+        self.pressure_steps = 0  # steps whose evicted blocks were freed at once (pool short)
 
     def as_dict(self) -> dict[str, int]:
         return dict(vars(self))
@@ -140,6 +141,16 @@ class EvictionScheduler(Scheduler):
         if updates:
             setattr(out, BIN_UPDATES_ATTR, updates)
         pool = self.kv_cache_manager.block_pool
+        # Memory pressure: this step preempted, or the next waiting request does not fit.  The
+        # worker then frees evicted blocks at the end of this step instead of at the start of
+        # the request's first decode step (which keeps selection off the first token's path).
+        pressure = bool(getattr(out, "preempted_req_ids", None))
+        if not pressure and self.waiting:
+            head = self.waiting.peek_request()
+            bs = self.cache_config.block_size
+            pressure = pool.get_num_free_blocks() < -(-head.num_tokens // bs)
+        setattr(out, PRESSURE_ATTR, pressure)
+        self.eviction_stats.pressure_steps += pressure
         in_use = pool.num_gpu_blocks - 1 - pool.get_num_free_blocks()
         if in_use > self.eviction_stats.peak_blocks_in_use:
             self.eviction_stats.peak_blocks_in_use = in_use

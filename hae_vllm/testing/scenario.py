@@ -172,87 +172,88 @@ def _step_profile(steps: list[tuple[float, int, int]]) -> dict[str, Any]:
     }
 
 
-def _run(spec: ScenarioSpec, trace_path: str | None) -> dict[str, Any]:
-    llm, kind, path, t_start = _engine(spec, trace_path)
+class _Instruments:
+    """Block-pool and step readings of an in-process engine core, reset every round.
 
-    sched = None
-    peak = {"in_use": 0, "running": 0}
-    if not spec.multiprocessing:
-        sched = llm.llm_engine.engine_core.engine_core.scheduler
-        pool = sched.kv_cache_manager.block_pool
+    Peak blocks in use and running requests are sampled after every ``schedule()`` (when a
+    step's blocks are allocated, before any are freed).  Forward time per step is split into
+    decode-only steps and steps that prefill: where the engine's time goes (eviction can
+    shorten the first kind, never the prefill work)."""
+
+    def __init__(self, llm) -> None:
+        core = llm.llm_engine.engine_core.engine_core
+        self.sched = sched = core.scheduler
+        self.pool = pool = sched.kv_cache_manager.block_pool
         total = pool.num_gpu_blocks - 1
+        self.reset()
         orig_schedule = sched.schedule
 
         def schedule(*a, **k):
             now = time.perf_counter()
-            peak.setdefault("first_schedule", now)
+            if self.first_schedule is None:
+                self.first_schedule = now
             out = orig_schedule(*a, **k)
-            peak["in_use"] = max(peak["in_use"], total - pool.get_num_free_blocks())
-            peak["running"] = max(peak["running"], len(sched.running))
+            self.peak_in_use = max(self.peak_in_use, total - pool.get_num_free_blocks())
+            self.peak_running = max(self.peak_running, len(sched.running))
             return out
 
         sched.schedule = schedule
-        free_before = pool.get_num_free_blocks()
-        # Forward time per step, split into decode-only steps and steps that prefill: where the
-        # engine's time goes (eviction can shorten the first kind, never the prefill work).
-        executor = llm.llm_engine.engine_core.engine_core.model_executor
+        executor = core.model_executor
         orig_execute = executor.execute_model
-        steps: list[tuple[float, int, int]] = []
 
         def execute_model(scheduler_output, *a, **k):
             t = time.perf_counter()
             out = orig_execute(scheduler_output, *a, **k)
             n = scheduler_output.num_scheduled_tokens
-            steps.append((time.perf_counter() - t, sum(1 for v in n.values() if v == 1),
-                          sum(v for v in n.values() if v > 1)))
+            self.steps.append((time.perf_counter() - t, sum(1 for v in n.values() if v == 1),
+                               sum(v for v in n.values() if v > 1)))
             return out
 
         executor.execute_model = execute_model
 
-    prompts = [build_prompt(kind, r) for r in spec.requests]
-    params = _sampling_params(spec)
-    t0 = time.perf_counter()
-    if spec.sequential:
-        outs = [llm.generate([p], sp, use_tqdm=False)[0] for p, sp in zip(prompts, params)]
-    else:
-        outs = llm.generate(prompts, params, use_tqdm=False)
-    t_end = time.perf_counter()
-    t_gen = t_end - t0
+    def reset(self) -> None:
+        self.peak_in_use = 0
+        self.peak_running = 0
+        self.first_schedule: float | None = None
+        self.steps: list[tuple[float, int, int]] = []
+        self.free_before = self.pool.get_num_free_blocks()
 
-    results = [_result(o) for o in outs]
-    record: dict[str, Any] = {
-        "results": results,
-        "engine_start_s": t_start,
-        "generate_s": t_gen,
-        "model_path": path,
-        "model_kind": kind,
-    }
-    if sched is not None:
-        pool = sched.kv_cache_manager.block_pool
-        record.update(
-            free_blocks_before=free_before,
-            free_blocks_after=pool.get_num_free_blocks(),
-            total_blocks=pool.num_gpu_blocks - 1,
-            peak_blocks_in_use=peak["in_use"],
-            peak_running=peak["running"],
+    def readings(self, t_end: float) -> dict[str, Any]:
+        sched = self.sched
+        return dict(
+            free_blocks_before=self.free_before,
+            free_blocks_after=self.pool.get_num_free_blocks(),
+            total_blocks=self.pool.num_gpu_blocks - 1,
+            peak_blocks_in_use=self.peak_in_use,
+            peak_running=self.peak_running,
             # From the first schedule() to the end of generate(): the engine's stepping time,
             # without the input processing LLM.generate does for every prompt before it steps
             # (a server overlaps that with the engine in its API process).
-            engine_busy_s=t_end - peak.get("first_schedule", t_end),
+            engine_busy_s=t_end - (self.first_schedule or t_end),
             scheduler_cls=type(sched).__name__,
             eviction_stats=sched.eviction_stats.as_dict() if hasattr(sched, "eviction_stats") else None,
-            step_profile=_step_profile(steps),
+            step_profile=_step_profile(self.steps),
         )
-    if spec.multiprocessing:
-        from hae_vllm.testing.probes import probe_worker
 
-        record["worker_probe"] = llm.collective_rpc(probe_worker)
-        record["driver_pid"] = os.getpid()
-    trace = []
-    if trace_path and os.path.exists(trace_path):
-        with open(trace_path) as f:
-            trace = [json.loads(line) for line in f if line.strip()]
-    record["trace"] = trace
+
+class _TraceReader:
+    """New records of the eviction trace file since the last read."""
+
+    def __init__(self, path: str | None) -> None:
+        self.path = path
+        self.offset = 0
+
+    def read(self) -> list[dict[str, Any]]:
+        if not self.path or not os.path.exists(self.path):
+            return []
+        with open(self.path) as f:
+            f.seek(self.offset)
+            data = f.read()
+            self.offset = f.tell()
+        return [json.loads(line) for line in data.splitlines() if line.strip()]
+
+
+def _attach_trace(results: list[dict[str, Any]], trace: list[dict[str, Any]]) -> None:
     # Engine-internal request ids carry a suffix ("<id>-<random>"): attach each trace record
     # to its result (the last one wins: a preempted request is re-planned on recompute).
     for res in results:
@@ -263,6 +264,40 @@ def _run(spec: ScenarioSpec, trace_path: str | None) -> dict[str, Any]:
         res["decode_events"] = [t for t in rank0 if t.get("kind", "prefill") != "prefill"]
         res["evictions_other_ranks"] = [t for t in mine if t.get("tp_rank", 0) != 0 and t.get("kind", "prefill") == "prefill"]
         res["eviction"] = res["evictions"][-1] if res["evictions"] else None
+
+
+def _round(llm, kind: str, spec: ScenarioSpec, requests: list[RequestSpec], inst: "_Instruments | None",
+           trace: _TraceReader) -> dict[str, Any]:
+    """Run ``requests`` once and record what happened."""
+    if inst is not None:
+        inst.reset()
+    prompts = [build_prompt(kind, r) for r in requests]
+    params = _sampling_params(spec)
+    t0 = time.perf_counter()
+    if spec.sequential:
+        outs = [llm.generate([p], sp, use_tqdm=False)[0] for p, sp in zip(prompts, params)]
+    else:
+        outs = llm.generate(prompts, params, use_tqdm=False)
+    t_end = time.perf_counter()
+    results = [_result(o) for o in outs]
+    record: dict[str, Any] = {"results": results, "generate_s": t_end - t0}
+    if inst is not None:
+        record.update(inst.readings(t_end))
+    record["trace"] = trace.read()
+    _attach_trace(results, record["trace"])
+    return record
+
+
+def _run(spec: ScenarioSpec, trace_path: str | None) -> dict[str, Any]:
+    llm, kind, path, t_start = _engine(spec, trace_path)
+    inst = None if spec.multiprocessing else _Instruments(llm)
+    record = _round(llm, kind, spec, spec.requests, inst, _TraceReader(trace_path if spec.trace else None))
+    record.update(engine_start_s=t_start, model_path=path, model_kind=kind)
+    if spec.multiprocessing:
+        from hae_vllm.testing.probes import probe_worker
+
+        record["worker_probe"] = llm.collective_rpc(probe_worker)
+        record["driver_pid"] = os.getpid()
     return record
 
 
@@ -325,19 +360,21 @@ def run_in_subprocess(spec: ScenarioSpec, timeout: float = 900) -> dict[str, Any
 _ROUND_DONE = "@@hae_round "
 
 
-def _serve_rounds(spec: ScenarioSpec) -> None:
+def _serve_rounds(spec: ScenarioSpec, trace_path: str) -> None:
     """Live mode: one engine, then one round of ``spec.requests`` per stdin line (a JSON object
     ``{"image_offset": k}``: every image seed shifted by k, so the prefix cache never serves a
-    round); each round's results go to stdout as one marked line."""
-    llm, kind, _, _ = _engine(spec, None)
-    params = _sampling_params(spec)
-    print(_ROUND_DONE + "[]", flush=True)  # ready
+    round); each round's record (as :func:`run_in_subprocess` returns) goes to stdout as one
+    marked line."""
+    llm, kind, _, _ = _engine(spec, trace_path)
+    inst = None if spec.multiprocessing else _Instruments(llm)
+    trace = _TraceReader(trace_path if spec.trace else None)
+    trace.read()  # warm-up records
+    print(_ROUND_DONE + "{}", flush=True)  # ready
     for line in sys.stdin:
         cmd = json.loads(line)
         reqs = [RequestSpec(r.text, [i + cmd["image_offset"] for i in r.images], r.image_size, r.max_tokens, r.extra_args)
                 for r in spec.requests]
-        outs = llm.generate([build_prompt(kind, r) for r in reqs], params, use_tqdm=False)
-        print(_ROUND_DONE + json.dumps([_result(o) for o in outs]), flush=True)
+        print(_ROUND_DONE + json.dumps(_round(llm, kind, spec, reqs, inst, trace)), flush=True)
 
 
 class LiveScenario:
@@ -357,18 +394,19 @@ class LiveScenario:
             env["VLLM_PLUGINS"] = "lora_filesystem_resolver"
         self._log = open(Path(self._tmp.name) / "stderr.log", "w+")
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "hae_vllm.testing.scenario", "--live", str(spec_path)],
+            [sys.executable, "-m", "hae_vllm.testing.scenario", "--live", str(spec_path),
+             str(Path(self._tmp.name) / "trace.jsonl")],
             env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True,
         )
         self._wait()  # started and warmed up: a second engine starting now competes with nothing
 
-    def round(self, image_offset: int) -> list[dict[str, Any]]:
+    def round(self, image_offset: int) -> dict[str, Any]:
         assert self._proc.stdin is not None
         self._proc.stdin.write(json.dumps({"image_offset": image_offset}) + "\n")
         self._proc.stdin.flush()
         return self._wait()
 
-    def _wait(self) -> list[dict[str, Any]]:
+    def _wait(self) -> dict[str, Any]:
         assert self._proc.stdout is not None
         for line in self._proc.stdout:
             if line.startswith(_ROUND_DONE):
@@ -395,7 +433,7 @@ class LiveScenario:
 
 def main(argv: list[str]) -> int:
     if argv[0] == "--live":
-        _serve_rounds(spec_from_dict(json.loads(Path(argv[1]).read_text())))
+        _serve_rounds(spec_from_dict(json.loads(Path(argv[1]).read_text())), argv[2])
         return 0
     spec = spec_from_dict(json.loads(Path(argv[0]).read_text()))
     trace_path = str(Path(argv[1]).with_suffix(".trace.jsonl"))

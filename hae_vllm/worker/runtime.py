@@ -40,6 +40,9 @@ logger = logging.getLogger("hae_vllm")
 REPORT_ATTR = "hae_eviction_reports"
 """Attribute of ModelRunnerOutput carrying {req_id: EvictionReport} to the scheduler."""
 
+PRESSURE_ATTR = "hae_memory_pressure"
+"""Attribute of SchedulerOutput: True when the pool is short of blocks (free evicted blocks now)."""
+
 BIN_UPDATES_ATTR = "hae_bin_updates"
 """Attribute of SchedulerOutput carrying {req_id: BinUpdates} (restores confirmed, blocks lost)."""
 
@@ -125,8 +128,10 @@ class EvictionRuntime:
         self.tasks: list[ScoringTask] = []
         self.decode_tasks: list[DecodeTask] = []
         # Requests whose prefill finished last step: selected and compacted at the start of
-        # their first decode step, so the first token does not wait for it.
+        # their first decode step, so the first token does not wait for it - unless the
+        # scheduler reported memory pressure, when blocks are freed at the end of the step.
         self._pending: list[ScoringTask] = []
+        self._pressure = True
         self._skip: set[str] = set()  # requests known not to need eviction (no re-check each step)
         self.reports: dict[str, EvictionReport] = {}
         self.num_requests_with_holes = 0
@@ -227,6 +232,7 @@ class EvictionRuntime:
         for new in scheduler_output.scheduled_new_reqs:
             self._drop(new.req_id)
         self._apply_bin_updates(getattr(scheduler_output, BIN_UPDATES_ATTR, None))
+        self._pressure = getattr(scheduler_output, PRESSURE_ATTR, True)
         self._run_pending(scheduler_output.num_scheduled_tokens)
         if not scheduler_output.num_scheduled_tokens:
             return
@@ -416,10 +422,13 @@ class EvictionRuntime:
         for dt in dtasks:
             self._decode_step(dt)
         tasks, self.tasks = self.tasks, []
-        for task in tasks:
-            if task.is_last_chunk:
-                task.state.decided = True
-                self._pending.append(task)
+        done = [t for t in tasks if t.is_last_chunk]
+        for task in done:
+            task.state.decided = True
+        if self._pressure:
+            self._compact_all(done)  # the scheduler frees the blocks before its next schedule()
+        else:
+            self._pending.extend(done)
 
     def _run_pending(self, scheduled: dict[str, int]) -> None:
         """Select and compact the requests whose prefill ended last step, before this step's
@@ -432,17 +441,14 @@ class EvictionRuntime:
         if not scheduled or not self._pending:
             return
         pending, self._pending = self._pending, []
-        moves = []
-        for task in pending:
-            rid = task.state.req_id
-            if rid not in scheduled or self.states.get(rid) is not task.state:
-                continue
-            move = self._compact(task)
-            if move is not None:
-                moves.append(move)
+        self._compact_all([t for t in pending
+                           if t.state.req_id in scheduled and self.states.get(t.state.req_id) is t.state])
+
+    def _compact_all(self, tasks: list[ScoringTask]) -> None:
+        moves = [m for m in map(self._compact, tasks) if m is not None]
         if moves:
-            # One copy per layer for every request compacted now (their slots are disjoint:
-            # each request owns its blocks).
+            # One copy per layer for all these requests (their slots are disjoint: each
+            # request owns its blocks).
             src = torch.cat([m[0] for m in moves])
             dst = torch.cat([m[1] for m in moves])
             self.layout().move_many(self._caches(), src, dst)
@@ -597,6 +603,24 @@ def drop_hole_blocks(
     decode writes) is never a hole, so the shortened row ends exactly where the kernel expects.
     Returns None when no row has a hole.
     """
+    if block_table.device.type == "cpu":
+        # numpy: this runs every step, on a few small rows, where torch's dispatch dominates.
+        bt, sl = block_table.numpy(), seq_lens.numpy()
+        nb = (sl.astype(np.int64) + block_size - 1) // block_size
+        valid = np.arange(bt.shape[1])[None, :] < nb[:, None]
+        hole = valid & (bt == 0)
+        num_holes = hole.sum(axis=1)
+        if not num_holes.any():
+            return None
+        # live blocks first, then allocated-but-unused ones, holes last (stable within each).
+        key = (~valid).astype(np.int8) + 2 * hole.astype(np.int8)
+        table = np.take_along_axis(bt, np.argsort(key, axis=1, kind="stable"), axis=1)
+        return torch.from_numpy(table), torch.from_numpy((sl - num_holes * block_size).astype(sl.dtype))
+    return _drop_hole_blocks_torch(block_table, seq_lens, block_size)
+
+
+def _drop_hole_blocks_torch(block_table: torch.Tensor, seq_lens: torch.Tensor, block_size: int):
+    """:func:`drop_hole_blocks` for device tensors (no host copy)."""
     nb = (seq_lens.to(torch.int64) + block_size - 1) // block_size
     cols = torch.arange(block_table.shape[1], device=block_table.device)
     valid = cols[None, :] < nb[:, None]
@@ -604,7 +628,6 @@ def drop_hole_blocks(
     num_holes = hole.sum(dim=1)
     if not bool(num_holes.any()):
         return None
-    # live blocks first, then allocated-but-unused ones, holes last (stable within each).
     key = (~valid).to(torch.int8) + 2 * hole.to(torch.int8)
     order = torch.argsort(key, dim=1, stable=True)
     table = torch.gather(block_table, 1, order)
