@@ -97,7 +97,8 @@ class Policy:
         """[T] float scores, lower = evicted first; +inf for tokens that must stay."""
         raise NotImplementedError
 
-    def threshold_count(self, sorted_scores: torch.Tensor) -> int:
+    def threshold_count(self, sorted_scores: np.ndarray) -> int:
+        """How many of the candidates (scores ascending) the method's own thresholds evict."""
         raise NotImplementedError(f"{self.name} needs a budget")
 
     def diagnostics(
@@ -121,17 +122,19 @@ class Policy:
         method's own thresholds decide (HAE).  Never more than ``max_evict_frac`` of the
         candidates.
         """
+        # numpy for the masks and the ranking: a few hundred elements, where torch's per-op
+        # dispatch would dominate.
         T = visual_mask.numel()
-        protected = protected_mask | self.protected(T, cfg)
-        cand = self.candidates(visual_mask, cfg) & ~protected
+        protected = protected_mask.numpy() | self.protected(T, cfg).numpy()
+        cand_np = self.candidates(visual_mask, cfg).numpy() & ~protected
+        cand = torch.from_numpy(cand_np)
         s = self.scores(stats, visual_mask, cand, cfg).float().numpy()
-        # numpy from here: a few hundred elements, where torch's per-op dispatch would dominate.
-        ok = cand.numpy() & np.isfinite(s)
+        ok = cand_np & np.isfinite(s)
         positions = np.flatnonzero(ok)
         cand_scores = s[positions]
         order = np.argsort(cand_scores, kind="stable")
         positions, cand_scores = positions[order], cand_scores[order]
-        n_thr = self.threshold_count(torch.from_numpy(cand_scores)) if self.has_thresholds else 0
+        n_thr = self.threshold_count(cand_scores) if self.has_thresholds else 0
         if cfg.budget is None:
             n = n_thr
         else:

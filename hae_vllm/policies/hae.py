@@ -79,7 +79,7 @@ class HAEPolicy(Policy):
         return s
 
     def threshold_count(self, sorted_scores):
-        return int((sorted_scores < 1.0).sum())
+        return int(np.count_nonzero(np.asarray(sorted_scores) < 1.0))
 
     def diagnostics(self, stats, keep, visual_mask, candidates, cfg):
         """Index broadcasting ablation (paper's Fig. 5): overlap of the layer-0 victims with the

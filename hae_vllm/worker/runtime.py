@@ -360,7 +360,11 @@ class EvictionRuntime:
             for c in range(0, len(sel), _QUERY_CHUNK):
                 chunk = sel[c : c + _QUERY_CHUNK]
                 qpos = torch.as_tensor(chunk, dtype=torch.int64)
-                q = query[q0 + (qpos - task.start).to(query.device)]
+                lo = q0 + int(chunk[0]) - task.start
+                if int(chunk[-1]) - int(chunk[0]) + 1 == len(chunk):  # a run (text after an image)
+                    q = query[lo : lo + len(chunk)]
+                else:
+                    q = query[q0 + (qpos - task.start).to(query.device)]
                 probs = attention_probs(q, keys, qpos, impl.scale)  # [local heads, nq, T]
                 if self._tp_group is not None:
                     probs = self._tp_group.all_gather(probs.to(query.device).contiguous(), dim=0)
