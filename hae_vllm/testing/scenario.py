@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -362,8 +362,8 @@ _ROUND_DONE = "@@hae_round "
 
 def _serve_rounds(spec: ScenarioSpec, trace_path: str) -> None:
     """Live mode: one engine, then one round of ``spec.requests`` per stdin line (a JSON object
-    ``{"image_offset": k}``: every image seed shifted by k, so the prefix cache never serves a
-    round); each round's record (as :func:`run_in_subprocess` returns) goes to stdout as one
+    ``{"image_offset": k, "subset": [i, ...]}``: the requests at those indices, default all, every
+    image seed shifted by k, so the prefix cache never serves a round); each round's record (as :func:`run_in_subprocess` returns) goes to stdout as one
     marked line."""
     llm, kind, _, _ = _engine(spec, trace_path)
     inst = None if spec.multiprocessing else _Instruments(llm)
@@ -372,9 +372,10 @@ def _serve_rounds(spec: ScenarioSpec, trace_path: str) -> None:
     print(_ROUND_DONE + "{}", flush=True)  # ready
     for line in sys.stdin:
         cmd = json.loads(line)
+        chosen = [spec.requests[i] for i in cmd.get("subset", range(len(spec.requests)))]
         reqs = [RequestSpec(r.text, [i + cmd["image_offset"] for i in r.images], r.image_size, r.max_tokens, r.extra_args)
-                for r in spec.requests]
-        print(_ROUND_DONE + json.dumps(_round(llm, kind, spec, reqs, inst, trace)), flush=True)
+                for r in chosen]
+        print(_ROUND_DONE + json.dumps(_round(llm, kind, replace(spec, requests=reqs), reqs, inst, trace)), flush=True)
 
 
 class LiveScenario:
@@ -400,9 +401,12 @@ class LiveScenario:
         )
         self._wait()  # started and warmed up: a second engine starting now competes with nothing
 
-    def round(self, image_offset: int) -> dict[str, Any]:
+    def round(self, image_offset: int, subset: list[int] | None = None) -> dict[str, Any]:
         assert self._proc.stdin is not None
-        self._proc.stdin.write(json.dumps({"image_offset": image_offset}) + "\n")
+        cmd: dict[str, Any] = {"image_offset": image_offset}
+        if subset is not None:
+            cmd["subset"] = subset
+        self._proc.stdin.write(json.dumps(cmd) + "\n")
         self._proc.stdin.flush()
         return self._wait()
 
