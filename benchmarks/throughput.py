@@ -3,7 +3,7 @@
     python benchmarks/throughput.py [--method hae] [--budget 0.3] [--max-tokens 128] [--num-requests 64] [--num-blocks 160]
 
 Many concurrent image requests on the tiny LLaVA against a KV pool small enough that capacity
-binds (``num_gpu_blocks_override``): 64 one-image requests (290-token prompts) of 128 output
+binds (``num_gpu_blocks_override``): 64 one-image requests (274-token prompts) of 128 output
 tokens each, on 160 blocks of 32 tokens.  The budget, 0.3, is one at which HAE's accuracy on the
 trained VLM is unchanged (``benchmarks/results/accuracy_full.md``).  Reports output tokens/s, peak running requests,
 preemptions, TTFT and TPOT p50/p99 (vLLM's request metrics), the measured freed fraction ``r``

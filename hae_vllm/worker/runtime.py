@@ -311,10 +311,12 @@ class EvictionRuntime:
         return st
 
     # ------------------------------------------------------------------ 2. scoring layer
-    def _slots(self, block_ids: list[int], positions: torch.Tensor) -> torch.Tensor:
+    def _slots(self, block_ids: list[int], positions) -> torch.Tensor:
+        """Physical slots of logical ``positions`` (any int sequence) of a request; int64, CPU."""
         bs = self.block_size
-        table = torch.as_tensor(block_ids, dtype=torch.int64)
-        return table[positions // bs] * bs + positions % bs
+        pos = np.asarray(positions, dtype=np.int64)
+        table = np.asarray(block_ids, dtype=np.int64)
+        return torch.from_numpy(table[pos // bs] * bs + pos % bs)
 
     def _keys(self, task, key: torch.Tensor, q0: int, kv_cache, layout) -> torch.Tensor:
         """Keys of positions 0..end-1: this chunk's straight from the layer input, earlier
@@ -323,7 +325,7 @@ class EvictionRuntime:
         current = key[q0 : q0 + n].view(n, -1, key.shape[-1]) if key.dim() == 3 else key[q0 : q0 + n]
         if task.start == 0:
             return current
-        past = layout.gather_keys(kv_cache, self._slots(task.block_ids, torch.arange(task.start)))
+        past = layout.gather_keys(kv_cache, self._slots(task.block_ids, np.arange(task.start)))
         return torch.cat([past.to(current.dtype), current], dim=0)
 
     def score(self, impl, layer_name: str, query: torch.Tensor, key: torch.Tensor, kv_cache: torch.Tensor,
@@ -480,8 +482,8 @@ class EvictionRuntime:
             st.decode.by_position = st.policy.decode_by_position
         if plan.is_empty:
             return None
-        src = self._slots(task.block_ids, torch.as_tensor(plan.move_src, dtype=torch.int64))
-        dst = self._slots(task.block_ids, torch.as_tensor(plan.move_dst, dtype=torch.int64))
+        src = self._slots(task.block_ids, plan.move_src)
+        dst = self._slots(task.block_ids, plan.move_dst)
         # Null the holes in the worker's tables: the cached request state (used when the
         # request re-enters the persistent batch) and the persistent batch row itself.
         req = self.runner.requests[st.req_id]
@@ -492,7 +494,7 @@ class EvictionRuntime:
             table.block_table.np[row, h] = 0
         self._holes[st.req_id] = len(plan.hole_blocks)
         self.num_requests_with_holes += 1
-        num_visual = int(visual[list(plan.victims)].sum())
+        num_visual = int(visual[np.asarray(plan.victims, dtype=np.int64)].sum())
         self.reports[st.req_id] = EvictionReport(
             hole_blocks=plan.hole_blocks,
             num_visual=num_visual,
@@ -540,8 +542,8 @@ class EvictionRuntime:
         acts = DecodeActions()
         plan = choose_parking(ds, cfg, dt.block_ids, dt.end, bs, st.protected_prefix)
         if plan is not None:
-            src = self._slots(dt.block_ids, torch.as_tensor(plan.move_src, dtype=torch.int64))
-            dst = self._slots(dt.block_ids, torch.as_tensor(plan.move_dst, dtype=torch.int64))
+            src = self._slots(dt.block_ids, plan.move_src)
+            dst = self._slots(dt.block_ids, plan.move_dst)
             self.layout().swap_many(self._caches(), src, dst)
             a, b = list(plan.move_src), list(plan.move_dst)
             ds.slot_pos[a], ds.slot_pos[b] = ds.slot_pos[b].copy(), ds.slot_pos[a].copy()
