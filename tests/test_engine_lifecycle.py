@@ -76,6 +76,7 @@ def test_preemption_replans_and_matches_oracle(preempt_record, oracle_for):
     assert replanned, "no request was preempted: the scenario does not exercise resume"
     # Under pressure evicted blocks are freed in the prefill step itself (the other path).
     assert preempt_record["eviction_stats"]["pressure_steps"] > 0
+    assert any(not e["at_first_decode_step"] for r in res for e in r["evictions"])
     oracle = oracle_for(preempt_record["model_path"])
     from hae_vllm.testing.scenario import build_prompt
 

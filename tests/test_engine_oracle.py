@@ -103,3 +103,5 @@ def test_block_accounting(which, batch_record, chunked_record):
     # A roomy pool: selection and compaction ran at each request's first decode step (the path
     # the oracle tests above check); the preemption test covers the under-pressure path.
     assert record["eviction_stats"]["pressure_steps"] == 0
+    # ... and the worker followed the scheduler's flag.
+    assert all(r["eviction"]["at_first_decode_step"] for r in record["results"] if r["eviction"])

@@ -41,6 +41,9 @@ def test_tp2_evicts_like_tp1(tp1, backend, oracle_for):
         others = r["evictions_other_ranks"]
         assert len(others) == 1, "rank 1 should have compacted once"
         assert others[0]["evicted_positions"] == r["eviction"]["evicted_positions"]
+        # The scheduler's no-pressure flag reached the worker processes: both ranks compacted
+        # at the first decode step.
+        assert others[0]["at_first_decode_step"] and r["eviction"]["at_first_decode_step"]
     assert tp2["free_blocks_after"] == tp2["free_blocks_before"]
     oracle = oracle_for(tp2["model_path"])
     for i in range(len(REQS)):

@@ -330,19 +330,24 @@ def spec_from_dict(d: dict[str, Any]) -> ScenarioSpec:
     return ScenarioSpec(**d)
 
 
+def _subprocess_env(spec: ScenarioSpec) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(spec.env)
+    if spec.vanilla:
+        # VLLM_PLUGINS is an allow-list: naming only a built-in plugin keeps ours out.
+        env["VLLM_PLUGINS"] = "lora_filesystem_resolver"
+    else:
+        env.pop("VLLM_PLUGINS", None)
+    return env
+
+
 def run_in_subprocess(spec: ScenarioSpec, timeout: float = 900) -> dict[str, Any]:
     """Run ``spec`` in a fresh Python process and return its record."""
     with tempfile.TemporaryDirectory(prefix="hae_scenario_") as tmp:
         spec_path = Path(tmp) / "spec.json"
         out_path = Path(tmp) / "out.json"
         spec_path.write_text(json.dumps(asdict(spec)))
-        env = dict(os.environ)
-        env.update(spec.env)
-        if spec.vanilla:
-            # VLLM_PLUGINS is an allow-list: naming only a built-in plugin keeps ours out.
-            env["VLLM_PLUGINS"] = "lora_filesystem_resolver"
-        else:
-            env.pop("VLLM_PLUGINS", None)
+        env = _subprocess_env(spec)
         proc = subprocess.run(
             [sys.executable, "-m", "hae_vllm.testing.scenario", str(spec_path), str(out_path)],
             env=env,
@@ -361,10 +366,10 @@ _ROUND_DONE = "@@hae_round "
 
 
 def _serve_rounds(spec: ScenarioSpec, trace_path: str) -> None:
-    """Live mode: one engine, then one round of ``spec.requests`` per stdin line (a JSON object
-    ``{"image_offset": k, "subset": [i, ...]}``: the requests at those indices, default all, every
-    image seed shifted by k, so the prefix cache never serves a round); each round's record (as :func:`run_in_subprocess` returns) goes to stdout as one
-    marked line."""
+    """Live mode: one engine, then one round per stdin line, a JSON object
+    ``{"image_offset": k, "subset": [i, ...]}``: the requests of ``spec`` at those indices (default
+    all) with every image seed shifted by k, so the prefix cache never serves a round.  Each
+    round's record (what :func:`run_in_subprocess` returns) goes to stdout as one marked line."""
     llm, kind, _, _ = _engine(spec, trace_path)
     inst = None if spec.multiprocessing else _Instruments(llm)
     trace = _TraceReader(trace_path if spec.trace else None)
@@ -388,11 +393,7 @@ class LiveScenario:
         self._tmp = tempfile.TemporaryDirectory(prefix="hae_live_")
         spec_path = Path(self._tmp.name) / "spec.json"
         spec_path.write_text(json.dumps(asdict(spec)))
-        env = dict(os.environ)
-        env.update(spec.env)
-        env.pop("VLLM_PLUGINS", None)
-        if spec.vanilla:
-            env["VLLM_PLUGINS"] = "lora_filesystem_resolver"
+        env = _subprocess_env(spec)
         self._log = open(Path(self._tmp.name) / "stderr.log", "w+")
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "hae_vllm.testing.scenario", "--live", str(spec_path),

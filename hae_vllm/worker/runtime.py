@@ -432,7 +432,7 @@ class EvictionRuntime:
         for task in done:
             task.state.decided = True
         if self._pressure:
-            self._compact_all(done)  # the scheduler frees the blocks before its next schedule()
+            self._compact_all(done, deferred=False)  # blocks free before the next schedule()
         else:
             self._pending.extend(done)
 
@@ -448,10 +448,11 @@ class EvictionRuntime:
             return
         pending, self._pending = self._pending, []
         self._compact_all([t for t in pending
-                           if t.state.req_id in scheduled and self.states.get(t.state.req_id) is t.state])
+                           if t.state.req_id in scheduled and self.states.get(t.state.req_id) is t.state],
+                          deferred=True)
 
-    def _compact_all(self, tasks: list[ScoringTask]) -> None:
-        moves = [m for m in map(self._compact, tasks) if m is not None]
+    def _compact_all(self, tasks: list[ScoringTask], deferred: bool) -> None:
+        moves = [m for m in (self._compact(t, deferred) for t in tasks) if m is not None]
         if moves:
             # One copy per layer for all these requests (their slots are disjoint: each
             # request owns its blocks).
@@ -459,7 +460,7 @@ class EvictionRuntime:
             dst = torch.cat([m[1] for m in moves])
             self.layout().move_many(self._caches(), src, dst)
 
-    def _compact(self, task: ScoringTask) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _compact(self, task: ScoringTask, deferred: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Select and plan one request's eviction, null its hole blocks in the worker's tables
         and queue its report.  Returns the (source, destination) slots still to be copied, in
         every layer, before this step's forward (the caller batches the copies)."""
@@ -502,10 +503,11 @@ class EvictionRuntime:
             num_prompt_tokens=T,
         )
         if self.cfg.trace_path:
-            self._trace(st, plan, T, num_visual, sel.diagnostics)
+            self._trace(st, plan, T, num_visual, sel.diagnostics, deferred)
         return src, dst
 
-    def _trace(self, st: RequestState, plan: EvictionPlan, T: int, num_visual: int, diagnostics: dict) -> None:
+    def _trace(self, st: RequestState, plan: EvictionPlan, T: int, num_visual: int, diagnostics: dict,
+               deferred: bool) -> None:
         rec = {
             "request_id": st.req_id,
             "kind": "prefill",
@@ -519,6 +521,9 @@ class EvictionRuntime:
             "num_text_evicted": plan.num_evicted - num_visual,
             "num_visual_tokens": int(st.visual_mask.sum()),
             "config": st.cfg.to_dict(),
+            # True: compacted at the start of the first decode step; False: in the prefill step
+            # (the scheduler reported memory pressure).
+            "at_first_decode_step": deferred,
         }
         with self._trace_lock, open(self.cfg.trace_path, "a") as f:
             f.write(json.dumps(rec) + "\n")
