@@ -74,6 +74,8 @@ def main() -> None:
     ap.add_argument("--num-blocks", type=int, default=160, help="KV blocks (of 32 tokens) for both runs")
     ap.add_argument("--rounds", type=int, default=5, help="paired rounds (each engine runs this many)")
     ap.add_argument("--warmup", type=int, default=4, help="requests run before the measured ones in each engine")
+    ap.add_argument("--watermark", type=float, default=0.0,
+                    help="vLLM's scheduler watermark (share of blocks kept free at admission), both engines")
     ap.add_argument("--tag", default="", help="suffix of the result file (variants of the default run)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = ap.parse_args()
@@ -81,7 +83,8 @@ def main() -> None:
             for i in range(args.num_requests)]
     common = dict(model="llava", requests=reqs, log_stats=True, logprobs=False, trace=True,
                   num_gpu_blocks_override=args.num_blocks, max_num_seqs=256, max_model_len=1024,
-                  max_num_batched_tokens=2048, warmup_requests=args.warmup)
+                  max_num_batched_tokens=2048, warmup_requests=args.warmup,
+                  engine_kwargs={"watermark": args.watermark} if args.watermark else {})
     names = ("none", args.method)
     rounds: dict[str, list] = {n: [] for n in names}
     with LiveScenario(ScenarioSpec(eviction="none", **common)) as base, \

@@ -76,6 +76,8 @@ def observe(scheduler_stats, engine_idx: int) -> None:
         if _metrics is None:
             _metrics = _create()
         last = _last.setdefault(engine_idx, {})
+        if last == stats:
+            return  # nothing changed since the last step (most steps): no label lookups
         eng = str(engine_idx)
 
         def delta(key: str) -> int:
@@ -92,3 +94,4 @@ def observe(scheduler_stats, engine_idx: int) -> None:
         for event in ("parked", "restored", "released", "lost"):
             _metrics["bin_events"].labels(eng, event).inc(delta(f"{event}_blocks"))
         _metrics["bin_occupancy"].labels(eng).set(int(stats.get("bin_occupancy", 0)))
+        last.update((k, int(v)) for k, v in stats.items())  # the snapshot compared next step

@@ -49,3 +49,58 @@ def test_host_and_device_paths_agree_on_random_tables():
         assert (a is None) == (b is None)
         if a is not None:
             assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def _runtime(req_ids, check=True):
+    from types import SimpleNamespace
+
+    from hae_vllm.config import EvictionConfig
+    from hae_vllm.worker.runtime import EvictionRuntime
+
+    rt = EvictionRuntime(SimpleNamespace(input_batch=SimpleNamespace(req_ids=req_ids)), EvictionConfig())
+    rt._check_holes = check
+    return rt
+
+
+def _batch():
+    table = torch.tensor([[5, 0, 7, 9, 0], [3, 4, 6, 0, 0], [0, 8, 2, 0, 0]], dtype=torch.int32)
+    seq = torch.tensor([15, 10, 10], dtype=torch.int32)  # block size 4: 4, 3 and 3 blocks
+    return table, seq
+
+
+def test_cached_hole_removal_follows_rows_and_versions():
+    ids = ["a", "b", "c"]
+    rt = _runtime(ids)
+    table, seq = _batch()
+    for _ in range(2):  # second call: served from the cache, same answer
+        t, s = rt.drop_holes(table, seq, 4)
+        ref = drop_hole_blocks(table, seq, 4)
+        assert torch.equal(t, ref[0]) and torch.equal(s, ref[1])
+    assert s.tolist() == [11, 10, 6]
+    # Decode appends: a longer sequence and a new block, same holes -> still the cached order.
+    seq2 = seq + torch.tensor([2, 0, 0], dtype=torch.int32)
+    table[0, 4] = 11
+    t, s = rt.drop_holes(table, seq2, 4)
+    assert t[0, :4].tolist() == [5, 7, 9, 11] and s[0].item() == 13
+    # Rows reordered by the batch: recomputed.
+    ids[:] = ["c", "a", "b"]
+    t, s = rt.drop_holes(table[[2, 0, 1]], seq2[[2, 0, 1]], 4)
+    assert s.tolist() == [6, 13, 10]
+    # A hole restored (with the version bump the runtime makes): recomputed.
+    table2 = table[[2, 0, 1]].clone()
+    table2[1, 1] = 12
+    rt._holes_version += 1
+    t, s = rt.drop_holes(table2, seq2[[2, 0, 1]], 4)
+    assert t[1, :4].tolist() == [5, 12, 7, 9] and s.tolist() == [6, 17, 10]
+
+
+def test_check_mode_catches_a_hole_change_without_version_bump():
+    ids = ["a", "b", "c"]
+    rt = _runtime(ids)
+    table, seq = _batch()
+    rt.drop_holes(table, seq, 4)
+    table[1, 1] = 0  # a new hole nobody announced
+    with pytest.raises(AssertionError, match="disagrees"):
+        rt.drop_holes(table, seq, 4)
+    unchecked = _runtime(ids, check=False)
+    unchecked.drop_holes(_batch()[0], seq, 4)

@@ -6,7 +6,7 @@ import dataclasses
 
 import torch
 
-from hae_vllm.worker.runtime import current_runtime, drop_hole_blocks
+from hae_vllm.worker.runtime import current_runtime
 
 
 def without_holes(common_attn_metadata, block_size: int):
@@ -18,7 +18,7 @@ def without_holes(common_attn_metadata, block_size: int):
         return common_attn_metadata
     cam = common_attn_metadata
     n = cam.num_reqs
-    res = drop_hole_blocks(cam.block_table_tensor[:n], cam.seq_lens[:n], block_size)
+    res = rt.drop_holes(cam.block_table_tensor[:n], cam.seq_lens[:n], block_size)
     if res is None:
         return cam
     table, seq_lens = res
@@ -26,11 +26,13 @@ def without_holes(common_attn_metadata, block_size: int):
     full_table[:n] = table
     full_seq = cam.seq_lens.clone()
     full_seq[:n] = seq_lens
-    changes = dict(
-        block_table_tensor=full_table,
-        seq_lens=full_seq,
-        max_seq_len=int(seq_lens.max().item()) if n else cam.max_seq_len,
-    )
+    if not n:
+        max_seq_len = cam.max_seq_len
+    elif seq_lens.device.type == "cpu":
+        max_seq_len = int(seq_lens.numpy().max())
+    else:
+        max_seq_len = int(seq_lens.max().item())
+    changes = dict(block_table_tensor=full_table, seq_lens=full_seq, max_seq_len=max_seq_len)
     if getattr(cam, "seq_lens_cpu_upper_bound", None) is not None:
         ub = cam.seq_lens_cpu_upper_bound.clone()
         ub[:n] = seq_lens.to(ub.device, ub.dtype)

@@ -58,6 +58,7 @@ class ScenarioSpec:
     # Requests run (and discarded) before the measured ones: one-time costs of a fresh engine
     # (first calls into torch kernels, lazy initialisation) stay out of the timings.
     warmup_requests: int = 0
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)  # more vllm.LLM(...) arguments
 
 
 def _model_kind_and_path(model: str) -> tuple[str, str]:
@@ -105,6 +106,7 @@ def _engine(spec: ScenarioSpec, trace_path: str | None):
         val = getattr(spec, name)
         if val is not None:
             kwargs[name] = val
+    kwargs.update(spec.engine_kwargs)
     if spec.eviction is not None:
         ev = {"method": spec.eviction} if isinstance(spec.eviction, str) else dict(spec.eviction)
         if trace_path and spec.trace:

@@ -15,8 +15,10 @@ attention backend (``hae_vllm.attention``):
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import os
 import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -132,10 +134,18 @@ class EvictionRuntime:
         # scheduler reported memory pressure, when blocks are freed at the end of the step.
         self._pending: list[ScoringTask] = []
         self._pressure = True
-        self._skip: set[str] = set()  # requests known not to need eviction (no re-check each step)
+        # Requests with no per-step work: no eviction, or prefill eviction decided and no
+        # decode eviction (skipped first thing in the per-step loop).
+        self._skip: set[str] = set()
         self.reports: dict[str, EvictionReport] = {}
         self.num_requests_with_holes = 0
         self._holes: dict[str, int] = {}
+        # Bumped whenever a block-table entry of ours turns into a hole or back: the gather
+        # index that drops holes from the batch's tables is reused while it and the batch rows
+        # are unchanged (see :meth:`drop_holes`).
+        self._holes_version = 0
+        self._hole_cache: tuple | None = None
+        self._check_holes = os.environ.get("HAE_VLLM_CHECK_HOLES", "") == "1"
         self._layout: SlotLayout | None = None
         self._scoring_layer: str | None = None
         self._layer_names: list[str] | None = None
@@ -217,6 +227,37 @@ class EvictionRuntime:
         self._skip.discard(req_id)
         if self._holes.pop(req_id, None):
             self.num_requests_with_holes -= 1
+            self._holes_version += 1
+
+    def drop_holes(self, block_table: torch.Tensor, seq_lens: torch.Tensor, block_size: int):
+        """:func:`drop_hole_blocks` for this step's batch (rows in ``input_batch`` order).
+
+        On the host, the row permutation and the seq_len reduction are computed once and
+        reused while the batch rows and the holes are unchanged (most decode steps), which
+        leaves one gather and one subtraction per step.  Every place that turns a table entry
+        into a hole, or back, bumps the version.  With ``HAE_VLLM_CHECK_HOLES=1`` (the test
+        suite) every step is checked against the direct computation."""
+        if block_table.device.type != "cpu":
+            return drop_hole_blocks(block_table, seq_lens, block_size)
+        n = block_table.shape[0]
+        rows = self.runner.input_batch.req_ids[:n]  # a copy: the batch's list is mutated
+        key = (self._holes_version, block_table.shape, block_size)
+        cache = self._hole_cache
+        if cache is None or cache[0] != key or cache[1] != rows:
+            cache = self._hole_cache = (key, rows, *_hole_permutation(block_table.numpy(), seq_lens.numpy(), block_size))
+        order, cut = cache[2], cache[3]
+        if order is None:
+            out = None
+        else:
+            sl = seq_lens.numpy()
+            out = (torch.from_numpy(np.take_along_axis(block_table.numpy(), order, axis=1)),
+                   torch.from_numpy((sl - cut).astype(sl.dtype)))
+        if self._check_holes:
+            ref = drop_hole_blocks(block_table, seq_lens, block_size)
+            if (ref is None) != (out is None) or (ref is not None and not (
+                    torch.equal(ref[0], out[0]) and torch.equal(ref[1], out[1]))):
+                raise AssertionError(f"cached hole removal disagrees with the direct computation (rows {rows})")
+        return out
 
     # ------------------------------------------------------------------ 1. step start
     def on_states_updated(self, scheduler_output) -> None:
@@ -239,13 +280,16 @@ class EvictionRuntime:
         self._attention_layers()
         runner = self.runner
         index = runner.input_batch.req_id_to_index
+        skip = self._skip
         for req_id, n in scheduler_output.num_scheduled_tokens.items():
+            if req_id in skip:
+                continue
             st = self.states.get(req_id)
             req = runner.requests.get(req_id)
             if req is None:
                 continue
             if st is None:
-                if req_id in self._skip or req_id in self._holes or req.num_computed_tokens >= req.num_tokens:
+                if req_id in self._holes or req.num_computed_tokens >= req.num_tokens:
                     continue
                 st = self._start(req)
                 if st is None:
@@ -416,6 +460,7 @@ class EvictionRuntime:
                 if entry is None or req is None:
                     continue
                 req.block_ids[0][idx] = bid
+                self._holes_version += 1
                 row = batch.req_id_to_index.get(req_id)
                 if row is not None:
                     batch.block_table[0].block_table.np[row, idx] = bid
@@ -431,6 +476,8 @@ class EvictionRuntime:
         done = [t for t in tasks if t.is_last_chunk]
         for task in done:
             task.state.decided = True
+            if not task.state.cfg.decode_enabled:
+                self._skip.add(task.state.req_id)
         if self._pressure:
             self._compact_all(done, deferred=False)  # blocks free before the next schedule()
         else:
@@ -495,6 +542,7 @@ class EvictionRuntime:
             table.block_table.np[row, h] = 0
         self._holes[st.req_id] = len(plan.hole_blocks)
         self.num_requests_with_holes += 1
+        self._holes_version += 1
         num_visual = int(visual[np.asarray(plan.victims, dtype=np.int64)].sum())
         self.reports[st.req_id] = EvictionReport(
             hole_blocks=plan.hole_blocks,
@@ -568,6 +616,7 @@ class EvictionRuntime:
                 self._holes[st.req_id] = 0
                 self.num_requests_with_holes += 1
             self._holes[st.req_id] += len(plan.hole_blocks)
+            self._holes_version += 1
             self._trace_event(st, "park", dt.end, acts.parked_positions)
         # Final release when the bin is over capacity: lowest value first.
         while len(ds.bin) > cfg.bin_capacity:
@@ -617,17 +666,29 @@ def drop_hole_blocks(
     if block_table.device.type == "cpu":
         # numpy: this runs every step, on a few small rows, where torch's dispatch dominates.
         bt, sl = block_table.numpy(), seq_lens.numpy()
-        nb = (sl.astype(np.int64) + block_size - 1) // block_size
-        valid = np.arange(bt.shape[1])[None, :] < nb[:, None]
-        hole = valid & (bt == 0)
-        num_holes = hole.sum(axis=1)
-        if not num_holes.any():
+        order, cut = _hole_permutation(bt, sl, block_size)
+        if order is None:
             return None
-        # live blocks first, then allocated-but-unused ones, holes last (stable within each).
-        key = (~valid).astype(np.int8) + 2 * hole.astype(np.int8)
-        table = np.take_along_axis(bt, np.argsort(key, axis=1, kind="stable"), axis=1)
-        return torch.from_numpy(table), torch.from_numpy((sl - num_holes * block_size).astype(sl.dtype))
+        table = np.take_along_axis(bt, order, axis=1)
+        return torch.from_numpy(table), torch.from_numpy((sl - cut).astype(sl.dtype))
     return _drop_hole_blocks_torch(block_table, seq_lens, block_size)
+
+
+def _hole_permutation(bt: np.ndarray, sl: np.ndarray, block_size: int):
+    """(column order per row, seq_len reduction per row), or (None, None) without holes.
+
+    Holes go last; every other column keeps its order (live blocks precede the unused tail)."""
+    nb = (sl.astype(np.int64) + block_size - 1) // block_size
+    hole = (bt == 0) & (_columns(bt.shape[1]) < nb[:, None])
+    num_holes = np.count_nonzero(hole, axis=1)
+    if not num_holes.any():
+        return None, None
+    return np.argsort(hole, axis=1, kind="stable"), num_holes * block_size
+
+
+@functools.lru_cache(maxsize=8)
+def _columns(n: int) -> np.ndarray:
+    return np.arange(n)[None, :]
 
 
 def _drop_hole_blocks_torch(block_table: torch.Tensor, seq_lens: torch.Tensor, block_size: int):
