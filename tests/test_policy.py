@@ -203,3 +203,28 @@ def test_madakv_diagnostics_measure_the_deviation():
     sel = get_policy("madakv").select(synthetic_stats(T), vis, torch.zeros(T, dtype=torch.bool), cfg)
     share = sel.diagnostics["madakv_exact_retained"]
     assert 0.0 < share <= 1.0
+
+
+@pytest.mark.parametrize("H,Hkv", [(4, 2), (6, 3), (4, 4), (8, 1)])
+@pytest.mark.parametrize("impl", ["host", "device-path"])
+def test_decode_probs_match_per_request_attention(H, Hkv, impl):
+    """Batched decode scoring (one query per request) equals attention_probs request by
+    request, including keys after the query (masked) and requests of different lengths."""
+    from hae_vllm.policies.attention import _decode_probs_torch, decode_probs
+
+    fn = decode_probs if impl == "host" else _decode_probs_torch
+    g = torch.Generator().manual_seed(H * 10 + Hkv)
+    D, lengths = 16, [1, 7, 33, 20]
+    q = torch.randn(len(lengths), H, D, generator=g)
+    keys = [torch.randn(T, Hkv, D, generator=g) for T in lengths]
+    kpos = [np.random.default_rng(T).permutation(T + 3)[:T] for T in lengths]  # scattered positions
+    qpos = [int(p.max()) if T > 1 else int(p[0]) for p, T in zip(kpos, lengths)]
+    qpos[2] -= 2  # some of request 2's keys lie after its query
+    out = fn(q, keys, 0.3, qpos, kpos)
+    assert out.shape == (H, sum(lengths))
+    ref = torch.cat([attention_probs(q[b : b + 1], keys[b], torch.tensor([qpos[b]]), 0.3, torch.as_tensor(kpos[b]))[:, 0]
+                     for b in range(len(lengths))], dim=1)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    masked = torch.as_tensor(kpos[2] > qpos[2])
+    seg2 = out[:, sum(lengths[:2]) : sum(lengths[:3])]
+    assert masked.sum() >= 1 and bool((seg2[:, masked] == 0).all())

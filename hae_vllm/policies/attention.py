@@ -54,6 +54,70 @@ def attention_probs(
     return torch.softmax(logits, dim=-1)
 
 
+def decode_probs(
+    queries: torch.Tensor,
+    keys: list[torch.Tensor],
+    scale: float,
+    query_positions: list[int],
+    key_positions: list[np.ndarray],
+) -> torch.Tensor:
+    """:func:`attention_probs` for one decode query per request, many requests at once.
+
+    Args:
+        queries: [B, num_heads, head_dim], one query per request.
+        keys: B tensors [T_b, num_kv_heads, head_dim].
+        query_positions: B ints; key_positions: B arrays [T_b] (keys after the query masked).
+
+    Returns:
+        [num_heads, sum(T_b)] float32: each request's probabilities over its own keys, in
+        request order (``attention_probs(q_b, k_b, ...)[:, 0]`` side by side).  On the host
+        one small matmul per request in numpy (per-call cost dominates at these sizes); on a
+        device one batched product over padded keys.
+    """
+    B, num_heads, head_dim = queries.shape
+    num_kv_heads = keys[0].shape[1]
+    group = num_heads // num_kv_heads
+    if queries.device.type == "cpu" and keys[0].device.type == "cpu":
+        qn = (queries.float() * scale).numpy()
+        parts = []
+        for b in range(B):
+            k = keys[b].float().numpy()  # [T, Hkv, D]
+            logits = np.matmul(qn[b].reshape(num_kv_heads, group, head_dim), k.transpose(1, 2, 0))
+            logits = logits.reshape(num_heads, -1)
+            future = np.asarray(key_positions[b]) > query_positions[b]
+            if future.any():
+                logits[:, future] = -np.inf
+            logits -= logits.max(axis=1, keepdims=True)
+            np.exp(logits, out=logits)
+            logits /= logits.sum(axis=1, keepdims=True)
+            parts.append(logits)
+        return torch.from_numpy(np.concatenate(parts, axis=1))
+    return _decode_probs_torch(queries, keys, scale, query_positions, key_positions)
+
+
+def _decode_probs_torch(queries, keys, scale, query_positions, key_positions) -> torch.Tensor:
+    """:func:`decode_probs` for device tensors: one batched product over padded keys."""
+    B, num_heads, head_dim = queries.shape
+    num_kv_heads = keys[0].shape[1]
+    group = num_heads // num_kv_heads
+    dev = keys[0].device
+    counts = [k.shape[0] for k in keys]
+    n = torch.as_tensor(counts, device=dev)
+    seg = torch.repeat_interleave(torch.arange(B, device=dev), n)
+    offs = torch.arange(int(sum(counts)), device=dev) - torch.repeat_interleave(torch.cumsum(n, 0) - n, n)
+    # Pad to [B, width]: one batched product for all requests, padding masked out.
+    kpad = torch.zeros((B, max(counts), num_kv_heads, head_dim), dtype=torch.float32, device=dev)
+    kpad[seg, offs] = torch.cat(keys).float()
+    q = (queries.float() * scale).view(B, num_kv_heads, group, head_dim)
+    logits = torch.einsum("bkgd,btkd->bkgt", q, kpad)
+    kpos = torch.as_tensor(np.concatenate(key_positions), device=dev)
+    visible = torch.zeros((B, max(counts)), dtype=torch.bool, device=dev)
+    visible[seg, offs] = kpos <= torch.as_tensor(query_positions, device=dev)[seg]
+    logits.masked_fill_(~visible[:, None, None, :], float("-inf"))
+    probs = torch.softmax(logits, dim=-1).view(B, num_heads, -1)
+    return probs[seg, :, offs].T
+
+
 def attention_rows(queries, keys, query_positions, scale) -> torch.Tensor:
     """[nq, T]: probabilities summed over the (local) heads."""
     return attention_probs(queries, keys, query_positions, scale).sum(0)

@@ -39,24 +39,30 @@ class BinEntry:
 @dataclass
 class DecodeState:
     slot_pos: np.ndarray
-    score: torch.Tensor
+    score: np.ndarray  # float32 [positions]
     bin: dict[int, BinEntry] = field(default_factory=dict)
     pending_restore: set[int] = field(default_factory=set)
     steps: int = 0
     by_position: bool = False  # StreamingLLM: park the oldest tokens, never restore
+    # Layer-0 keys by position (this rank's KV heads, as the cache stores them): what decode
+    # scoring reads instead of gathering from the paged cache every step.
+    keys: torch.Tensor | None = None
 
     @classmethod
     def after_prefill(cls, plan, num_tokens: int, block_size: int) -> "DecodeState":
         return cls(
             slot_pos=apply_plan_to_positions(plan, num_tokens, block_size),
-            score=torch.zeros(num_tokens),
+            score=np.zeros(num_tokens, dtype=np.float32),
         )
 
     def ensure(self, num_slots: int) -> None:
         if num_slots > len(self.slot_pos):
             self.slot_pos = np.concatenate([self.slot_pos, np.full(num_slots - len(self.slot_pos), -1)])
-        if num_slots > self.score.numel():
-            self.score = torch.cat([self.score, torch.zeros(num_slots - self.score.numel())])
+        if num_slots > len(self.score):
+            self.score = np.concatenate([self.score, np.zeros(num_slots - len(self.score), dtype=np.float32)])
+        if self.keys is not None and num_slots > self.keys.shape[0]:
+            extra = max(num_slots - self.keys.shape[0], self.keys.shape[0] // 2)  # amortised growth
+            self.keys = torch.cat([self.keys, self.keys.new_zeros((extra,) + tuple(self.keys.shape[1:]))])
 
     def live_slots(self, block_ids: list[int], block_size: int) -> np.ndarray:
         blocks = np.asarray(block_ids[: math.ceil(len(self.slot_pos) / block_size)])
@@ -65,7 +71,7 @@ class DecodeState:
         return s[(self.slot_pos[:n] >= 0) & (blocks[s // block_size] != 0)]
 
     def value(self, entry: BinEntry) -> float:
-        return float(self.score[torch.as_tensor(entry.positions)].mean())
+        return float(self.score[entry.positions].mean())
 
 
 @dataclass
@@ -86,14 +92,16 @@ def decode_limit(cfg: EvictionConfig, num_tokens: int) -> int:
 
 def choose_parking(
     ds: DecodeState, cfg: EvictionConfig, block_ids: list[int], end: int, block_size: int,
-    protected_prefix: int = 0,
+    protected_prefix: int = 0, live: np.ndarray | None = None,
 ):
     """Victim slots to park now (ranked) and the swap plan, or None.
 
     Slots below ``protected_prefix`` are prefix-cache hits shared with other requests: their
-    blocks are never rewritten, so no token in them moves."""
+    blocks are never rewritten, so no token in them moves.  ``live``: ``ds.live_slots``
+    when the caller has it already (nothing moved since)."""
     bs = block_size
-    live = ds.live_slots(block_ids, bs)
+    if live is None:
+        live = ds.live_slots(block_ids, bs)
     excess = len(live) - decode_limit(cfg, end)
     k = excess // bs if excess > 0 else 0
     if k == 0:
@@ -108,11 +116,8 @@ def choose_parking(
     cand = live[evictable]
     if len(cand) < bs:
         return None
-    if ds.by_position:
-        scores = torch.as_tensor(ds.slot_pos[cand], dtype=torch.float32)
-    else:
-        scores = ds.score[torch.as_tensor(ds.slot_pos[cand])]
-    order = torch.argsort(scores, stable=True).numpy()
+    scores = ds.slot_pos[cand] if ds.by_position else ds.score[ds.slot_pos[cand]]
+    order = np.argsort(scores, kind="stable")
     ranked = cand[order]
     plan = plan_compaction(ranked[: k * bs], end, bs)
     if plan.is_empty:
@@ -130,4 +135,4 @@ def weakest_live_value(
     pos = pos[(pos >= cfg.sink_tokens) & (pos < end - cfg.decode_recent_tokens)]
     if len(pos) < bs:
         return None
-    return float(torch.sort(ds.score[torch.as_tensor(pos)]).values[:bs].mean())
+    return float(np.sort(ds.score[pos])[:bs].mean())

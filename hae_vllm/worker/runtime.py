@@ -29,7 +29,7 @@ import torch
 from hae_vllm.config import EvictionConfig, EvictionConfigError, engine_config_from_additional, request_config
 from hae_vllm.layout import SlotLayout
 from hae_vllm.plan import EvictionPlan, plan_compaction
-from hae_vllm.policies.attention import LayerAccumulator, attention_probs
+from hae_vllm.policies.attention import LayerAccumulator, attention_probs, decode_probs
 from hae_vllm.policies.base import AttentionStats, Policy, ScoringRequest
 from hae_vllm.policies.registry import get_policy
 from hae_vllm.worker.decode import BinEntry, DecodeActions, DecodeState, choose_parking, weakest_live_value
@@ -94,6 +94,7 @@ class DecodeTask:
     start: int
     end: int
     block_ids: list[int]
+    live: np.ndarray | None = None  # live slots this step (set by scoring; nothing moves before parking)
 
 
 @dataclass
@@ -383,9 +384,8 @@ class EvictionRuntime:
         layout = self.layout()
         qsl = query_start_loc.tolist()
         num_heads_total = impl.num_heads * self._tp_size
-        if ordinal == 0:
-            for dt in self.decode_tasks:
-                self._score_decode(dt, impl, query, kv_cache, qsl, layout)
+        if ordinal == 0 and self.decode_tasks:
+            self._score_decode(self.decode_tasks, impl, query, key, kv_cache, qsl, layout)
         for task in self.tasks:
             st = task.state
             if not st.scores_layer(ordinal):
@@ -422,22 +422,58 @@ class EvictionRuntime:
             probs = self._tp_group.all_gather(probs.to(q.device).contiguous(), dim=0)
         return probs.cpu()
 
-    def _score_decode(self, dt: DecodeTask, impl, query, kv_cache, qsl, layout) -> None:
-        """Decayed layer-0 attention of the new query over live and binned tokens."""
-        ds, cfg, bs = dt.state.decode, dt.state.cfg, self.block_size
-        live = ds.live_slots(dt.block_ids, bs)
-        table = np.asarray(dt.block_ids)
-        phys = table[live // bs] * bs + live % bs
+    def _score_decode(self, tasks: list[DecodeTask], impl, query, key, kv_cache, qsl, layout) -> None:
+        """Decayed layer-0 attention of each request's new query over its live and binned
+        tokens.  One decode token per request (the usual case): one batched product for all
+        of them; otherwise request by request."""
+        positions = [self._decode_positions(dt, key, kv_cache, qsl, layout) for dt in tasks]
+        if all(dt.end - dt.start == 1 for dt in tasks):
+            q = query[torch.as_tensor([qsl[dt.row] for dt in tasks], device=query.device)]
+            probs = decode_probs(q, [_rows(dt.state.decode.keys, p) for dt, p in zip(tasks, positions)], impl.scale,
+                                 [dt.start for dt in tasks], positions)
+            if self._tp_group is not None:
+                probs = self._tp_group.all_gather(probs.to(query.device).contiguous(), dim=0)
+            masses = probs.mean(0).cpu().split([len(p) for p in positions])
+        else:
+            masses = []
+            for dt, pos in zip(tasks, positions):
+                q0 = qsl[dt.row]
+                probs = self._gather_probs(query[q0 : q0 + (dt.end - dt.start)], _rows(dt.state.decode.keys, pos),
+                                           torch.arange(dt.start, dt.end), torch.as_tensor(pos), impl)
+                masses.append(probs.mean(0).sum(0))
+        for dt, pos, mass in zip(tasks, positions, masses):
+            ds = dt.state.decode
+            ds.score *= dt.state.cfg.decode_decay
+            ds.score[pos] += mass.numpy()  # positions are distinct (live and binned tokens)
+
+    def _decode_positions(self, dt: DecodeTask, key, kv_cache, qsl, layout) -> np.ndarray:
+        """Positions a decode step scores (live, then binned), with their layer-0 keys in the
+        request's copy (``DecodeState.keys``, indexed by position).
+
+        The copy is filled from the paged cache once (first decode step), then from each
+        step's own key rows.  Binned tokens stay readable in the pool until the bin drops them,
+        so the copy holds exactly what the cache holds for every token scored, and decode
+        scoring never gathers from the paged cache again."""
+        ds, bs = dt.state.decode, self.block_size
+        live = dt.live = ds.live_slots(dt.block_ids, bs)
         pos = ds.slot_pos[live]
-        for entry in ds.bin.values():
-            phys = np.concatenate([phys, entry.block_id * bs + np.arange(bs)])
-            pos = np.concatenate([pos, entry.positions])
-        keys = layout.gather_keys(kv_cache, torch.as_tensor(phys, dtype=torch.int64))
+        n = dt.end - dt.start
+        if ds.keys is None:
+            table = np.asarray(dt.block_ids)
+            phys = table[live // bs] * bs + live % bs
+            old = pos < dt.start  # this step's tokens come from the layer input below
+            cached = layout.gather_keys(kv_cache, torch.as_tensor(phys[old], dtype=torch.int64))
+            ds.keys = cached.new_zeros((max(len(ds.slot_pos), dt.end),) + tuple(cached.shape[1:]))
+            ds.keys[torch.as_tensor(pos[old], device=cached.device)] = cached
+            for entry in ds.bin.values():
+                ds.keys[torch.as_tensor(entry.positions, device=cached.device)] = layout.gather_keys(
+                    kv_cache, torch.as_tensor(entry.block_id * bs + np.arange(bs), dtype=torch.int64))
+        ds.ensure(dt.end)
         q0 = qsl[dt.row]
-        qpos = torch.arange(dt.start, dt.end)
-        probs = self._gather_probs(query[q0 : q0 + (dt.end - dt.start)], keys, qpos, torch.as_tensor(pos), impl)
-        ds.score.mul_(cfg.decode_decay)
-        ds.score.index_add_(0, torch.as_tensor(pos, dtype=torch.int64), probs.mean(0).sum(0))
+        ds.keys[dt.start : dt.end] = key[q0 : q0 + n].reshape(n, *ds.keys.shape[1:]).to(ds.keys.dtype)
+        if ds.bin:
+            pos = np.concatenate([pos] + [entry.positions for entry in ds.bin.values()])
+        return pos
 
     def _apply_bin_updates(self, updates) -> None:
         """Scheduler confirmations from the previous step: restored blocks re-enter the table."""
@@ -593,7 +629,7 @@ class EvictionRuntime:
         ds = st.decode
         ds.steps += 1
         acts = DecodeActions()
-        plan = choose_parking(ds, cfg, dt.block_ids, dt.end, bs, st.protected_prefix)
+        plan = choose_parking(ds, cfg, dt.block_ids, dt.end, bs, st.protected_prefix, dt.live)
         if plan is not None:
             src = self._slots(dt.block_ids, plan.move_src)
             dst = self._slots(dt.block_ids, plan.move_dst)
@@ -650,6 +686,13 @@ class EvictionRuntime:
     def take_reports(self) -> dict[str, EvictionReport]:
         reports, self.reports = self.reports, {}
         return reports
+
+
+def _rows(t: torch.Tensor, index: np.ndarray) -> torch.Tensor:
+    """``t[index]`` (numpy indexing on the host: cheaper per call than torch's)."""
+    if t.device.type == "cpu" and t.dtype != torch.bfloat16:
+        return torch.from_numpy(t.numpy()[index])
+    return t[torch.as_tensor(index, device=t.device)]
 
 
 def drop_hole_blocks(
