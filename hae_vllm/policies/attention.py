@@ -44,7 +44,8 @@ def attention_probs(
     qp = query_positions.to(keys.device)
     if key_positions is None:
         # Keys are 0..T-1: only the columns after the earliest query can be in its future.
-        lo = int(qp.min()) + 1 if nq else T
+        # (Read from the caller's tensor, on the host in the runtime: no device sync.)
+        lo = int(query_positions.min()) + 1 if nq else T
         if lo < T:
             mask = torch.arange(lo, T, device=keys.device)[None, :] > qp[:, None]
             logits[:, :, lo:].masked_fill_(mask, float("-inf"))
