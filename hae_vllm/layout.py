@@ -116,6 +116,46 @@ class SlotLayout:
         slots = slots.to(kv_cache.device, torch.int64)
         return (slots // self.block_size * strides[self.block_dim])[:, None] + within[slots % self.block_size]
 
+    def _affine(self, kv_cache: torch.Tensor):
+        """Per K/V plane ``(offset, slot stride, head stride, dim stride)`` when every element of
+        a block sits at ``offset + o*so + h*sh + d*sd`` (all layouts we know: the CPU backend's
+        transposed key plane, its row-major value plane, FlashAttention's), else None (e.g. a
+        VNNI-interleaved plane).  Then a slot is one ``[H, D]`` strided sub-tensor of a view,
+        and moving slots needs two ``[n]`` indices instead of an ``[n, 2*H*D]`` offset table."""
+        strides = kv_cache.stride()
+        cache = self.__dict__.setdefault("_affine_cache", {})
+        if strides in cache:
+            return cache[strides]
+        rest = [st for d, st in enumerate(strides) if d != self.block_dim]
+        w = (self.index * torch.tensor(rest, dtype=torch.int64)).sum(-1)  # [bs, E] element offsets
+        H, D, bs = self.num_kv_heads, self.head_size, self.block_size
+        w = w.view(bs, 2, H, D)
+        planes = []
+        for p in range(2):
+            base = int(w[0, p, 0, 0])
+            so = int(w[1, p, 0, 0]) - base if bs > 1 else 0
+            sh = int(w[0, p, 1, 0]) - base if H > 1 else 0
+            sd = int(w[0, p, 0, 1]) - base if D > 1 else 0
+            o, h, d = torch.meshgrid(torch.arange(bs), torch.arange(H), torch.arange(D), indexing="ij")
+            if min(so, sh, sd) < 0 or not torch.equal(w[:, p], base + o * so + h * sh + d * sd):
+                planes = None
+                break
+            planes.append((base, so, sh, sd))
+        cache[strides] = planes
+        return planes
+
+    def _plane_views(self, kv_cache: torch.Tensor) -> list[torch.Tensor] | None:
+        """``[num_blocks, block_size, H, D]`` views of the K and V planes, or None."""
+        if not kv_cache.is_contiguous():
+            return None
+        planes = self._affine(kv_cache)
+        if planes is None:
+            return None
+        nb, bstride = kv_cache.shape[self.block_dim], kv_cache.stride(self.block_dim)
+        size = (nb, self.block_size, self.num_kv_heads, self.head_size)
+        return [kv_cache.as_strided(size, (bstride, so, sh, sd), kv_cache.storage_offset() + base)
+                for base, so, sh, sd in planes]
+
     def _coords(self, kv_cache: torch.Tensor, slots: torch.Tensor, keys_only: bool = False):
         slots = slots.to(self.index.device, torch.int64)
         blocks = (slots // self.block_size)[:, None]
@@ -137,6 +177,10 @@ class SlotLayout:
 
     def gather_keys(self, kv_cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """[n] slots -> keys [n, H, D] as stored (post-RoPE)."""
+        views = self._plane_views(kv_cache)
+        if views is not None:
+            slots = slots.to(kv_cache.device, torch.int64)
+            return views[0][slots // self.block_size, slots % self.block_size]
         flat = self._flat(kv_cache, slots, keys_only=True)
         if flat is not None:
             return kv_cache.view(-1)[flat].view(-1, self.num_kv_heads, self.head_size)
@@ -170,18 +214,42 @@ class SlotLayout:
                 _, cb = self._coords(kv, b_slots)
                 yield view, ca, cb
 
+    def _split(self, caches: list[torch.Tensor], a_slots: torch.Tensor, b_slots: torch.Tensor):
+        """(affine plane views with (block, offset) index pairs of a and b, other caches)."""
+        views, others, idx = [], [], {}
+        for kv in caches:
+            pv = self._plane_views(kv)
+            if pv is None:
+                others.append(kv)
+                continue
+            dev = str(kv.device)
+            if dev not in idx:
+                a, b = a_slots.to(kv.device, torch.int64), b_slots.to(kv.device, torch.int64)
+                bs = self.block_size
+                idx[dev] = ((a // bs, a % bs), (b // bs, b % bs))
+            views.extend((v, *idx[dev]) for v in pv)
+        return views, others
+
     def move_many(self, caches: list[torch.Tensor], src_slots: torch.Tensor, dst_slots: torch.Tensor) -> None:
         """:meth:`move` on several caches of this layout (the layers of one model)."""
         if src_slots.numel() == 0:
             return
-        for view, src, dst in self._pairs(caches, src_slots, dst_slots):
+        views, others = self._split(caches, src_slots, dst_slots)
+        for view, src, dst in views:
+            view[dst] = view[src]
+        for view, src, dst in self._pairs(others, src_slots, dst_slots):
             view[dst] = view[src]
 
     def swap_many(self, caches: list[torch.Tensor], a_slots: torch.Tensor, b_slots: torch.Tensor) -> None:
         """:meth:`swap` on several caches of this layout."""
         if a_slots.numel() == 0:
             return
-        for view, a, b in self._pairs(caches, a_slots, b_slots):
+        views, others = self._split(caches, a_slots, b_slots)
+        for view, a, b in views:
+            va = view[a].clone()
+            view[a] = view[b]
+            view[b] = va
+        for view, a, b in self._pairs(others, a_slots, b_slots):
             va = view[a].clone()
             view[a] = view[b]
             view[b] = va

@@ -49,3 +49,31 @@ def test_tp2_evicts_like_tp1(tp1, backend, oracle_for):
     for i in range(len(REQS)):
         res, ref = oracle_compare(oracle, tp2, REQS, i)
         assert_matches(res, ref, f"TP=2 request {i}")
+
+
+DECODE_EVICTION = {"method": "hae", "budget": 0.5, "decode_budget": 0.5, "bin_capacity": 2,
+                   "rescore_interval": 4, "restore_margin": 0.5}
+DECODE_REQS = [RequestSpec(text="Tell me a long story about this picture.", images=[95], max_tokens=128)]
+
+
+def test_tp2_decode_eviction_same_on_both_ranks(oracle_for):
+    """Decode scoring gathers every rank's heads before deciding: both ranks park and restore
+    the same tokens, and the result replays on the HF oracle."""
+    from hae_vllm.testing.oracle import MaskedReplay, events_from_trace
+    from hae_vllm.testing.scenario import build_prompt
+
+    rec = run_in_subprocess(ScenarioSpec(model="llava", requests=DECODE_REQS, eviction=DECODE_EVICTION,
+                                         tensor_parallel_size=2, distributed_executor_backend="mp",
+                                         kv_cache_space_gib=1, env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"}))
+    r = rec["results"][0]
+    rank1 = [{k: v for k, v in t.items() if k != "tp_rank"} for t in rec["trace"]
+             if t.get("tp_rank") == 1 and t.get("kind") in ("park", "restore")]
+    rank0 = [{k: v for k, v in t.items() if k != "tp_rank"} for t in r["decode_events"]]
+    kinds = [e["kind"] for e in rank0]
+    assert "park" in kinds and "restore" in kinds, kinds
+    assert rank1 == rank0
+    assert rec["free_blocks_after"] == rec["free_blocks_before"], "blocks leaked"
+    p = build_prompt(rec["model_kind"], DECODE_REQS[0])
+    ref = MaskedReplay(oracle_for(rec["model_path"])).generate(
+        p["prompt"], [p["multi_modal_data"]["image"]], len(r["token_ids"]), events_from_trace(r["evictions"] + r["decode_events"]))
+    assert_matches(r, ref, "TP=2 decode eviction")

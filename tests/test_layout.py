@@ -105,3 +105,52 @@ def test_non_contiguous_cache_uses_coordinates():
     layout.swap(cache, slots[:2], slots[2:])
     assert torch.equal(layout.gather(cache, slots[2:])[:, 1], v[:2])
     assert torch.equal(layout.gather(cache, slots[:2])[:, 0], k[2:])
+
+
+@pytest.mark.parametrize("dtype,isa,bs,H,D", CASES)
+def test_strided_plane_path_equals_offset_table_path(dtype, isa, bs, H, D):
+    """Moves and swaps through the [blocks, slots, H, D] plane views give bit-for-bit what the
+    per-element offset table gives (the path for layouts that are not affine)."""
+    nb = 9
+    write = cpu_writer(isa, bs)
+    layout = SlotLayout.probe(write, (nb, H, bs, 2 * D), dtype, nb, bs, H, D)
+    g = torch.Generator().manual_seed(bs * H + D)
+    caches = [torch.randn(nb, H, bs, 2 * D, generator=g).to(dtype) for _ in range(3)]
+    assert layout._plane_views(caches[0]) is not None, "CPU layouts are affine"
+    table = SlotLayout(layout.block_dim, bs, H, D, layout.index)
+    table._plane_views = lambda kv: None  # force the offset-table path for the reference
+    ref = [c.clone() for c in caches]
+    perm = torch.randperm(nb * bs, generator=g)
+    a, b = perm[:40], perm[40:80]
+    layout.swap_many(caches, a, b)
+    table.swap_many(ref, a, b)
+    layout.move_many(caches, perm[80:100], perm[100:120])
+    table.move_many(ref, perm[80:100], perm[100:120])
+    for c, r in zip(caches, ref):
+        assert torch.equal(c, r)
+    assert torch.equal(layout.gather_keys(caches[1], perm[:50]), table.gather_keys(ref[1], perm[:50]))
+
+
+def test_non_affine_layout_falls_back_to_offset_table():
+    """A block whose elements are not at offset + o*so + h*sh + d*sd (dims reversed for one
+    head) is moved element by element, correctly."""
+    bs, H, D, nb = 8, 2, 4, 4
+
+    def odd_write(k, v, cache, slots):
+        b, o = slots // bs, slots % bs
+        for i in range(len(slots)):
+            for h in range(H):
+                dims = range(D) if h == 0 else reversed(range(D))
+                for j, d in enumerate(dims):
+                    cache[b[i], 0, h, o[i], j] = k[i, h, d]
+                    cache[b[i], 1, h, o[i], j] = v[i, h, d]
+
+    layout = SlotLayout.probe(odd_write, (nb, 2, H, bs, D), torch.float32, nb, bs, H, D)
+    cache = torch.zeros(nb, 2, H, bs, D)
+    assert layout._plane_views(cache) is None
+    slots = torch.tensor([1, 9, 17, 30])
+    k, v = torch.randn(4, H, D), torch.randn(4, H, D)
+    odd_write(k, v, cache, slots)
+    layout.swap(cache, slots[:2], slots[2:])
+    assert torch.equal(layout.gather_keys(cache, slots[2:]), k[:2])
+    assert torch.equal(layout.gather(cache, slots[:2])[:, 1], v[2:])

@@ -228,3 +228,23 @@ def test_decode_probs_match_per_request_attention(H, Hkv, impl):
     masked = torch.as_tensor(kpos[2] > qpos[2])
     seg2 = out[:, sum(lengths[:2]) : sum(lengths[:3])]
     assert masked.sum() >= 1 and bool((seg2[:, masked] == 0).all())
+
+
+@pytest.mark.parametrize("H,Hkv,T,with_key_positions", [(4, 2, 37, False), (8, 1, 70, True), (3, 3, 9, False), (6, 2, 50, True)])
+def test_attention_probs_host_path_matches_torch_path(H, Hkv, T, with_key_positions):
+    """attention_probs on the host (numpy) and the device path (torch, run here on CPU tensors)
+    give the same probabilities, masks included."""
+    from hae_vllm.policies.attention import _attention_probs_torch
+
+    g = torch.Generator().manual_seed(T + H)
+    q = torch.randn(min(T, 6), H, 16, generator=g)
+    k = torch.randn(T, Hkv, 16, generator=g)
+    qpos = torch.sort(torch.randperm(T, generator=g)[: q.shape[0]]).values
+    kpos = torch.randperm(T + 5, generator=g)[:T] if with_key_positions else None
+    if kpos is not None:
+        qpos = torch.maximum(qpos, kpos.min())  # every query sees at least one key
+    host = attention_probs(q, k, qpos, 0.25, kpos)
+    dev = _attention_probs_torch(q, k, qpos, 0.25, kpos)
+    torch.testing.assert_close(host, dev, rtol=1e-5, atol=1e-6)
+    future = (torch.arange(T) if kpos is None else kpos)[None, :] > qpos[:, None]
+    assert bool((host[:, future] == 0).all()) and torch.allclose(host.sum(-1), torch.ones(H, q.shape[0]))

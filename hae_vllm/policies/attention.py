@@ -34,6 +34,37 @@ def attention_probs(
     Returns:
         [num_heads, nq, T] float32 probabilities (GQA folded without copying keys).
     """
+    if queries.device.type == "cpu" and keys.device.type == "cpu":
+        # Host: the same computation in numpy (per-call cost dominates at these sizes).
+        qp = query_positions.cpu().numpy()
+        kp = np.arange(keys.shape[0]) if key_positions is None else np.asarray(key_positions)
+        return torch.from_numpy(_probs_np((queries.float() * scale).numpy(), keys.float().numpy(),
+                                          kp[None, :] > qp[:, None]))
+    return _attention_probs_torch(queries, keys, query_positions, scale, key_positions)
+
+
+def _probs_np(q: np.ndarray, k: np.ndarray, future: np.ndarray) -> np.ndarray:
+    """Softmax attention in numpy: q [nq, H, D] (already scaled), k [T, Hkv, D], future [nq, T]
+    (True: masked).  Returns [H, nq, T] float32."""
+    nq, num_heads, head_dim = q.shape
+    T, num_kv_heads, _ = k.shape
+    group = num_heads // num_kv_heads
+    # Head h = kv_head * group + g, as in the torch path.
+    qq = q.transpose(1, 0, 2).reshape(num_kv_heads, group * nq, head_dim)
+    # The product goes through torch: numpy's BLAS would start threads of its own, which then
+    # contend with torch's on the engine's cores (measured: prefill forward time doubled).
+    logits = torch.matmul(torch.from_numpy(qq), torch.from_numpy(k).permute(1, 2, 0)).numpy()
+    logits = logits.reshape(num_heads, nq, T)
+    if future.any():
+        logits[:, future] = -np.inf
+    logits -= logits.max(axis=-1, keepdims=True)
+    np.exp(logits, out=logits)
+    logits /= logits.sum(axis=-1, keepdims=True)
+    return logits
+
+
+def _attention_probs_torch(queries, keys, query_positions, scale, key_positions=None) -> torch.Tensor:
+    """:func:`attention_probs` for device tensors."""
     nq, num_heads, head_dim = queries.shape
     T, num_kv_heads, _ = keys.shape
     group = num_heads // num_kv_heads
@@ -75,23 +106,11 @@ def decode_probs(
         one small matmul per request in numpy (per-call cost dominates at these sizes); on a
         device one batched product over padded keys.
     """
-    B, num_heads, head_dim = queries.shape
-    num_kv_heads = keys[0].shape[1]
-    group = num_heads // num_kv_heads
+    B = queries.shape[0]
     if queries.device.type == "cpu" and keys[0].device.type == "cpu":
         qn = (queries.float() * scale).numpy()
-        parts = []
-        for b in range(B):
-            k = keys[b].float().numpy()  # [T, Hkv, D]
-            logits = np.matmul(qn[b].reshape(num_kv_heads, group, head_dim), k.transpose(1, 2, 0))
-            logits = logits.reshape(num_heads, -1)
-            future = np.asarray(key_positions[b]) > query_positions[b]
-            if future.any():
-                logits[:, future] = -np.inf
-            logits -= logits.max(axis=1, keepdims=True)
-            np.exp(logits, out=logits)
-            logits /= logits.sum(axis=1, keepdims=True)
-            parts.append(logits)
+        parts = [_probs_np(qn[b : b + 1], keys[b].float().numpy(), (np.asarray(key_positions[b]) > query_positions[b])[None, :])[:, 0]
+                 for b in range(B)]
         return torch.from_numpy(np.concatenate(parts, axis=1))
     return _decode_probs_torch(queries, keys, scale, query_positions, key_positions)
 
@@ -154,11 +173,14 @@ class LayerAccumulator:
         if nq == 0:
             return
         self._grow(T)
-        rows = probs.mean(0)  # head-averaged [nq, T]
-        self.g[:T] += rows.sum(0)
-        torch.maximum(self.m[:T], rows.amax(0), out=self.m[:T])
+        # numpy views of the (CPU) accumulators: a few small reductions per chunk.
+        p = probs.float().numpy()
+        rows = p.mean(axis=0)  # head-averaged [nq, T]
+        self.g.numpy()[:T] += rows.sum(axis=0)
+        m = self.m.numpy()[:T]
+        np.maximum(m, rows.max(axis=0), out=m)
         if self.head_sum is not None:
-            self.head_sum[:, :T] += probs.sum(1)
+            self.head_sum.numpy()[:, :T] += p.sum(axis=1)
         self._query_positions.append(np.asarray(query_positions.cpu(), dtype=np.int64))
         self.num_queries += nq
 
