@@ -111,7 +111,7 @@ class SlotLayout:
         if within is None:
             rest = [st for d, st in enumerate(strides) if d != self.block_dim]
             idx = self.index[:, : self.num_kv_heads * self.head_size] if keys_only else self.index
-            within = (idx * torch.tensor(rest, dtype=torch.int64)).sum(-1).to(kv_cache.device)  # [bs, E]
+            within = _offsets(idx, rest).to(kv_cache.device)  # [bs, E]
             cache[key] = within
         slots = slots.to(kv_cache.device, torch.int64)
         return (slots // self.block_size * strides[self.block_dim])[:, None] + within[slots % self.block_size]
@@ -127,7 +127,7 @@ class SlotLayout:
         if strides in cache:
             return cache[strides]
         rest = [st for d, st in enumerate(strides) if d != self.block_dim]
-        w = (self.index * torch.tensor(rest, dtype=torch.int64)).sum(-1)  # [bs, E] element offsets
+        w = _offsets(self.index, rest).cpu()  # [bs, E] element offsets
         H, D, bs = self.num_kv_heads, self.head_size, self.block_size
         w = w.view(bs, 2, H, D)
         planes = []
@@ -253,3 +253,10 @@ class SlotLayout:
             va = view[a].clone()
             view[a] = view[b]
             view[b] = va
+
+
+def _offsets(index: torch.Tensor, strides: list[int]) -> torch.Tensor:
+    """Element offsets of probed coordinates ``index [..., ndim-1]`` under ``strides``, on the
+    index's device (the probe runs on the cache's device: a CUDA index times a host tensor
+    would fail)."""
+    return (index * torch.tensor(strides, dtype=torch.int64, device=index.device)).sum(-1)
