@@ -20,8 +20,8 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from hae_vllm.kernels.compaction import move_slots, move_slots_ref  # noqa: E402
-from hae_vllm.kernels.scoring import attention_mass, attention_mass_ref  # noqa: E402
+from hae_vllm.kernels.compaction import SlotGeometry, move_slots, move_slots_ref  # noqa: E402
+from hae_vllm.kernels.scoring import attention_stats, attention_stats_ref  # noqa: E402
 
 
 def bench(fn, iters=50):
@@ -54,19 +54,21 @@ def main() -> None:
     table = torch.randperm(nb, device="cuda")[: T // bs]
     q = torch.randn(nq, H, D, device="cuda", dtype=torch.float16)
     qpos = torch.full((nq,), T - 1, device="cuda")
-    t_tri = bench(lambda: attention_mass(q, kc, table, qpos, T, D**-0.5, impl="triton"))
-    t_ref = bench(lambda: attention_mass_ref(q, kc, table, qpos, T, D**-0.5))
-    # Two passes over the keys per query-head row; rows of one kv head share reads in cache.
-    scoring_bytes = 2 * T * Hkv * D * 2 + nq * T * 4
-    rows.append({"op": "attention_mass", "shape": dict(H=H, Hkv=Hkv, D=D, T=T, nq=nq), "triton_ms": t_tri, "torch_ms": t_ref,
+    t_tri = bench(lambda: attention_stats(q, kc, table, qpos, T, D**-0.5, per_head=True, impl="triton"))
+    t_ref = bench(lambda: attention_stats_ref(q, kc, table, qpos, T, D**-0.5, per_head=True))
+    # Two passes, each reading every key once per KV head; the per-KV-head partial rows and
+    # the per-head sums written once.
+    scoring_bytes = 2 * T * Hkv * D * 2 + Hkv * nq * T * 4 + H * T * 4
+    rows.append({"op": "attention_stats", "shape": dict(H=H, Hkv=Hkv, D=D, T=T, nq=nq), "triton_ms": t_tri, "torch_ms": t_ref,
                  "bytes": scoring_bytes, "gbps": scoring_bytes / t_tri / 1e6})
-    # Compaction: move 1024 slots in all 32 layers at once.
+    # Compaction: move 1024 slots in all 32 layers (separate caches) at once.
     L, n = 32, 1024
-    caches = torch.randn(L, 2, nb, bs, Hkv, D, device="cuda", dtype=torch.float16)
+    caches = [torch.randn(2, nb, bs, Hkv, D, device="cuda", dtype=torch.float16) for _ in range(L)]
+    geom = SlotGeometry.flash(nb, bs, Hkv, D)
     perm = torch.randperm(nb * bs, device="cuda")
     src, dst = perm[:n], perm[n : 2 * n]
-    t_tri = bench(lambda: move_slots(caches, src, dst, impl="triton"))
-    t_ref = bench(lambda: move_slots_ref(caches, src, dst))
+    t_tri = bench(lambda: move_slots(caches, geom, src, dst, impl="triton"))
+    t_ref = bench(lambda: move_slots_ref(caches, geom, src, dst))
     comp_bytes = 2 * L * 2 * n * Hkv * D * 2
     rows.append({"op": "move_slots", "shape": dict(L=L, n=n, Hkv=Hkv, D=D), "triton_ms": t_tri, "torch_ms": t_ref,
                  "bytes": comp_bytes, "gbps": comp_bytes / t_tri / 1e6})

@@ -15,6 +15,8 @@ from typing import Callable
 
 import torch
 
+from hae_vllm.kernels.compaction import SlotGeometry, move_slots
+
 # Digits of 6 bits are exact in every floating KV dtype we accept (fp32, fp16, bf16).
 _DIGIT_BITS = 6
 _BASE = 1 << _DIGIT_BITS
@@ -144,17 +146,27 @@ class SlotLayout:
         cache[strides] = planes
         return planes
 
-    def _plane_views(self, kv_cache: torch.Tensor) -> list[torch.Tensor] | None:
-        """``[num_blocks, block_size, H, D]`` views of the K and V planes, or None."""
+    def geometry(self, kv_cache: torch.Tensor) -> SlotGeometry | None:
+        """The cache's slot geometry (what the compaction kernel needs) when the layout is
+        affine and the cache contiguous, else None."""
         if not kv_cache.is_contiguous():
             return None
         planes = self._affine(kv_cache)
         if planes is None:
             return None
-        nb, bstride = kv_cache.shape[self.block_dim], kv_cache.stride(self.block_dim)
-        size = (nb, self.block_size, self.num_kv_heads, self.head_size)
-        return [kv_cache.as_strided(size, (bstride, so, sh, sd), kv_cache.storage_offset() + base)
-                for base, so, sh, sd in planes]
+        return SlotGeometry(kv_cache.shape[self.block_dim], self.block_size, self.num_kv_heads, self.head_size,
+                            kv_cache.stride(self.block_dim), tuple(planes))
+
+    def _plane_views(self, kv_cache: torch.Tensor) -> list[torch.Tensor] | None:
+        """``[num_blocks, block_size, H, D]`` views of the K and V planes, or None."""
+        geom = self.geometry(kv_cache)
+        return None if geom is None else geom.views(kv_cache)
+
+    def key_plane(self, kv_cache: torch.Tensor) -> torch.Tensor | None:
+        """``[num_blocks, block_size, H, D]`` view of the key plane (what the scoring kernel
+        reads in place), or None when the layout is not affine."""
+        views = self._plane_views(kv_cache)
+        return None if views is None else views[0]
 
     def _coords(self, kv_cache: torch.Tensor, slots: torch.Tensor, keys_only: bool = False):
         slots = slots.to(self.index.device, torch.int64)
@@ -214,44 +226,38 @@ class SlotLayout:
                 _, cb = self._coords(kv, b_slots)
                 yield view, ca, cb
 
-    def _split(self, caches: list[torch.Tensor], a_slots: torch.Tensor, b_slots: torch.Tensor):
-        """(affine plane views with (block, offset) index pairs of a and b, other caches)."""
-        views, others, idx = [], [], {}
+    def _split(self, caches: list[torch.Tensor]):
+        """(caches grouped by geometry, dtype and device: the compaction kernel's unit; others)."""
+        groups: dict = {}
+        others = []
         for kv in caches:
-            pv = self._plane_views(kv)
-            if pv is None:
+            geom = self.geometry(kv)
+            if geom is None:
                 others.append(kv)
-                continue
-            dev = str(kv.device)
-            if dev not in idx:
-                a, b = a_slots.to(kv.device, torch.int64), b_slots.to(kv.device, torch.int64)
-                bs = self.block_size
-                idx[dev] = ((a // bs, a % bs), (b // bs, b % bs))
-            views.extend((v, *idx[dev]) for v in pv)
-        return views, others
+            else:
+                groups.setdefault((geom, kv.dtype, str(kv.device)), []).append(kv)
+        return [(key[0], group) for key, group in groups.items()], others
 
     def move_many(self, caches: list[torch.Tensor], src_slots: torch.Tensor, dst_slots: torch.Tensor) -> None:
-        """:meth:`move` on several caches of this layout (the layers of one model)."""
-        if src_slots.numel() == 0:
-            return
-        views, others = self._split(caches, src_slots, dst_slots)
-        for view, src, dst in views:
-            view[dst] = view[src]
-        for view, src, dst in self._pairs(others, src_slots, dst_slots):
-            view[dst] = view[src]
+        """:meth:`move` on several caches of this layout (the layers of one model): one
+        :func:`~hae_vllm.kernels.compaction.move_slots` per geometry (Triton on CUDA, indexed
+        plane copies on the CPU), the offset table for layouts that are not affine."""
+        self._move_many(caches, src_slots, dst_slots, swap=False)
 
     def swap_many(self, caches: list[torch.Tensor], a_slots: torch.Tensor, b_slots: torch.Tensor) -> None:
         """:meth:`swap` on several caches of this layout."""
+        self._move_many(caches, a_slots, b_slots, swap=True)
+
+    def _move_many(self, caches, a_slots, b_slots, swap: bool) -> None:
         if a_slots.numel() == 0:
             return
-        views, others = self._split(caches, a_slots, b_slots)
-        for view, a, b in views:
-            va = view[a].clone()
-            view[a] = view[b]
-            view[b] = va
+        groups, others = self._split(caches)
+        for geom, group in groups:
+            move_slots(group, geom, a_slots, b_slots, swap=swap)
         for view, a, b in self._pairs(others, a_slots, b_slots):
-            va = view[a].clone()
-            view[a] = view[b]
+            va = view[a].clone() if swap else view[a]
+            if swap:
+                view[a] = view[b]
             view[b] = va
 
 

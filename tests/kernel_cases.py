@@ -1,5 +1,6 @@
 """Triton kernels against their torch references (TRITON_INTERPRET=1 on CPU, CUDA when present):
-random inputs, odd shapes (non-powers of two, a single key, empty), every dtype in use.
+random inputs, odd shapes (non-powers of two, a single key, empty), every dtype in use, and both
+cache layouts the engine meets (FlashAttention's, and the CPU backend's transposed key plane).
 
 Run through tests/test_kernels.py in a fresh process: importing vLLM on CPU changes Triton's
 global state, which breaks the interpreter for later kernels in the same process."""
@@ -11,50 +12,149 @@ import torch
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first kernel launch
 
-from hae_vllm.kernels.compaction import move_slots, move_slots_ref  # noqa: E402
-from hae_vllm.kernels.scoring import HAS_TRITON, attention_mass, attention_mass_ref  # noqa: E402
+from hae_vllm.kernels.compaction import SlotGeometry, move_slots, move_slots_ref  # noqa: E402
+from hae_vllm.kernels.scoring import HAS_TRITON, attention_mass, attention_stats, attention_stats_ref  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
+def _key_plane(nb, bs, Hkv, D, dtype, transposed, g):
+    """[nb, bs, Hkv, D] keys: contiguous (FlashAttention) or a view of [nb, Hkv, D, bs] storage
+    (the CPU backend's transposed key plane)."""
+    if transposed:
+        return torch.randn(nb, Hkv, D, bs, generator=g).to(dtype).to(DEVICE).permute(0, 3, 1, 2)
+    return torch.randn(nb, bs, Hkv, D, generator=g).to(dtype).to(DEVICE)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("H,Hkv,D,bs,T,nq", [(4, 2, 32, 16, 77, 5), (3, 1, 24, 16, 1, 1), (2, 2, 80, 32, 130, 3), (8, 4, 64, 16, 40, 0)])
-def test_attention_mass_matches_reference(dtype, H, Hkv, D, bs, T, nq):
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("H,Hkv,D,bs,T,nq", [(4, 2, 32, 16, 77, 5), (3, 1, 24, 16, 1, 1), (2, 2, 80, 32, 130, 3),
+                                             (8, 4, 64, 16, 40, 0), (6, 2, 16, 32, 150, 21)])
+def test_attention_stats_matches_reference(dtype, transposed, H, Hkv, D, bs, T, nq):
     g = torch.Generator().manual_seed(T + D)
     nb = (T + bs - 1) // bs + 3
-    key_cache = torch.randn(nb, bs, Hkv, D, generator=g).to(dtype).to(DEVICE)
+    plane = _key_plane(nb, bs, Hkv, D, dtype, transposed, g)
     table = torch.randperm(nb, generator=g)[: (T + bs - 1) // bs].to(DEVICE)
     q = torch.randn(nq, H, D, generator=g).to(dtype).to(DEVICE)
     qpos = torch.sort(torch.randint(0, T, (nq,), generator=g)).values.to(DEVICE)
-    got = attention_mass(q, key_cache, table, qpos, T, D**-0.5, impl="triton")
-    ref = attention_mass_ref(q, key_cache, table, qpos, T, D**-0.5)
-    assert got.shape == (nq, T)
-    torch.testing.assert_close(got, ref, rtol=TOL[dtype], atol=TOL[dtype])
+    rows, hs = attention_stats(q, plane, table, qpos, T, D**-0.5, per_head=True, impl="triton")
+    ref_rows, ref_hs = attention_stats_ref(q, plane, table, qpos, T, D**-0.5, per_head=True)
+    assert rows.shape == (nq, T) and hs.shape == (H, T)
+    torch.testing.assert_close(rows, ref_rows, rtol=TOL[dtype], atol=TOL[dtype])
+    torch.testing.assert_close(hs, ref_hs, rtol=TOL[dtype], atol=TOL[dtype])
+    if nq:  # each row is a sum of H probability distributions over its visible keys
+        torch.testing.assert_close(rows.sum(1).cpu(), torch.full((nq,), float(H)), rtol=1e-4, atol=1e-4)
+    mass = attention_mass(q, plane, table, qpos, T, D**-0.5, impl="triton")
+    assert torch.equal(mass, rows)  # deterministic: no atomics
 
 
-def test_attention_mass_checks_shapes():
+def test_attention_stats_reference_against_dense_softmax():
+    """The reference itself, against a direct per-head softmax over gathered keys."""
+    g = torch.Generator().manual_seed(3)
+    H, Hkv, D, bs, T = 4, 2, 16, 16, 40
+    plane = _key_plane(4, bs, Hkv, D, torch.float32, True, g)
+    table = torch.tensor([2, 0, 3])
+    q = torch.randn(3, H, D, generator=g)
+    qpos = torch.tensor([5, 20, 39])
+    rows, hs = attention_stats_ref(q, plane, table, qpos, T, 0.25, per_head=True)
+    keys = torch.stack([plane[table[j // bs], j % bs] for j in range(T)])  # [T, Hkv, D]
+    want = torch.zeros(H, 3, T)
+    for h in range(H):
+        for i in range(3):
+            n = int(qpos[i]) + 1
+            want[h, i, :n] = torch.softmax(keys[:n, h // (H // Hkv)] @ q[i, h] * 0.25, 0)
+    torch.testing.assert_close(rows, want.sum(0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(hs, want.sum(1), rtol=1e-5, atol=1e-6)
+
+
+def test_attention_stats_checks_shapes():
     with pytest.raises(ValueError):
-        attention_mass(torch.zeros(1, 4, 16), torch.zeros(2, 16, 3, 16), torch.zeros(2), torch.zeros(1), 8, 1.0)
+        attention_stats(torch.zeros(1, 4, 16), torch.zeros(2, 16, 3, 16), torch.zeros(2), torch.zeros(1), 8, 1.0)
     with pytest.raises(ValueError):
-        attention_mass(torch.zeros(1, 4, 16), torch.zeros(2, 16, 2, 16), torch.zeros(1), torch.zeros(1), 40, 1.0)
+        attention_stats(torch.zeros(1, 4, 16), torch.zeros(2, 16, 2, 16), torch.zeros(1), torch.zeros(1), 40, 1.0)
+
+
+def _caches(L, nb, bs, H, D, dtype, layout, g):
+    """L separately allocated layer caches and their geometry: FlashAttention's
+    [2, nb, bs, H, D], or a CPU-like [nb, 2, ...] block with the key plane transposed."""
+    if layout == "flash":
+        caches = [torch.randn(2, nb, bs, H, D, generator=g).to(dtype).to(DEVICE) for _ in range(L)]
+        return caches, SlotGeometry.flash(nb, bs, H, D)
+    # Per block: K as [H, D, bs] (element (h, d, o) at h*D*bs + d*bs + o), then V as [bs, H, D].
+    per = bs * H * D
+    caches = [torch.randn(nb, 2 * per, generator=g).to(dtype).to(DEVICE) for _ in range(L)]
+    return caches, SlotGeometry(nb, bs, H, D, 2 * per, ((0, 1, D * bs, bs), (per, H * D, D, 1)))
+
+
+def _naive_move(caches, geom, src, dst, swap):
+    """Element by element through the geometry's formula (independent of both implementations)."""
+    bs, H, D = geom.block_size, geom.num_kv_heads, geom.head_size
+    for c in caches:
+        flat = c.view(-1)
+        for s, t in zip(src.tolist(), dst.tolist()):
+            for off, so, sh, sd in geom.planes:
+                for h in range(H):
+                    for d in range(D):
+                        a = off + s // bs * geom.block_stride + s % bs * so + h * sh + d * sd
+                        b = off + t // bs * geom.block_stride + t % bs * so + h * sh + d * sd
+                        va, vb = flat[a].clone(), flat[b].clone()
+                        flat[b] = va
+                        if swap:
+                            flat[a] = vb
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("swap", [False, True])
+@pytest.mark.parametrize("layout", ["flash", "cpu"])
 @pytest.mark.parametrize("L,nb,bs,H,D,n", [(3, 6, 16, 2, 32, 7), (1, 4, 16, 1, 24, 1), (4, 5, 32, 3, 40, 0)])
-def test_move_slots_matches_reference(dtype, swap, L, nb, bs, H, D, n):
+def test_move_slots_matches_reference(dtype, swap, layout, L, nb, bs, H, D, n):
     g = torch.Generator().manual_seed(n + D)
-    caches = torch.randn(L, 2, nb, bs, H, D, generator=g).to(dtype).to(DEVICE)
+    caches, geom = _caches(L, nb, bs, H, D, dtype, layout, g)
     perm = torch.randperm(nb * bs, generator=g)
     src, dst = perm[:n].to(DEVICE), perm[n : 2 * n].to(DEVICE)
-    ref = caches.clone()
-    move_slots_ref(ref, src, dst, swap)
-    move_slots(caches, src, dst, swap, impl="triton")
-    assert torch.equal(caches, ref)
+    ref = [c.clone() for c in caches]
+    move_slots_ref(ref, geom, src, dst, swap)
+    move_slots(caches, geom, src, dst, swap, impl="triton")
+    for c, r in zip(caches, ref):
+        assert torch.equal(c, r)
+
+
+@pytest.mark.parametrize("swap", [False, True])
+@pytest.mark.parametrize("layout", ["flash", "cpu"])
+def test_move_slots_reference_against_naive(swap, layout):
+    g = torch.Generator().manual_seed(7)
+    caches, geom = _caches(2, 3, 16, 2, 4, torch.float32, layout, g)
+    src, dst = torch.tensor([0, 17, 33]), torch.tensor([5, 40, 18])
+    want = [c.clone() for c in caches]
+    _naive_move(want, geom, src, dst, swap)
+    move_slots_ref(caches, geom, src, dst, swap)
+    assert all(torch.equal(c, w) for c, w in zip(caches, want))
+    assert not all(torch.equal(c, w) for c, w in zip(caches, _caches(2, 3, 16, 2, 4, torch.float32, layout,
+                                                                       torch.Generator().manual_seed(7))[0]))
+
+
+def test_move_slots_views_of_one_buffer():
+    """Layers as views into one allocation (how vLLM may carve its KV buffer), at offsets."""
+    g = torch.Generator().manual_seed(1)
+    nb, bs, H, D = 4, 16, 2, 8
+    buf = torch.randn(3 * 2 * nb * bs * H * D + 5, generator=g).to(DEVICE)
+    geom = SlotGeometry.flash(nb, bs, H, D)
+    per = 2 * nb * bs * H * D
+    caches = [buf[5 + i * per : 5 + (i + 1) * per].view(2, nb, bs, H, D) for i in (2, 0, 1)]
+    ref_buf = buf.clone()
+    ref = [ref_buf[5 + i * per : 5 + (i + 1) * per].view(2, nb, bs, H, D) for i in (2, 0, 1)]
+    src, dst = torch.tensor([3, 20, 61]).to(DEVICE), torch.tensor([9, 33, 2]).to(DEVICE)
+    move_slots_ref(ref, geom, src, dst, True)
+    move_slots(caches, geom, src, dst, True, impl="triton")
+    assert torch.equal(buf, ref_buf)
 
 
 def test_move_slots_checks_shapes():
+    geom = SlotGeometry.flash(4, 16, 1, 8)
     with pytest.raises(ValueError):
-        move_slots(torch.zeros(2, 3, 4, 16, 1, 8), torch.zeros(1), torch.zeros(1))
+        move_slots([torch.zeros(2, 4, 16, 1, 8)], geom, torch.zeros(2), torch.zeros(1))
+    with pytest.raises(ValueError):
+        move_slots([torch.zeros(2, 4, 16, 1, 8), torch.zeros(2, 4, 16, 1, 8, dtype=torch.float16)], geom,
+                   torch.zeros(1), torch.zeros(1))

@@ -118,7 +118,7 @@ def test_strided_plane_path_equals_offset_table_path(dtype, isa, bs, H, D):
     caches = [torch.randn(nb, H, bs, 2 * D, generator=g).to(dtype) for _ in range(3)]
     assert layout._plane_views(caches[0]) is not None, "CPU layouts are affine"
     table = SlotLayout(layout.block_dim, bs, H, D, layout.index)
-    table._plane_views = lambda kv: None  # force the offset-table path for the reference
+    table.geometry = lambda kv: None  # force the offset-table path for the reference
     ref = [c.clone() for c in caches]
     perm = torch.randperm(nb * bs, generator=g)
     a, b = perm[:40], perm[40:80]

@@ -3,8 +3,10 @@
 NOT verified end to end: no machine here runs vLLM's CUDA build (the lent GPU has torch and
 Triton but no vLLM).  What is shared with the CPU path and tested there: hole dropping, the
 layout probe (the FlashAttention cache ``[2, num_blocks, block_size, heads, dim]`` is handled by
-the same advanced-index code, checked on CPU tensors in tests/test_layout.py), scoring and
-compaction.  ``hae_vllm.patches.engine_args`` forces the V1 model runner and piecewise CUDA
+the same code, checked on CPU tensors in tests/test_layout.py), and the Triton kernels this path
+uses for layer-0 scoring and compaction (``hae_vllm.kernels``): the engine runs them on the CPU
+cache through Triton's interpreter in tests/test_engine_kernels.py, against the torch path and
+the HF oracle.  ``hae_vllm.patches.engine_args`` forces the V1 model runner and piecewise CUDA
 graphs when eviction is on: attention (where holes are dropped and layer 0 is scored) then runs
 eagerly between captured pieces.
 """

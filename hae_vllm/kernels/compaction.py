@@ -1,17 +1,26 @@
 """Compaction: move (or swap) token slots of every layer in one launch.
 
-Caches are FlashAttention-shaped ``[2, num_blocks, block_size, kv_heads, head_dim]`` per layer;
-the kernel takes the layers stacked as one tensor ``[L, 2, num_blocks, block_size, Hkv, D]``
-(vLLM allocates them from one buffer on CUDA when their shapes agree) and a list of
-``(src_slot, dst_slot)`` pairs.  Each program moves one slot pair's ``2 * Hkv * D`` elements of
-one layer.  The torch reference (also the CPU path) is an advanced-index copy.
+A slot's elements sit wherever the attention backend put them; :class:`SlotGeometry` describes
+any *affine* layout (what ``SlotLayout`` derives by probing the backend): element
+``(plane p, head h, dim d)`` of slot ``o`` of block ``b`` is at element offset
+``planes[p].offset + b * block_stride + o * planes[p].slot + h * planes[p].head + d * planes[p].dim``
+from the start of a layer's cache.  FlashAttention's ``[2, num_blocks, block_size, H, D]`` and
+the CPU backend's transposed key plane are both affine.
+
+:func:`move_slots` copies slot ``src[k]`` into ``dst[k]`` (or exchanges them) in every layer and
+both K/V planes.  Triton: one launch, one program per (slot pair, layer, plane) moving its
+``H * D`` elements; layers are addressed as element offsets from the first layer's cache, so
+they need not be one tensor.  The torch reference, :func:`move_slots_ref` (the CPU path), does
+one indexed copy per plane view.
 """
 
 from __future__ import annotations
 
-import os
+from dataclasses import dataclass
 
 import torch
+
+from hae_vllm.kernels.scoring import use_triton
 
 try:
     import triton
@@ -22,57 +31,111 @@ except Exception:  # pragma: no cover
     HAS_TRITON = False
 
 
-def move_slots_ref(caches: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, swap: bool = False) -> None:
-    """caches: [L, 2, nb, bs, Hkv, D]; src/dst: [n] flat slot ids (block * bs + offset), disjoint."""
-    L, _, nb, bs, H, D = caches.shape
-    flat = caches.view(L, 2, nb * bs, H, D)
-    src, dst = src.long(), dst.long()
-    a = flat[:, :, src].clone()
-    if swap:
-        flat[:, :, src] = flat[:, :, dst]
-    flat[:, :, dst] = a
+@dataclass(frozen=True)
+class SlotGeometry:
+    num_blocks: int
+    block_size: int
+    num_kv_heads: int
+    head_size: int
+    block_stride: int
+    # Per K/V plane, in elements: (offset, slot stride, head stride, dim stride).
+    planes: tuple[tuple[int, int, int, int], tuple[int, int, int, int]]
+
+    @classmethod
+    def flash(cls, num_blocks: int, block_size: int, num_kv_heads: int, head_size: int) -> "SlotGeometry":
+        """A contiguous FlashAttention cache ``[2, num_blocks, block_size, H, D]``."""
+        H, D = num_kv_heads, head_size
+        plane = num_blocks * block_size * H * D
+        return cls(num_blocks, block_size, H, D, block_size * H * D,
+                   ((0, H * D, D, 1), (plane, H * D, D, 1)))
+
+    def views(self, cache: torch.Tensor) -> list[torch.Tensor]:
+        """``[num_blocks, block_size, H, D]`` views of the K and V planes of one layer's cache."""
+        size = (self.num_blocks, self.block_size, self.num_kv_heads, self.head_size)
+        return [cache.as_strided(size, (self.block_stride, so, sh, sd), cache.storage_offset() + off)
+                for off, so, sh, sd in self.planes]
+
+
+def move_slots_ref(caches: list[torch.Tensor], geom: SlotGeometry, src: torch.Tensor, dst: torch.Tensor,
+                   swap: bool = False) -> None:
+    """Torch reference and CPU path: one indexed copy per plane view.  src/dst: [n] flat slot ids
+    (block * block_size + offset), disjoint sets."""
+    if src.numel() == 0:
+        return
+    bs = geom.block_size
+    dev = caches[0].device
+    src, dst = src.to(dev, torch.int64), dst.to(dev, torch.int64)
+    a, b = (src // bs, src % bs), (dst // bs, dst % bs)
+    for cache in caches:
+        for view in geom.views(cache):
+            if swap:
+                va = view[a].clone()
+                view[a] = view[b]
+                view[b] = va
+            else:
+                view[b] = view[a]
 
 
 if HAS_TRITON:
 
     @triton.jit
     def _move_slots_kernel(
-        cache_ptr, src_ptr, dst_ptr,
-        stride_l, stride_plane, stride_slot,
-        SWAP: tl.constexpr, ELEMS: tl.constexpr, ELEMS_PAD: tl.constexpr,
+        base_ptr, layer_off_ptr, plane_ptr, src_ptr, dst_ptr, block_stride,
+        SWAP: tl.constexpr, BLOCK_SIZE: tl.constexpr, D: tl.constexpr, ELEMS: tl.constexpr,
+        ELEMS_PAD: tl.constexpr,
     ):
         pair = tl.program_id(0)
         layer = tl.program_id(1)
         plane = tl.program_id(2)
         e = tl.arange(0, ELEMS_PAD)
         emask = e < ELEMS
-        s = tl.load(src_ptr + pair).to(tl.int64)
-        d = tl.load(dst_ptr + pair).to(tl.int64)
-        base = cache_ptr + layer.to(tl.int64) * stride_l + plane * stride_plane
-        a = tl.load(base + s * stride_slot + e, mask=emask)
+        off = tl.load(plane_ptr + plane * 4)
+        so = tl.load(plane_ptr + plane * 4 + 1)
+        sh = tl.load(plane_ptr + plane * 4 + 2)
+        sd = tl.load(plane_ptr + plane * 4 + 3)
+        within = (e // D).to(tl.int64) * sh + (e % D).to(tl.int64) * sd
+        base = base_ptr + tl.load(layer_off_ptr + layer) + off
+        s = tl.load(src_ptr + pair)
+        t = tl.load(dst_ptr + pair)
+        a_ptr = base + (s // BLOCK_SIZE) * block_stride + (s % BLOCK_SIZE) * so + within
+        b_ptr = base + (t // BLOCK_SIZE) * block_stride + (t % BLOCK_SIZE) * so + within
+        a = tl.load(a_ptr, mask=emask)
         if SWAP:
-            b = tl.load(base + d * stride_slot + e, mask=emask)
-            tl.store(base + s * stride_slot + e, b, mask=emask)
-        tl.store(base + d * stride_slot + e, a, mask=emask)
+            tl.store(a_ptr, tl.load(b_ptr, mask=emask), mask=emask)
+        tl.store(b_ptr, a, mask=emask)
 
 
-def move_slots(caches: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, swap: bool = False, impl: str = "auto") -> None:
-    """Copy slot ``src[k]`` into ``dst[k]`` (or exchange them) in every layer and K/V plane."""
-    if caches.dim() != 6 or caches.shape[1] != 2:
-        raise ValueError(f"expected [L, 2, num_blocks, block_size, Hkv, D], got {tuple(caches.shape)}")
-    if src.shape != dst.shape:
-        raise ValueError("src and dst must have the same length")
+def move_slots(caches: list[torch.Tensor], geom: SlotGeometry, src: torch.Tensor, dst: torch.Tensor,
+               swap: bool = False, impl: str = "auto") -> None:
+    """Copy slot ``src[k]`` into ``dst[k]`` (or exchange them, ``swap``) in every cache of
+    ``caches`` (one per layer, all of this geometry, dtype and device) and both planes."""
+    if src.shape != dst.shape or src.dim() != 1:
+        raise ValueError("src and dst must be 1-D and of the same length")
+    if not caches:
+        raise ValueError("no caches")
+    first = caches[0]
+    if any(c.dtype != first.dtype or c.device != first.device for c in caches):
+        raise ValueError("caches must share dtype and device")
     if src.numel() == 0:
         return
-    use = impl == "triton" or (impl == "auto" and HAS_TRITON and (caches.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"))
-    if not use:
-        return move_slots_ref(caches, src, dst, swap)
-    L, _, nb, bs, H, D = caches.shape
-    if not caches[0, 0].is_contiguous():
-        raise ValueError("each layer's K and V planes must be contiguous")
-    elems = H * D
-    _move_slots_kernel[(src.numel(), L, 2)](
-        caches, src.to(torch.int64).contiguous(), dst.to(torch.int64).contiguous(),
-        caches.stride(0), caches.stride(1), caches.stride(3),
-        SWAP=swap, ELEMS=elems, ELEMS_PAD=triton.next_power_of_2(elems),
+    if not use_triton(first, impl):
+        return move_slots_ref(caches, geom, src, dst, swap)
+    size = first.element_size()
+    origin = first.data_ptr() - first.storage_offset() * size
+    offsets = []
+    for c in caches:
+        delta = c.data_ptr() - c.storage_offset() * size - origin
+        if delta % size:
+            raise ValueError("layer caches are not element-aligned with each other")
+        offsets.append(delta // size + c.storage_offset())
+    dev = first.device
+    base = first.as_strided((1,), (1,), 0)  # the storage's start: layer offsets count from it
+    layer_off = torch.tensor(offsets, dtype=torch.int64, device=dev)
+    planes = torch.tensor(geom.planes, dtype=torch.int64, device=dev)
+    elems = geom.num_kv_heads * geom.head_size
+    _move_slots_kernel[(src.numel(), len(caches), 2)](
+        base, layer_off, planes, src.to(dev, torch.int64).contiguous(), dst.to(dev, torch.int64).contiguous(),
+        geom.block_stride,
+        SWAP=swap, BLOCK_SIZE=geom.block_size, D=geom.head_size, ELEMS=elems,
+        ELEMS_PAD=triton.next_power_of_2(elems),
     )

@@ -1,11 +1,28 @@
-"""Layer-0 attention mass of selected queries over a request's *paged* keys.
+"""Layer-0 scoring: attention statistics of selected queries over a request's *paged* keys.
 
-``out[i, j] = sum_h softmax_j(q[i, h] . k[j, h // group] * scale)`` with causal masking
-(``j <= qpos[i]``): the head-summed attention probabilities the policies reduce to global and
-individual scores.  Keys are read in place through the block table (FlashAttention's
-``[num_blocks, block_size, kv_heads, head_dim]`` key plane), never gathered, and no
-``[heads, queries, keys]`` matrix is materialised: each program keeps one query-head row's
-running max and sum (two passes over the keys) and accumulates probabilities into ``out``.
+For queries ``i`` at positions ``qpos[i]`` and heads ``h`` (GQA: key head ``h // group``)::
+
+    p[h, i, j] = softmax_j(q[i, h] . k[j, h // group] * scale),  j <= qpos[i]  (causal)
+
+:func:`attention_stats` returns ``rows[i, j] = sum_h p[h, i, j]`` (``[nq, T]``, what the
+policies average into global and individual scores) and, for per-head policies (MadaKV),
+``head_sum[h, j] = sum_i p[h, i, j]`` (``[H, T]``).  The ``[H, nq, T]`` probabilities are never
+materialised by the kernel.
+
+Keys are read in place through the block table from any strided
+``[num_blocks, block_size, Hkv, D]`` view of the key plane: FlashAttention's cache, or the CPU
+backend's transposed key plane (``SlotLayout.key_plane``).  Nothing is gathered.
+
+Triton kernel: two launches over a grid of (key tile, KV head).  A program loads its key tile
+once and multiplies it with the queries of every head of its group, 16 queries at a time
+(``tl.dot`` in IEEE fp32, as the reference).  Pass 1 writes each (query, head) row's tile max
+and exp-sum; torch merges the tiles (log-sum-exp); pass 2 writes probabilities summed over the
+group's heads (one partial row per KV head, summed in torch) and, with ``per_head``, the
+per-head sums over queries.  Every output element has one writer and no atomics are used, so
+results are deterministic run to run (tensor-parallel ranks must agree on what they evict).
+
+The torch reference, :func:`attention_stats_ref`, is the CPU path: keys gathered through the
+block table, probabilities from :func:`hae_vllm.policies.attention.attention_probs`.
 """
 
 from __future__ import annotations
@@ -22,110 +39,176 @@ try:
 except Exception:  # pragma: no cover - triton is a dependency of torch on Linux
     HAS_TRITON = False
 
+BLOCK_N = 64  # keys per tile (one program)
+BLOCK_I = 16  # queries per tl.dot (its minimum)
 
-def attention_mass_ref(
-    q: torch.Tensor, key_cache: torch.Tensor, block_table: torch.Tensor, qpos: torch.Tensor, num_keys: int, scale: float
-) -> torch.Tensor:
-    """Torch reference and CPU path.
 
-    q: [nq, H, D]; key_cache: [num_blocks, block_size, Hkv, D]; block_table: [>= cdiv(T, bs)]
-    int; qpos: [nq] int (< T); returns [nq, T] float32."""
+def dense_attention_stats(q: torch.Tensor, keys: torch.Tensor, qpos: torch.Tensor, scale: float,
+                          per_head: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`attention_stats` over keys already gathered: ``keys [T, Hkv, D]`` at positions
+    ``0..T-1``."""
     from hae_vllm.policies.attention import attention_probs
 
-    bs = key_cache.shape[1]
-    pos = torch.arange(num_keys, device=key_cache.device)
-    keys = key_cache[block_table.long()[pos // bs], pos % bs]  # [T, Hkv, D]
-    return attention_probs(q, keys, qpos, scale).sum(0)
+    probs = attention_probs(q, keys, qpos, scale)  # [H, nq, T] float32
+    return probs.sum(0), (probs.sum(1) if per_head else None)
+
+
+def attention_stats_ref(q: torch.Tensor, key_plane: torch.Tensor, block_table: torch.Tensor, qpos: torch.Tensor,
+                        num_keys: int, scale: float, per_head: bool = False):
+    """Torch reference and CPU path of :func:`attention_stats`."""
+    bs = key_plane.shape[1]
+    pos = torch.arange(num_keys, device=block_table.device)
+    keys = key_plane[block_table.long()[pos // bs].to(key_plane.device), (pos % bs).to(key_plane.device)]
+    return dense_attention_stats(q, keys, qpos, scale, per_head)
 
 
 if HAS_TRITON:
 
     @triton.jit
-    def _tile_logits(q, k_ptr, bt_ptr, n, nmask, d, dmask, kvh, scale,
-                     stride_kb, stride_ks, stride_kh, BLOCK_SIZE: tl.constexpr):
-        """Scaled logits of one query-head row against the keys at positions ``n``, read in
-        place through the block table."""
-        blk = tl.load(bt_ptr + n // BLOCK_SIZE, mask=nmask, other=0)
-        koff = blk.to(tl.int64) * stride_kb + (n % BLOCK_SIZE) * stride_ks + kvh * stride_kh
-        k = tl.load(k_ptr + koff[:, None] + d[None, :], mask=nmask[:, None] & dmask[None, :], other=0.0)
-        return tl.sum(k.to(tl.float32) * q[None, :], axis=1) * scale
+    def _key_tile(k_ptr, bt_ptr, n, nmask, kvh, d, dmask, stride_kb, stride_ks, stride_kh, stride_kd,
+                  BLOCK_SIZE: tl.constexpr):
+        """[BLOCK_N, D_PAD] keys at logical positions ``n`` of one KV head, through the block table."""
+        blk = tl.load(bt_ptr + n // BLOCK_SIZE, mask=nmask, other=0).to(tl.int64)
+        off = blk * stride_kb + (n % BLOCK_SIZE).to(tl.int64) * stride_ks + kvh * stride_kh
+        k = tl.load(k_ptr + off[:, None] + d[None, :].to(tl.int64) * stride_kd,
+                    mask=nmask[:, None] & dmask[None, :], other=0.0)
+        return k.to(tl.float32)
 
     @triton.jit
-    def _attention_mass_kernel(
-        q_ptr, k_ptr, bt_ptr, qpos_ptr, out_ptr,
-        T, scale,
-        stride_qi, stride_qh,
-        stride_kb, stride_ks, stride_kh,
-        stride_oi,
-        GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-    ):
-        i = tl.program_id(0)
-        h = tl.program_id(1)
-        kvh = h // GROUP
+    def _logits(q_ptr, qpos_ptr, k, n, nmask, i, imask, h, d, dmask, scale, stride_qi, stride_qh, stride_qd):
+        """Scaled, causally masked logits ``[BLOCK_I, BLOCK_N]`` of queries ``i`` (head ``h``)."""
+        q = tl.load(q_ptr + i[:, None] * stride_qi + h * stride_qh + d[None, :] * stride_qd,
+                    mask=imask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+        p = tl.load(qpos_ptr + i, mask=imask, other=-1)
+        valid = imask[:, None] & nmask[None, :] & (n[None, :] <= p[:, None])
+        return tl.where(valid, s, float("-inf")), valid
+
+    @triton.jit
+    def _stats_pass1(q_ptr, k_ptr, bt_ptr, qpos_ptr, m_ptr, l_ptr,
+                     NQ, T, H, scale,
+                     stride_qi, stride_qh, stride_qd, stride_kb, stride_ks, stride_kh, stride_kd,
+                     GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr):
+        tile = tl.program_id(0)
+        kvh = tl.program_id(1)
+        n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = n < T
         d = tl.arange(0, D_PAD)
         dmask = d < D
-        q = tl.load(q_ptr + i * stride_qi + h * stride_qh + d, mask=dmask, other=0.0).to(tl.float32)
-        p = tl.load(qpos_ptr + i)
-        n_keys = tl.minimum(T, p + 1)
-        m_run = tl.full((), float("-inf"), tl.float32)
-        l_run = tl.zeros((), tl.float32)
-        # Pass 1: running max and normaliser of this query-head row.
-        for start in range(0, n_keys, BLOCK_N):
-            n = start + tl.arange(0, BLOCK_N)
-            nmask = n < n_keys
-            s = _tile_logits(q, k_ptr, bt_ptr, n, nmask, d, dmask, kvh, scale,
-                             stride_kb, stride_ks, stride_kh, BLOCK_SIZE)
-            s = tl.where(nmask, s, float("-inf"))
-            m_new = tl.maximum(m_run, tl.max(s, axis=0))
-            l_run = l_run * tl.exp(m_run - m_new) + tl.sum(tl.exp(s - m_new), axis=0)
-            m_run = m_new
-        # Pass 2: probabilities, summed over heads into out[i, :].
-        for start in range(0, n_keys, BLOCK_N):
-            n = start + tl.arange(0, BLOCK_N)
-            nmask = n < n_keys
-            s = _tile_logits(q, k_ptr, bt_ptr, n, nmask, d, dmask, kvh, scale,
-                             stride_kb, stride_ks, stride_kh, BLOCK_SIZE)
-            prob = tl.exp(s - m_run) / l_run
-            tl.atomic_add(out_ptr + i * stride_oi + n, prob, mask=nmask)
+        k = _key_tile(k_ptr, bt_ptr, n, nmask, kvh, d, dmask, stride_kb, stride_ks, stride_kh, stride_kd, BLOCK_SIZE)
+        for i0 in range(0, NQ, BLOCK_I):
+            i = i0 + tl.arange(0, BLOCK_I)
+            imask = i < NQ
+            for g in range(GROUP):
+                h = kvh * GROUP + g
+                s, valid = _logits(q_ptr, qpos_ptr, k, n, nmask, i, imask, h, d, dmask, scale,
+                                   stride_qi, stride_qh, stride_qd)
+                m = tl.max(s, axis=1)
+                m_safe = tl.where(m == float("-inf"), 0.0, m)
+                l = tl.sum(tl.where(valid, tl.exp(s - m_safe[:, None]), 0.0), axis=1)
+                out = (tile * H + h) * NQ + i
+                tl.store(m_ptr + out, m, mask=imask)
+                tl.store(l_ptr + out, l, mask=imask)
+
+    @triton.jit
+    def _stats_pass2(q_ptr, k_ptr, bt_ptr, qpos_ptr, m_ptr, l_ptr, rows_ptr, hs_ptr,
+                     NQ, T, H, scale,
+                     stride_qi, stride_qh, stride_qd, stride_kb, stride_ks, stride_kh, stride_kd,
+                     GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr, PER_HEAD: tl.constexpr):
+        tile = tl.program_id(0)
+        kvh = tl.program_id(1)
+        n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = n < T
+        d = tl.arange(0, D_PAD)
+        dmask = d < D
+        k = _key_tile(k_ptr, bt_ptr, n, nmask, kvh, d, dmask, stride_kb, stride_ks, stride_kh, stride_kd, BLOCK_SIZE)
+        for i0 in range(0, NQ, BLOCK_I):
+            i = i0 + tl.arange(0, BLOCK_I)
+            imask = i < NQ
+            acc = tl.zeros((BLOCK_I, BLOCK_N), dtype=tl.float32)
+            for g in range(GROUP):
+                h = kvh * GROUP + g
+                s, valid = _logits(q_ptr, qpos_ptr, k, n, nmask, i, imask, h, d, dmask, scale,
+                                   stride_qi, stride_qh, stride_qd)
+                m = tl.load(m_ptr + h * NQ + i, mask=imask, other=0.0)
+                l = tl.load(l_ptr + h * NQ + i, mask=imask, other=1.0)
+                p = tl.where(valid, tl.exp(s - m[:, None]) / l[:, None], 0.0)
+                acc += p
+                if PER_HEAD:
+                    # (head, tile) belongs to this program alone: a plain read-modify-write.
+                    hs = hs_ptr + h * T + n
+                    tl.store(hs, tl.load(hs, mask=nmask, other=0.0) + tl.sum(p, axis=0), mask=nmask)
+            rows = rows_ptr + (kvh * NQ + i[:, None]) * T + n[None, :]
+            tl.store(rows, acc, mask=imask[:, None] & nmask[None, :])
 
 
-def _use_triton(t: torch.Tensor) -> bool:
-    return HAS_TRITON and (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+def use_triton(t: torch.Tensor, impl: str = "auto") -> bool:
+    """Whether ``impl`` ("triton", "torch" or "auto") runs the Triton kernel for tensors like
+    ``t``.  "auto": on CUDA, or anywhere when ``HAE_VLLM_KERNELS=triton`` (with
+    ``TRITON_INTERPRET=1`` on CPU: how the engine tests exercise the kernels without a GPU)."""
+    if impl == "auto":
+        forced = os.environ.get("HAE_VLLM_KERNELS", "auto")
+        if forced in ("torch", "triton"):
+            impl = forced
+    if impl == "triton":
+        if not HAS_TRITON:
+            raise RuntimeError("impl='triton' but triton is not importable")
+        return True
+    if impl == "torch":
+        return False
+    return HAS_TRITON and t.is_cuda
 
 
-def attention_mass(
+def attention_stats(
     q: torch.Tensor,
-    key_cache: torch.Tensor,
+    key_plane: torch.Tensor,
     block_table: torch.Tensor,
     qpos: torch.Tensor,
     num_keys: int,
     scale: float,
+    per_head: bool = False,
     impl: str = "auto",
-) -> torch.Tensor:
-    """[nq, T] head-summed causal attention probabilities (see module docstring).
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(``rows [nq, T]``, ``head_sum [H, T]`` or None) float32 (see the module docstring).
 
-    impl: "triton", "torch", or "auto" (Triton on CUDA or under TRITON_INTERPRET=1)."""
+    q: [nq, H, D]; key_plane: [num_blocks, block_size, Hkv, D], any strides; block_table:
+    [>= cdiv(T, block_size)] int; qpos: [nq] int, each < T."""
     nq, H, D = q.shape
-    nb, bs, Hkv, Dk = key_cache.shape
+    nb, bs, Hkv, Dk = key_plane.shape
     if Dk != D or H % Hkv:
-        raise ValueError(f"q {tuple(q.shape)} does not match key cache {tuple(key_cache.shape)}")
+        raise ValueError(f"q {tuple(q.shape)} does not match key plane {tuple(key_plane.shape)}")
     if qpos.numel() != nq:
         raise ValueError("qpos must hold one position per query")
     if block_table.numel() * bs < num_keys:
         raise ValueError(f"block table covers {block_table.numel() * bs} keys, need {num_keys}")
-    use = impl == "triton" or (impl == "auto" and _use_triton(q))
-    if not use or nq == 0 or num_keys == 0:
-        return attention_mass_ref(q, key_cache, block_table, qpos, num_keys, scale)
-    if key_cache.stride(3) != 1 or q.stride(2) != 1:
-        raise ValueError("head_dim must be contiguous in q and key_cache")
-    out = torch.zeros(nq, num_keys, dtype=torch.float32, device=q.device)
-    _attention_mass_kernel[(nq, H)](
-        q, key_cache, block_table.to(torch.int32).contiguous(), qpos.to(torch.int32).contiguous(), out,
-        num_keys, float(scale),
-        q.stride(0), q.stride(1),
-        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
-        out.stride(0),
-        GROUP=H // Hkv, BLOCK_SIZE=bs, D=D, D_PAD=triton.next_power_of_2(D), BLOCK_N=64,
-    )
-    return out
+    if not use_triton(q, impl) or nq == 0 or num_keys == 0:
+        return attention_stats_ref(q, key_plane, block_table, qpos, num_keys, scale, per_head)
+    dev = q.device
+    tiles = triton.cdiv(num_keys, BLOCK_N)
+    table = block_table.to(dev, torch.int32).contiguous()
+    qp = qpos.to(dev, torch.int32).contiguous()
+    m_part = torch.empty(tiles, H, nq, dtype=torch.float32, device=dev)
+    l_part = torch.empty_like(m_part)
+    common = (num_keys, H, float(scale), q.stride(0), q.stride(1), q.stride(2), *key_plane.stride())
+    meta = dict(GROUP=H // Hkv, BLOCK_SIZE=bs, D=D, D_PAD=max(16, triton.next_power_of_2(D)),
+                BLOCK_N=BLOCK_N, BLOCK_I=BLOCK_I)
+    _stats_pass1[(tiles, Hkv)](q, key_plane, table, qp, m_part, l_part, nq, *common, **meta)
+    # Merge the tiles: every row sees key 0, so its max is finite and its sum positive.
+    m = m_part.amax(0)
+    l_sum = (l_part * torch.exp(m_part - m)).sum(0)
+    rows = torch.empty(Hkv, nq, num_keys, dtype=torch.float32, device=dev)
+    head_sum = torch.zeros(H, num_keys, dtype=torch.float32, device=dev) if per_head else rows
+    _stats_pass2[(tiles, Hkv)](q, key_plane, table, qp, m.contiguous(), l_sum.contiguous(), rows, head_sum,
+                               nq, *common, PER_HEAD=per_head, **meta)
+    return rows.sum(0), (head_sum if per_head else None)
+
+
+def attention_mass(q, key_plane, block_table, qpos, num_keys, scale, impl: str = "auto") -> torch.Tensor:
+    """``rows`` of :func:`attention_stats`: ``[nq, T]`` head-summed attention probabilities."""
+    return attention_stats(q, key_plane, block_table, qpos, num_keys, scale, False, impl)[0]
+
+
+def attention_mass_ref(q, key_plane, block_table, qpos, num_keys, scale) -> torch.Tensor:
+    return attention_stats_ref(q, key_plane, block_table, qpos, num_keys, scale)[0]

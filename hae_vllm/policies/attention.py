@@ -169,18 +169,25 @@ class LayerAccumulator:
 
     def add(self, probs: torch.Tensor, query_positions: torch.Tensor) -> None:
         """probs: [num_heads (global), nq, T] attention probabilities."""
-        H, nq, T = probs.shape
+        p = probs.float()
+        self.add_rows(p.sum(0), p.sum(1) if self.head_sum is not None else None, query_positions)
+
+    def add_rows(self, rows: torch.Tensor, head_sum: torch.Tensor | None, query_positions: torch.Tensor) -> None:
+        """rows: [nq, T] probabilities summed over all (global) heads; head_sum: [num_heads, T]
+        summed over the queries (per-head policies), as :func:`hae_vllm.kernels.scoring.attention_stats`
+        returns them."""
+        nq, T = rows.shape
         if nq == 0:
             return
         self._grow(T)
         # numpy views of the (CPU) accumulators: a few small reductions per chunk.
-        p = probs.float().numpy()
-        rows = p.mean(axis=0)  # head-averaged [nq, T]
-        self.g.numpy()[:T] += rows.sum(axis=0)
+        r = rows.float().numpy() / self.num_heads  # head-averaged [nq, T]
+        self.g.numpy()[:T] += r.sum(axis=0)
         m = self.m.numpy()[:T]
-        np.maximum(m, rows.max(axis=0), out=m)
+        np.maximum(m, r.max(axis=0), out=m)
         if self.head_sum is not None:
-            self.head_sum.numpy()[:, :T] += p.sum(axis=1)
+            assert head_sum is not None, "a per-head accumulator needs per-head sums"
+            self.head_sum.numpy()[:, :T] += head_sum.float().numpy()
         self._query_positions.append(np.asarray(query_positions.cpu(), dtype=np.int64))
         self.num_queries += nq
 

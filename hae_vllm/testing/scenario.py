@@ -235,6 +235,8 @@ class _Instruments:
             scheduler_cls=type(sched).__name__,
             eviction_stats=sched.eviction_stats.as_dict() if hasattr(sched, "eviction_stats") else None,
             step_profile=_step_profile(self.steps),
+            # Every step: (forward seconds, decode requests, prompt tokens scheduled).
+            steps=[(round(t, 6), d, p) for t, d, p in self.steps],
         )
 
 

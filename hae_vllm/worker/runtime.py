@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from hae_vllm.config import EvictionConfig, EvictionConfigError, engine_config_from_additional, request_config
+from hae_vllm.kernels.scoring import attention_stats, dense_attention_stats, use_triton
 from hae_vllm.layout import SlotLayout
 from hae_vllm.plan import EvictionPlan, plan_compaction
 from hae_vllm.policies.attention import LayerAccumulator, attention_probs, decode_probs
@@ -386,6 +387,10 @@ class EvictionRuntime:
         num_heads_total = impl.num_heads * self._tp_size
         if ordinal == 0 and self.decode_tasks:
             self._score_decode(self.decode_tasks, impl, query, key, kv_cache, qsl, layout)
+        # Keys are read in place from the paged cache (it holds this step's keys already):
+        # the scoring kernel on CUDA, its torch reference on the CPU.
+        plane = layout.key_plane(kv_cache)
+        bs = self.block_size
         for task in self.tasks:
             st = task.state
             if not st.scores_layer(ordinal):
@@ -393,16 +398,20 @@ class EvictionRuntime:
             assert st.scoring is not None
             q0 = qsl[task.row]
             qmask = st.scoring.query_mask
+            per_head = st.scoring.per_head
             pos = np.arange(task.start, min(task.end, len(qmask)))
             sel = pos[qmask[pos]] if len(pos) else pos
             acc = st.accs.get(ordinal)
             if acc is None:
-                acc = st.accs[ordinal] = LayerAccumulator(len(qmask), num_heads_total, st.scoring.per_head)
+                acc = st.accs[ordinal] = LayerAccumulator(len(qmask), num_heads_total, per_head)
             if not len(sel):
                 # No scoring query in this chunk (e.g. an image-only chunk).  Every TP rank
                 # sees the same tasks, so all of them skip the collective together.
                 continue
-            keys = self._keys(task, key, q0, kv_cache, layout)
+            if plane is not None:
+                table = torch.as_tensor(task.block_ids[: -(-task.end // bs)], dtype=torch.int64)
+            else:  # a layout that is not affine: keys gathered through the offset table
+                keys = self._keys(task, key, q0, kv_cache, layout)
             for c in range(0, len(sel), _QUERY_CHUNK):
                 chunk = sel[c : c + _QUERY_CHUNK]
                 qpos = torch.as_tensor(chunk, dtype=torch.int64)
@@ -411,10 +420,17 @@ class EvictionRuntime:
                     q = query[lo : lo + len(chunk)]
                 else:
                     q = query[q0 + (qpos - task.start).to(query.device)]
-                probs = attention_probs(q, keys, qpos, impl.scale)  # [local heads, nq, T]
+                if plane is not None:
+                    rows, head_sum = attention_stats(q, plane, table, qpos, task.end, impl.scale, per_head)
+                else:
+                    rows, head_sum = dense_attention_stats(q, keys, qpos, impl.scale, per_head)
                 if self._tp_group is not None:
-                    probs = self._tp_group.all_gather(probs.to(query.device).contiguous(), dim=0)
-                acc.add(probs.cpu(), qpos)
+                    # Gathered, then summed in rank order on every rank: all ranks get the same
+                    # bits (an all-reduce need not), so they select the same victims.
+                    rows = self._tp_group.all_gather(rows.to(query.device)[None].contiguous(), dim=0).sum(0)
+                    if head_sum is not None:
+                        head_sum = self._tp_group.all_gather(head_sum.to(query.device).contiguous(), dim=0)
+                acc.add_rows(rows.cpu(), None if head_sum is None else head_sum.cpu(), qpos)
 
     def _gather_probs(self, q: torch.Tensor, keys: torch.Tensor, qpos: torch.Tensor, key_pos, impl) -> torch.Tensor:
         probs = attention_probs(q, keys, qpos, impl.scale, key_pos)
@@ -608,6 +624,8 @@ class EvictionRuntime:
             # True: compacted at the start of the first decode step; False: in the prefill step
             # (the scheduler reported memory pressure).
             "at_first_decode_step": deferred,
+            # Which implementation of the scoring and compaction kernels ran.
+            "kernels": "triton" if use_triton(self._layer(self.scoring_layer).kv_cache) else "torch",
         }
         with self._trace_lock, open(self.cfg.trace_path, "a") as f:
             f.write(json.dumps(rec) + "\n")
