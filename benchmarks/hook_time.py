@@ -27,9 +27,13 @@ sys.path.insert(0, str(REPO))
 
 from hae_vllm.testing.scenario import RequestSpec, build_prompt, environment_info  # noqa: E402
 
-# _run_pending (selection, planning and the KV copies of requests whose prefill ended, at the
-# start of their first decode step) runs inside on_states_updated; bookkeeping excludes it.
-HOOKS = {"score": "scoring", "_run_pending": "planning", "on_states_updated": "bookkeeping"}
+# _run_pending (scoring at selection, selection, planning and the KV copies of requests whose
+# prefill ended, at the start of their first decode step) runs inside on_states_updated;
+# bookkeeping excludes it.  "scoring" is what the forward spends (copying the scoring queries,
+# or scoring requests too large to defer); "deferred_scoring", part of planning, is the scoring
+# itself when it runs at selection.
+HOOKS = {"score": "scoring", "_score_saved": "deferred_scoring", "_run_pending": "planning",
+         "on_states_updated": "bookkeeping"}
 
 
 def main() -> None:
@@ -94,6 +98,7 @@ def main() -> None:
         "benchmark": "hook_time", "args": vars(args), "ms": ms, "calls": dict(calls),
         "generate_ms": round(gen * 1e3, 2), "runs_ms": [{k: round(v * 1e3, 2) for k, v in r.items()} for r in per_run],
         "machine": environment_info()}, indent=2))
+    print(f"deferred scoring (part of planning): {ms.get('deferred_scoring', 0.0)} ms")
     print(f"scoring_ms={ms.get('scoring', 0.0)} planning_ms={ms.get('planning', 0.0)} "
           f"execute_ms={ms.get('execute_model', 0.0)} generate_ms={round(gen * 1e3, 2)}")
 

@@ -78,7 +78,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--images", type=int, default=1, help="images per request")
     ap.add_argument("--num-blocks", type=int, default=160, help="KV blocks (of 32 tokens) for both runs")
-    ap.add_argument("--rounds", type=int, default=9, help="paired rounds (each engine runs this many)")
+    ap.add_argument("--rounds", type=int, default=25, help="paired rounds (each engine runs this many; single rounds spread by +-15%% here)")
     ap.add_argument("--warmup", type=int, default=4, help="requests run before the measured ones in each engine")
     ap.add_argument("--watermark", type=float, default=0.0,
                     help="vLLM's scheduler watermark (share of blocks kept free at admission), both engines")

@@ -26,16 +26,32 @@ REQS = [
 ]
 
 
-def _spec(kernels: str) -> ScenarioSpec:
+def _spec(kernels: str, defer: bool = True) -> ScenarioSpec:
     env = {"HAE_VLLM_KERNELS": kernels}
     if kernels == "triton":
         env["TRITON_INTERPRET"] = "1"
+    if not defer:
+        env["HAE_VLLM_DEFER_SCORING_BYTES"] = "0"
     return ScenarioSpec(model="llava", requests=REQS, eviction=EVICTION, env=env)
 
 
 @pytest.fixture(scope="module")
 def records():
     return {k: run_in_subprocess(_spec(k)) for k in ("torch", "triton")}
+
+
+@pytest.fixture(scope="module")
+def inline_record():
+    """Scoring in the forward, chunk by chunk, instead of at selection (requests whose queries
+    are too large to keep)."""
+    return run_in_subprocess(_spec("torch", defer=False))
+
+
+def test_scoring_at_selection_equals_scoring_in_the_forward(records, inline_record):
+    for i, (x, y) in enumerate(zip(records["torch"]["results"], inline_record["results"])):
+        assert x["eviction"]["evicted_positions"] == y["eviction"]["evicted_positions"], f"request {i}"
+        assert x["eviction"]["diagnostics"] == y["eviction"]["diagnostics"], f"request {i}"
+        assert x["token_ids"] == y["token_ids"], f"request {i}"
 
 
 def test_each_run_used_the_kernels_it_was_given(records):

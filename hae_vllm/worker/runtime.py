@@ -50,6 +50,9 @@ BIN_UPDATES_ATTR = "hae_bin_updates"
 """Attribute of SchedulerOutput carrying {req_id: BinUpdates} (restores confirmed, blocks lost)."""
 
 _QUERY_CHUNK = 256  # queries scored at once (bounds the [heads, q, T] logits buffer)
+# Layer queries a request may keep for scoring at selection time (off the first token's path);
+# a request whose scoring queries would take more is scored in the forward, chunk by chunk.
+_DEFER_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,9 @@ class RequestState:
     visual_mask: np.ndarray  # [num_tokens_at_start] bool
     protected_prefix: int  # tokens served from the prefix cache at (re)start: never rewritten
     accs: dict[int, LayerAccumulator] = field(default_factory=dict)  # layer ordinal -> stats
+    # Scoring deferred to selection: (layer ordinal, queries, positions) copied in the forward.
+    defer_scoring: bool | None = None
+    saved_queries: list = field(default_factory=list)
     decided: bool = False
     plan: EvictionPlan | None = None
     decode: DecodeState | None = None
@@ -148,6 +154,8 @@ class EvictionRuntime:
         self._holes_version = 0
         self._hole_cache: tuple | None = None
         self._check_holes = os.environ.get("HAE_VLLM_CHECK_HOLES", "") == "1"
+        # 0 scores every request in the forward (tests compare the two paths).
+        self._defer_bytes = int(os.environ.get("HAE_VLLM_DEFER_SCORING_BYTES", _DEFER_BYTES))
         self._layout: SlotLayout | None = None
         self._scoring_layer: str | None = None
         self._layer_names: list[str] | None = None
@@ -376,7 +384,8 @@ class EvictionRuntime:
 
     def score(self, impl, layer_name: str, query: torch.Tensor, key: torch.Tensor, kv_cache: torch.Tensor,
               query_start_loc: torch.Tensor) -> None:
-        """Accumulate the attention statistics this step's tasks asked for at this layer.
+        """Accumulate the attention statistics this step's tasks asked for at this layer, or keep
+        a copy of the scoring queries to do it at selection (most requests: see _DEFER_BYTES).
 
         query: [num_tokens, num_heads, head_dim], key: [num_tokens, num_kv_heads, head_dim] of
         the layer (post-RoPE); kv_cache: the layer's cache, already holding this step's keys.
@@ -387,10 +396,10 @@ class EvictionRuntime:
         num_heads_total = impl.num_heads * self._tp_size
         if ordinal == 0 and self.decode_tasks:
             self._score_decode(self.decode_tasks, impl, query, key, kv_cache, qsl, layout)
-        # Keys are read in place from the paged cache (it holds this step's keys already):
-        # the scoring kernel on CUDA, its torch reference on the CPU.
+        # Scoring reads the keys from the paged cache.  It runs at selection, off the first
+        # token's path, for requests whose queries are cheap to keep (see _DEFER_BYTES).
         plane = layout.key_plane(kv_cache)
-        bs = self.block_size
+        num_layers = len(self._attention_layers())
         for task in self.tasks:
             st = task.state
             if not st.scores_layer(ordinal):
@@ -408,9 +417,12 @@ class EvictionRuntime:
                 # No scoring query in this chunk (e.g. an image-only chunk).  Every TP rank
                 # sees the same tasks, so all of them skip the collective together.
                 continue
-            if plane is not None:
-                table = torch.as_tensor(task.block_ids[: -(-task.end // bs)], dtype=torch.int64)
-            else:  # a layout that is not affine: keys gathered through the offset table
+            if st.defer_scoring is None:
+                n_layers = num_layers if st.scoring.layers is None else len(st.scoring.layers)
+                st.defer_scoring = (int(qmask.sum()) * n_layers * query.shape[1] * query.shape[2]
+                                    * query.element_size() <= self._defer_bytes)
+            keys = None
+            if plane is None and not st.defer_scoring:  # not affine: keys through the offset table
                 keys = self._keys(task, key, q0, kv_cache, layout)
             for c in range(0, len(sel), _QUERY_CHUNK):
                 chunk = sel[c : c + _QUERY_CHUNK]
@@ -420,17 +432,45 @@ class EvictionRuntime:
                     q = query[lo : lo + len(chunk)]
                 else:
                     q = query[q0 + (qpos - task.start).to(query.device)]
-                if plane is not None:
-                    rows, head_sum = attention_stats(q, plane, table, qpos, task.end, impl.scale, per_head)
+                if st.defer_scoring:
+                    # The keys stay in the cache until selection; the queries are this layer's
+                    # buffer, reused by the next layer: keep a copy.
+                    st.saved_queries.append((ordinal, q.clone(), qpos))
                 else:
-                    rows, head_sum = dense_attention_stats(q, keys, qpos, impl.scale, per_head)
-                if self._tp_group is not None:
-                    # Gathered, then summed in rank order on every rank: all ranks get the same
-                    # bits (an all-reduce need not), so they select the same victims.
-                    rows = self._tp_group.all_gather(rows.to(query.device)[None].contiguous(), dim=0).sum(0)
-                    if head_sum is not None:
-                        head_sum = self._tp_group.all_gather(head_sum.to(query.device).contiguous(), dim=0)
-                acc.add_rows(rows.cpu(), None if head_sum is None else head_sum.cpu(), qpos)
+                    self._accumulate(acc, q, qpos, task.end, task.block_ids, kv_cache, impl.scale, per_head, keys)
+
+    def _accumulate(self, acc: LayerAccumulator, q: torch.Tensor, qpos: torch.Tensor, T: int, block_ids,
+                    kv_cache: torch.Tensor, scale: float, per_head: bool, keys: torch.Tensor | None = None) -> None:
+        """Attention statistics of queries ``q`` (positions ``qpos``) over the request's keys
+        ``0..T-1``, read in place from the paged cache (the scoring kernel on CUDA, its torch
+        reference on the CPU), or from ``keys`` / the offset table for a layout that is not
+        affine; gathered across TP ranks, added to ``acc``."""
+        layout = self.layout()
+        plane = layout.key_plane(kv_cache)
+        if plane is not None:
+            table = torch.as_tensor(block_ids[: -(-T // self.block_size)], dtype=torch.int64)
+            rows, head_sum = attention_stats(q, plane, table, qpos, T, scale, per_head)
+        else:
+            if keys is None:
+                keys = layout.gather_keys(kv_cache, self._slots(block_ids, np.arange(T)))
+            rows, head_sum = dense_attention_stats(q, keys, qpos, scale, per_head)
+        if self._tp_group is not None:
+            # Gathered, then summed in rank order on every rank: all ranks get the same bits
+            # (an all-reduce need not), so they select the same victims.
+            rows = self._tp_group.all_gather(rows.to(q.device)[None].contiguous(), dim=0).sum(0)
+            if head_sum is not None:
+                head_sum = self._tp_group.all_gather(head_sum.to(q.device).contiguous(), dim=0)
+        acc.add_rows(rows.cpu(), None if head_sum is None else head_sum.cpu(), qpos)
+
+    def _score_saved(self, st: RequestState, T: int, block_ids) -> None:
+        """Deferred scoring, at selection: every saved query chunk against the keys still in
+        the cache, in the order the forward saw them (on every TP rank alike)."""
+        saved, st.saved_queries = st.saved_queries, []
+        names = self._attention_layers()
+        for ordinal, q, qpos in saved:
+            layer = self._layer(names[ordinal])
+            self._accumulate(st.accs[ordinal], q, qpos, T, block_ids, layer.kv_cache, layer.impl.scale,
+                             st.scoring.per_head)
 
     def _gather_probs(self, q: torch.Tensor, keys: torch.Tensor, qpos: torch.Tensor, key_pos, impl) -> torch.Tensor:
         probs = attention_probs(q, keys, qpos, impl.scale, key_pos)
@@ -573,6 +613,8 @@ class EvictionRuntime:
         if cfg.recent_tokens:
             protected[max(0, T - cfg.recent_tokens) :] = True
         protected[: st.protected_prefix] = True
+        if st.saved_queries:
+            self._score_saved(st, T, task.block_ids)
         stats = AttentionStats({k: a.stats(T) for k, a in st.accs.items()})
         sel = st.policy.select(stats, torch.from_numpy(visual), torch.from_numpy(protected), cfg)
         plan = plan_compaction(sel.victims.numpy(), T, bs)
