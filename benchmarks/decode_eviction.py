@@ -12,13 +12,16 @@ oracle replays the engine's evict/park/restore trace for some requests.
 Last line (stable format):
     peak_kv_blocks_ratio=<hae/none> restores=<n> hf_oracle_match=<true|false> leaked_blocks=<n> tpot_ratio=<hae/none>
 tpot_ratio is wall time per generated token (the run is decode-dominated: all requests are
-admitted at once and generate the same number of tokens), hae over none.
+admitted at once and generate the same number of tokens), hae over none: the median over
+``--timing-rounds`` paired rounds in two live engines (order flipped every round, fresh images),
+since single runs of the same code minutes apart moved it between 0.99 and 1.36 on this machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from dataclasses import asdict
@@ -27,7 +30,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from hae_vllm.testing.scenario import RequestSpec, ScenarioSpec, build_prompt, environment_info, run_in_subprocess  # noqa: E402
+from hae_vllm.testing.scenario import (  # noqa: E402
+    LiveScenario, RequestSpec, ScenarioSpec, build_prompt, environment_info, run_in_subprocess)
 
 
 def main() -> None:
@@ -38,6 +42,7 @@ def main() -> None:
     ap.add_argument("--decode-budget", type=float, default=0.5, help="decode keep ratio")
     ap.add_argument("--config", default=None, help="extra settings as inline JSON (bin_capacity, restore_margin, ...)")
     ap.add_argument("--oracle-checks", type=int, default=2)
+    ap.add_argument("--timing-rounds", type=int, default=5, help="paired rounds timing tpot_ratio")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = ap.parse_args()
     if args.max_tokens < 512:
@@ -56,7 +61,17 @@ def main() -> None:
     st = meth["eviction_stats"]
     leaked = sum(r["free_blocks_before"] - r["free_blocks_after"] for r in (base, meth))
     n_out = sum(len(r["token_ids"]) for r in meth["results"])
-    tpot_ratio = (meth["generate_s"] / n_out) / (base["generate_s"] / sum(len(r["token_ids"]) for r in base["results"]))
+    single_tpot_ratio = (meth["generate_s"] / n_out) / (base["generate_s"] / sum(len(r["token_ids"]) for r in base["results"]))
+    paired = []
+    with LiveScenario(ScenarioSpec(eviction="none", warmup_requests=2, **common)) as eng_none, \
+            LiveScenario(ScenarioSpec(eviction=eviction, warmup_requests=2, **common)) as eng_hae:
+        for i in range(args.timing_rounds):
+            per_tok = {}
+            for name, eng in ((("none", eng_none), ("hae", eng_hae)) if i % 2 == 0 else (("hae", eng_hae), ("none", eng_none))):
+                rec = eng.round(10_000 * (i + 1))
+                per_tok[name] = rec["generate_s"] / sum(len(r["token_ids"]) for r in rec["results"])
+            paired.append(per_tok["hae"] / per_tok["none"])
+    tpot_ratio = statistics.median(paired) if paired else single_tpot_ratio
 
     from hae_vllm.testing.oracle import HFOracle, MaskedReplay, events_from_trace
 
@@ -80,6 +95,7 @@ def main() -> None:
                      "freed_at_prefill": st["freed_blocks"], "parked": st["parked_blocks"],
                      "restored": st["restored_blocks"], "released": st["released_blocks"], "lost": st["lost_blocks"]},
         "timing": {"none_generate_s": base["generate_s"], "hae_generate_s": meth["generate_s"], "tpot_ratio": tpot_ratio,
+                   "paired_tpot_ratios": paired, "single_run_tpot_ratio": single_tpot_ratio,
                    "wall_s": time.time() - t0},
         "oracle": checks,
         "machine": environment_info(),
@@ -89,7 +105,8 @@ def main() -> None:
     (out / "decode_eviction_hae.json").write_text(json.dumps(summary, indent=2))
     print(f"peak KV blocks: none={base['peak_blocks_in_use']} hae={meth['peak_blocks_in_use']}; parked={st['parked_blocks']} "
           f"restored={st['restored_blocks']} released={st['released_blocks']} lost={st['lost_blocks']}; "
-          f"generate: none={base['generate_s']:.1f}s hae={meth['generate_s']:.1f}s")
+          f"generate: none={base['generate_s']:.1f}s hae={meth['generate_s']:.1f}s; paired tpot ratios "
+          f"{' '.join(f'{x:.3f}' for x in paired)}")
     print(f"peak_kv_blocks_ratio={ratio:.4f} restores={st['restored_blocks']} hf_oracle_match={str(oracle_ok).lower()} "
           f"leaked_blocks={leaked} tpot_ratio={tpot_ratio:.4f}")
 
