@@ -29,3 +29,17 @@ def assert_matches(res, ref, what=""):
 
 def max_logprob_diff(res, ref):
     return max(abs(a - b) for a, b in zip(ref.logprobs, res["logprobs"]))
+
+
+def assert_replays_on_oracle(replay, record, reqs):
+    """Every request of ``record`` equals the HF oracle (a ``MaskedReplay``) replaying its
+    eviction events (prefill eviction, decode parks and restores) in order."""
+    from hae_vllm.testing.oracle import events_from_trace
+
+    for i, r in enumerate(record["results"]):
+        p = build_prompt(record["model_kind"], reqs[i])
+        imgs = p.get("multi_modal_data", {}).get("image", [])
+        imgs = imgs if isinstance(imgs, list) else [imgs]
+        events = events_from_trace(r["evictions"] + r["decode_events"])
+        ref = replay.generate(p["prompt"], imgs, len(r["token_ids"]), events)
+        assert_matches(r, ref, f"request {i} ({len(events)} events)")

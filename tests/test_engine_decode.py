@@ -5,7 +5,7 @@ import pytest
 
 from hae_vllm.testing.oracle import MaskedReplay, events_from_trace
 from hae_vllm.testing.scenario import RequestSpec, ScenarioSpec, build_prompt, run_in_subprocess
-from tests.engine_helpers import assert_matches
+from tests.engine_helpers import assert_matches, assert_replays_on_oracle
 
 pytestmark = pytest.mark.engine
 
@@ -52,14 +52,7 @@ def test_budget_is_enforced(record):
 
 
 def test_decode_events_replay_on_hf_oracle(record, oracle_for):
-    replay = MaskedReplay(oracle_for(record["model_path"]))
-    for i, r in enumerate(record["results"]):
-        p = build_prompt(record["model_kind"], REQS[i])
-        imgs = p.get("multi_modal_data", {}).get("image", [])
-        imgs = imgs if isinstance(imgs, list) else [imgs]
-        events = events_from_trace(r["evictions"] + r["decode_events"])
-        ref = replay.generate(p["prompt"], imgs, len(r["token_ids"]), events)
-        assert_matches(r, ref, f"request {i} ({len(events)} events)")
+    assert_replays_on_oracle(MaskedReplay(oracle_for(record["model_path"])), record, REQS)
 
 
 STORY = "Once upon a time " + " ".join(f"there was a little town number {i} by the sea." for i in range(12))

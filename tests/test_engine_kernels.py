@@ -9,9 +9,9 @@ included."""
 
 import pytest
 
-from hae_vllm.testing.oracle import MaskedReplay, events_from_trace
-from hae_vllm.testing.scenario import RequestSpec, ScenarioSpec, build_prompt, run_in_subprocess
-from tests.engine_helpers import LOGPROB_ATOL, assert_matches
+from hae_vllm.testing.oracle import MaskedReplay
+from hae_vllm.testing.scenario import RequestSpec, ScenarioSpec, run_in_subprocess
+from tests.engine_helpers import LOGPROB_ATOL, assert_replays_on_oracle
 
 pytestmark = pytest.mark.engine
 
@@ -76,11 +76,4 @@ def test_triton_and_torch_evict_the_same_tokens(records):
 
 def test_triton_run_matches_hf_oracle(records, oracle_for):
     rec = records["triton"]
-    replay = MaskedReplay(oracle_for(rec["model_path"]))
-    for i, r in enumerate(rec["results"]):
-        p = build_prompt(rec["model_kind"], REQS[i])
-        imgs = p.get("multi_modal_data", {}).get("image", [])
-        imgs = imgs if isinstance(imgs, list) else [imgs]
-        events = events_from_trace(r["evictions"] + r["decode_events"])
-        ref = replay.generate(p["prompt"], imgs, len(r["token_ids"]), events)
-        assert_matches(r, ref, f"request {i} ({len(events)} events)")
+    assert_replays_on_oracle(MaskedReplay(oracle_for(rec["model_path"])), rec, REQS)

@@ -75,6 +75,19 @@ if HAS_TRITON:
         return k.to(tl.float32)
 
     @triton.jit
+    def _program_tile(k_ptr, bt_ptr, T, stride_kb, stride_ks, stride_kh, stride_kd,
+                      BLOCK_SIZE: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
+        """This program's key tile (grid: key tile x KV head), its positions and masks."""
+        tile = tl.program_id(0)
+        kvh = tl.program_id(1)
+        n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = n < T
+        d = tl.arange(0, D_PAD)
+        dmask = d < D
+        k = _key_tile(k_ptr, bt_ptr, n, nmask, kvh, d, dmask, stride_kb, stride_ks, stride_kh, stride_kd, BLOCK_SIZE)
+        return tile, kvh, n, nmask, d, dmask, k
+
+    @triton.jit
     def _logits(q_ptr, qpos_ptr, k, n, nmask, i, imask, h, d, dmask, scale, stride_qi, stride_qh, stride_qd):
         """Scaled, causally masked logits ``[BLOCK_I, BLOCK_N]`` of queries ``i`` (head ``h``)."""
         q = tl.load(q_ptr + i[:, None] * stride_qi + h * stride_qh + d[None, :] * stride_qd,
@@ -90,13 +103,8 @@ if HAS_TRITON:
                      stride_qi, stride_qh, stride_qd, stride_kb, stride_ks, stride_kh, stride_kd,
                      GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr):
-        tile = tl.program_id(0)
-        kvh = tl.program_id(1)
-        n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        nmask = n < T
-        d = tl.arange(0, D_PAD)
-        dmask = d < D
-        k = _key_tile(k_ptr, bt_ptr, n, nmask, kvh, d, dmask, stride_kb, stride_ks, stride_kh, stride_kd, BLOCK_SIZE)
+        tile, kvh, n, nmask, d, dmask, k = _program_tile(k_ptr, bt_ptr, T, stride_kb, stride_ks, stride_kh, stride_kd,
+                                                         BLOCK_SIZE, D, D_PAD, BLOCK_N)
         for i0 in range(0, NQ, BLOCK_I):
             i = i0 + tl.arange(0, BLOCK_I)
             imask = i < NQ
@@ -117,13 +125,8 @@ if HAS_TRITON:
                      stride_qi, stride_qh, stride_qd, stride_kb, stride_ks, stride_kh, stride_kd,
                      GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr, PER_HEAD: tl.constexpr):
-        tile = tl.program_id(0)
-        kvh = tl.program_id(1)
-        n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        nmask = n < T
-        d = tl.arange(0, D_PAD)
-        dmask = d < D
-        k = _key_tile(k_ptr, bt_ptr, n, nmask, kvh, d, dmask, stride_kb, stride_ks, stride_kh, stride_kd, BLOCK_SIZE)
+        tile, kvh, n, nmask, d, dmask, k = _program_tile(k_ptr, bt_ptr, T, stride_kb, stride_ks, stride_kh, stride_kd,
+                                                         BLOCK_SIZE, D, D_PAD, BLOCK_N)
         for i0 in range(0, NQ, BLOCK_I):
             i = i0 + tl.arange(0, BLOCK_I)
             imask = i < NQ
