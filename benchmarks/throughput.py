@@ -42,7 +42,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from hae_vllm.testing.scenario import LiveScenario, RequestSpec, ScenarioSpec, environment_info  # noqa: E402
+from hae_vllm.testing.scenario import (  # noqa: E402
+    LiveScenario, RequestSpec, ScenarioSpec, blocks_freed_at_end, environment_info,
+)
 
 
 def pct(xs, q):
@@ -80,6 +82,8 @@ def main() -> None:
     ap.add_argument("--num-blocks", type=int, default=160, help="KV blocks (of 32 tokens) for both runs")
     ap.add_argument("--rounds", type=int, default=25, help="paired rounds (each engine runs this many; single rounds spread by +-15%% here)")
     ap.add_argument("--warmup", type=int, default=4, help="requests run before the measured ones in each engine")
+    ap.add_argument("--decode-budget", type=float, default=None,
+                    help="also evict during decode (HAE's decode stage: live tokens kept within this share)")
     ap.add_argument("--watermark", type=float, default=0.0,
                     help="vLLM's scheduler watermark (share of blocks kept free at admission), both engines")
     ap.add_argument("--tag", default="", help="suffix of the result file (variants of the default run)")
@@ -92,9 +96,12 @@ def main() -> None:
                   max_num_batched_tokens=2048, warmup_requests=args.warmup,
                   engine_kwargs={"watermark": args.watermark} if args.watermark else {})
     names = ("none", args.method)
+    eviction = {"method": args.method, "budget": args.budget}
+    if args.decode_budget is not None:
+        eviction["decode_budget"] = args.decode_budget
     rounds: dict[str, list] = {n: [] for n in names}
     with LiveScenario(ScenarioSpec(eviction="none", **common)) as base, \
-            LiveScenario(ScenarioSpec(eviction={"method": args.method, "budget": args.budget}, **common)) as meth:
+            LiveScenario(ScenarioSpec(eviction=eviction, **common)) as meth:
         engines = dict(zip(names, (base, meth)))
         for i in range(args.rounds):
             # Same images for both engines in a round; the order flips every round.
@@ -109,7 +116,8 @@ def main() -> None:
         res = m["results"]
         footprint = sum(math.ceil((len(x["prompt_token_ids"]) + len(x["token_ids"])) / bs) for x in res)
         prompt_blocks = sum(math.ceil(len(x["prompt_token_ids"]) / bs) for x in res)
-        holes = sum(len(x["eviction"]["hole_blocks"]) for x in res if x["eviction"])
+        freed = blocks_freed_at_end(m["trace"])
+        holes = sum(freed.get(x["request_id"], 0) for x in res)
         r_round = holes / footprint
         # What eviction could give if it only divided the baseline's decode-only forward time
         # by the limit (fewer steps, each at the baseline's cost) and changed nothing else:

@@ -4,7 +4,7 @@ event by event on the HF oracle (masked cache), with exact block accounting."""
 import pytest
 
 from hae_vllm.testing.oracle import MaskedReplay, events_from_trace
-from hae_vllm.testing.scenario import RequestSpec, ScenarioSpec, build_prompt, run_in_subprocess
+from hae_vllm.testing.scenario import RequestSpec, ScenarioSpec, blocks_freed_at_end, build_prompt, run_in_subprocess
 from tests.engine_helpers import assert_matches, assert_replays_on_oracle
 
 pytestmark = pytest.mark.engine
@@ -33,6 +33,19 @@ def test_parks_and_restores_happen(record):
     assert "park" in kinds and "restore" in kinds
     assert record["results"][3]["decode_events"] == [] and record["results"][3]["eviction"] is None
     assert record["free_blocks_after"] == record["free_blocks_before"], "blocks leaked"
+
+
+def test_blocks_freed_at_end_follow_the_scheduler(record):
+    """The trace's block counts (what throughput.py's r is computed from) against the
+    scheduler's own counters: prefill holes, plus parked, minus restored blocks."""
+    st = record["eviction_stats"]
+    freed = blocks_freed_at_end(record["trace"])
+    prefill = sum(len(r["eviction"]["hole_blocks"]) for r in record["results"] if r["eviction"])
+    assert sum(freed.values()) == prefill + st["parked_blocks"] - st["restored_blocks"]
+    assert sum(freed.values()) > prefill
+    for r in record["results"]:
+        total = len(r["prompt_token_ids"]) + len(r["token_ids"])
+        assert 0 <= freed.get(r["request_id"], 0) <= -(-total // 32)
 
 
 def test_budget_is_enforced(record):

@@ -206,28 +206,34 @@ def test_madakv_diagnostics_measure_the_deviation():
 
 
 @pytest.mark.parametrize("H,Hkv", [(4, 2), (6, 3), (4, 4), (8, 1)])
-@pytest.mark.parametrize("impl", ["host", "device-path"])
-def test_decode_probs_match_per_request_attention(H, Hkv, impl):
-    """Batched decode scoring (one query per request) equals attention_probs request by
-    request, including keys after the query (masked) and requests of different lengths."""
-    from hae_vllm.policies.attention import _decode_probs_torch, decode_probs
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_mass_matches_per_request_attention(H, Hkv, dtype):
+    """Batched decode scoring (one query per request, keys read from each request's bank by
+    position) equals attention_probs over the gathered keys, request by request: keys after
+    the query masked, requests of different lengths, unscored rows of the bank ignored."""
+    from hae_vllm.policies.attention import decode_mass
 
-    fn = decode_probs if impl == "host" else _decode_probs_torch
     g = torch.Generator().manual_seed(H * 10 + Hkv)
     D, lengths = 16, [1, 7, 33, 20]
     q = torch.randn(len(lengths), H, D, generator=g)
-    keys = [torch.randn(T, Hkv, D, generator=g) for T in lengths]
     kpos = [np.random.default_rng(T).permutation(T + 3)[:T] for T in lengths]  # scattered positions
     qpos = [int(p.max()) if T > 1 else int(p[0]) for p, T in zip(kpos, lengths)]
     qpos[2] -= 2  # some of request 2's keys lie after its query
-    out = fn(q, keys, 0.3, qpos, kpos)
-    assert out.shape == (H, sum(lengths))
-    ref = torch.cat([attention_probs(q[b : b + 1], keys[b], torch.tensor([qpos[b]]), 0.3, torch.as_tensor(kpos[b]))[:, 0]
-                     for b in range(len(lengths))], dim=1)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
-    masked = torch.as_tensor(kpos[2] > qpos[2])
-    seg2 = out[:, sum(lengths[:2]) : sum(lengths[:3])]
-    assert masked.sum() >= 1 and bool((seg2[:, masked] == 0).all())
+    # Banks hold garbage (large values) at the positions that are not scored.
+    banks = [(100 * torch.randn(int(p.max()) + 1 + b, Hkv, D, generator=g)).to(dtype) for b, p in enumerate(kpos)]
+    keys = [torch.randn(T, Hkv, D, generator=g).to(dtype) for T in lengths]
+    for bank, k, p in zip(banks, keys, kpos):
+        bank[torch.as_tensor(p)] = k
+    out = decode_mass(q, banks, 0.3, qpos, kpos)
+    assert out.shape == (len(lengths), max(b.shape[0] for b in banks)) and out.dtype == torch.float32
+    for b in range(len(lengths)):
+        ref = attention_probs(q[b : b + 1], keys[b], torch.tensor([qpos[b]]), 0.3, torch.as_tensor(kpos[b]))[:, 0].sum(0)
+        torch.testing.assert_close(out[b, torch.as_tensor(kpos[b])], ref, rtol=1e-5, atol=1e-6)
+        others = np.setdiff1d(np.arange(out.shape[1]), kpos[b])
+        assert bool((out[b, torch.as_tensor(others)] == 0).all())
+        torch.testing.assert_close(out[b].sum(), torch.tensor(float(H)))  # every head sums to 1
+    masked = torch.as_tensor(kpos[2][kpos[2] > qpos[2]])
+    assert len(masked) >= 1 and bool((out[2, masked] == 0).all())
 
 
 @pytest.mark.parametrize("H,Hkv,T,with_key_positions", [(4, 2, 37, False), (8, 1, 70, True), (3, 3, 9, False), (6, 2, 50, True)])

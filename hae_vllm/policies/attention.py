@@ -86,56 +86,48 @@ def _attention_probs_torch(queries, keys, query_positions, scale, key_positions=
     return torch.softmax(logits, dim=-1)
 
 
-def decode_probs(
+def decode_mass(
     queries: torch.Tensor,
-    keys: list[torch.Tensor],
+    banks: list[torch.Tensor],
     scale: float,
     query_positions: list[int],
-    key_positions: list[np.ndarray],
+    positions: list[np.ndarray],
 ) -> torch.Tensor:
-    """:func:`attention_probs` for one decode query per request, many requests at once.
+    """Decode scoring of many requests at once: one query per request against the keys at
+    ``positions`` of its key bank, attention probabilities summed over heads.
 
     Args:
         queries: [B, num_heads, head_dim], one query per request.
-        keys: B tensors [T_b, num_kv_heads, head_dim].
-        query_positions: B ints; key_positions: B arrays [T_b] (keys after the query masked).
+        banks: B tensors [L_b, num_kv_heads, head_dim], the request's keys indexed by token
+            position (rows not in ``positions`` are ignored, whatever they hold).
+        query_positions: B ints; positions: B int arrays, distinct, < L_b (keys after the
+            query are masked).
 
     Returns:
-        [num_heads, sum(T_b)] float32: each request's probabilities over its own keys, in
-        request order (``attention_probs(q_b, k_b, ...)[:, 0]`` side by side).  On the host
-        one small matmul per request in numpy (per-call cost dominates at these sizes); on a
-        device one batched product over padded keys.
+        [B, max L_b] float32 on the queries' device: ``attention_probs(q_b, bank_b[pos_b],
+        ...)[:, 0].sum(0)`` at columns ``pos_b`` of row b, zero elsewhere.  The banks are
+        read as they are (padded into one tensor, no gather by position); one product per
+        KV head for all requests, the masked softmax over each request's scored positions.
     """
-    B = queries.shape[0]
-    if queries.device.type == "cpu" and keys[0].device.type == "cpu":
-        qn = (queries.float() * scale).numpy()
-        parts = [_probs_np(qn[b : b + 1], keys[b].float().numpy(), (np.asarray(key_positions[b]) > query_positions[b])[None, :])[:, 0]
-                 for b in range(B)]
-        return torch.from_numpy(np.concatenate(parts, axis=1))
-    return _decode_probs_torch(queries, keys, scale, query_positions, key_positions)
-
-
-def _decode_probs_torch(queries, keys, scale, query_positions, key_positions) -> torch.Tensor:
-    """:func:`decode_probs` for device tensors: one batched product over padded keys."""
     B, num_heads, head_dim = queries.shape
-    num_kv_heads = keys[0].shape[1]
+    num_kv_heads = banks[0].shape[1]
     group = num_heads // num_kv_heads
-    dev = keys[0].device
-    counts = [k.shape[0] for k in keys]
-    n = torch.as_tensor(counts, device=dev)
-    seg = torch.repeat_interleave(torch.arange(B, device=dev), n)
-    offs = torch.arange(int(sum(counts)), device=dev) - torch.repeat_interleave(torch.cumsum(n, 0) - n, n)
-    # Pad to [B, width]: one batched product for all requests, padding masked out.
-    kpad = torch.zeros((B, max(counts), num_kv_heads, head_dim), dtype=torch.float32, device=dev)
-    kpad[seg, offs] = torch.cat(keys).float()
+    keys = torch.nn.utils.rnn.pad_sequence(banks, batch_first=True)  # [B, L, Hkv, D]
+    if keys.dtype != torch.float32:
+        keys = keys.float()
+    visible = np.zeros((B, keys.shape[1]), dtype=bool)
+    for b, pos in enumerate(positions):
+        visible[b, pos[pos <= query_positions[b]]] = True
+    hidden = torch.from_numpy(~visible)[:, None, :].to(keys.device)
     q = (queries.float() * scale).view(B, num_kv_heads, group, head_dim)
-    logits = torch.einsum("bkgd,btkd->bkgt", q, kpad)
-    kpos = torch.as_tensor(np.concatenate(key_positions), device=dev)
-    visible = torch.zeros((B, max(counts)), dtype=torch.bool, device=dev)
-    visible[seg, offs] = kpos <= torch.as_tensor(query_positions, device=dev)[seg]
-    logits.masked_fill_(~visible[:, None, None, :], float("-inf"))
-    probs = torch.softmax(logits, dim=-1).view(B, num_heads, -1)
-    return probs[seg, :, offs].T
+    out = None
+    for k in range(num_kv_heads):
+        # [B, group, D] x [B, D, L]: the strided key view goes to the product as it is.
+        logits = torch.bmm(q[:, k], keys[:, :, k, :].transpose(1, 2))
+        logits.masked_fill_(hidden, float("-inf"))
+        mass = torch.softmax(logits, dim=2).sum(1)
+        out = mass if out is None else out.add_(mass)
+    return out
 
 
 def attention_rows(queries, keys, query_positions, scale) -> torch.Tensor:

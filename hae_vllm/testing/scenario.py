@@ -257,12 +257,35 @@ class _TraceReader:
         return [json.loads(line) for line in data.splitlines() if line.strip()]
 
 
+def _base_id(engine_id: str) -> str:
+    # Engine-internal request ids carry a suffix ("<id>-<random>").
+    return engine_id.rsplit("-", 1)[0]
+
+
+def blocks_freed_at_end(trace: list[dict[str, Any]]) -> dict[str, int]:
+    """Blocks each request no longer holds when it finishes, by the id its result carries:
+    its last prefill plan's holes, plus blocks parked during decode, minus blocks restored (a
+    parked block is already free in the pool; its final release frees nothing more).  A
+    preempted request starts again from its next prefill plan."""
+    out: dict[str, int] = {}
+    for t in trace:
+        if t.get("tp_rank", 0) != 0:
+            continue
+        rid = _base_id(t["request_id"])
+        kind = t.get("kind", "prefill")
+        if kind == "prefill":
+            out[rid] = len(t["hole_blocks"])
+        else:
+            out[rid] = out.get(rid, 0) + (t["blocks"] if kind == "park" else -t["blocks"])
+    return out
+
+
 def _attach_trace(results: list[dict[str, Any]], trace: list[dict[str, Any]]) -> None:
     # Engine-internal request ids carry a suffix ("<id>-<random>"): attach each trace record
     # to its result (the last one wins: a preempted request is re-planned on recompute).
     for res in results:
         rid = res["request_id"]
-        mine = [t for t in trace if t["request_id"] == rid or t["request_id"].rsplit("-", 1)[0] == rid]
+        mine = [t for t in trace if t["request_id"] == rid or _base_id(t["request_id"]) == rid]
         rank0 = [t for t in mine if t.get("tp_rank", 0) == 0]
         res["evictions"] = [t for t in rank0 if t.get("kind", "prefill") == "prefill"]
         res["decode_events"] = [t for t in rank0 if t.get("kind", "prefill") != "prefill"]

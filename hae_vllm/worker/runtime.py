@@ -30,7 +30,7 @@ from hae_vllm.config import EvictionConfig, EvictionConfigError, engine_config_f
 from hae_vllm.kernels.scoring import attention_stats, dense_attention_stats, use_triton
 from hae_vllm.layout import SlotLayout
 from hae_vllm.plan import EvictionPlan, plan_compaction
-from hae_vllm.policies.attention import LayerAccumulator, attention_probs, decode_probs
+from hae_vllm.policies.attention import LayerAccumulator, attention_probs, decode_mass
 from hae_vllm.policies.base import AttentionStats, Policy, ScoringRequest
 from hae_vllm.policies.registry import get_policy
 from hae_vllm.worker.decode import BinEntry, DecodeActions, DecodeState, choose_parking, weakest_live_value
@@ -480,27 +480,31 @@ class EvictionRuntime:
 
     def _score_decode(self, tasks: list[DecodeTask], impl, query, key, kv_cache, qsl, layout) -> None:
         """Decayed layer-0 attention of each request's new query over its live and binned
-        tokens.  One decode token per request (the usual case): one batched product for all
-        of them; otherwise request by request."""
+        tokens.  One decode token per request (the usual case): all requests at once, read
+        from their key copies by position; otherwise request by request."""
         positions = [self._decode_positions(dt, key, kv_cache, qsl, layout) for dt in tasks]
         if all(dt.end - dt.start == 1 for dt in tasks):
             q = query[torch.as_tensor([qsl[dt.row] for dt in tasks], device=query.device)]
-            probs = decode_probs(q, [_rows(dt.state.decode.keys, p) for dt, p in zip(tasks, positions)], impl.scale,
-                                 [dt.start for dt in tasks], positions)
+            mass = decode_mass(q, [dt.state.decode.keys[: dt.end] for dt in tasks], impl.scale,
+                               [dt.start for dt in tasks], positions)
+            num_heads = q.shape[1]
             if self._tp_group is not None:
-                probs = self._tp_group.all_gather(probs.to(query.device).contiguous(), dim=0)
-            masses = probs.mean(0).cpu().split([len(p) for p in positions])
+                # Summed in rank order on every rank: the same bits everywhere.
+                mass = self._tp_group.all_gather(mass[None].contiguous(), dim=0).sum(0)
+                num_heads *= self._tp_group.world_size
+            rows = (mass / num_heads).cpu().numpy()
+            masses = [rows[i, pos] for i, pos in enumerate(positions)]
         else:
             masses = []
             for dt, pos in zip(tasks, positions):
                 q0 = qsl[dt.row]
                 probs = self._gather_probs(query[q0 : q0 + (dt.end - dt.start)], _rows(dt.state.decode.keys, pos),
                                            torch.arange(dt.start, dt.end), torch.as_tensor(pos), impl)
-                masses.append(probs.mean(0).sum(0))
+                masses.append(probs.mean(0).sum(0).numpy())
         for dt, pos, mass in zip(tasks, positions, masses):
             ds = dt.state.decode
             ds.score *= dt.state.cfg.decode_decay
-            ds.score[pos] += mass.numpy()  # positions are distinct (live and binned tokens)
+            ds.score[pos] += mass  # positions are distinct (live and binned tokens)
 
     def _decode_positions(self, dt: DecodeTask, key, kv_cache, qsl, layout) -> np.ndarray:
         """Positions a decode step scores (live, then binned), with their layer-0 keys in the
@@ -557,13 +561,16 @@ class EvictionRuntime:
                 if row is not None:
                     batch.block_table[0].block_table.np[row, idx] = bid
                 ds.slot_pos[idx * bs : (idx + 1) * bs] = entry.positions
-                self._trace_event(st, "restore", req.num_computed_tokens, entry.positions.tolist())
+                self._trace_event(st, "restore", req.num_computed_tokens, entry.positions.tolist(), 1)
 
     # ------------------------------------------------------------------ 3. after forward
     def after_forward(self) -> None:
         dtasks, self.decode_tasks = self.decode_tasks, []
-        for dt in dtasks:
-            self._decode_step(dt)
+        swaps = [m for m in (self._decode_step(dt) for dt in dtasks) if m is not None]
+        if swaps:
+            # One swap per layer for every request that parks this step (disjoint slots:
+            # each request swaps within its own blocks).
+            self.layout().swap_many(self._caches(), torch.cat([m[0] for m in swaps]), torch.cat([m[1] for m in swaps]))
         tasks, self.tasks = self.tasks, []
         done = [t for t in tasks if t.is_last_chunk]
         for task in done:
@@ -683,17 +690,18 @@ class EvictionRuntime:
                 caches.append(kv)
         return caches
 
-    def _decode_step(self, dt: DecodeTask) -> None:
-        """Budget enforcement, bin overflow and restore proposals after a decode step."""
+    def _decode_step(self, dt: DecodeTask) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Budget enforcement, bin overflow and restore proposals after a decode step.
+        Returns the slot swaps that park victims (the caller makes them for all requests at
+        once, before the next forward); the bookkeeping here already assumes them."""
         st, cfg, bs = dt.state, dt.state.cfg, self.block_size
         ds = st.decode
         ds.steps += 1
         acts = DecodeActions()
+        swap = None
         plan = choose_parking(ds, cfg, dt.block_ids, dt.end, bs, st.protected_prefix, dt.live)
         if plan is not None:
-            src = self._slots(dt.block_ids, plan.move_src)
-            dst = self._slots(dt.block_ids, plan.move_dst)
-            self.layout().swap_many(self._caches(), src, dst)
+            swap = self._slots(dt.block_ids, plan.move_src), self._slots(dt.block_ids, plan.move_dst)
             a, b = list(plan.move_src), list(plan.move_dst)
             ds.slot_pos[a], ds.slot_pos[b] = ds.slot_pos[b].copy(), ds.slot_pos[a].copy()
             req = self.runner.requests[st.req_id]
@@ -713,7 +721,7 @@ class EvictionRuntime:
                 self.num_requests_with_holes += 1
             self._holes[st.req_id] += len(plan.hole_blocks)
             self._holes_version += 1
-            self._trace_event(st, "park", dt.end, acts.parked_positions)
+            self._trace_event(st, "park", dt.end, acts.parked_positions, len(acts.parked))
         # Final release when the bin is over capacity: lowest value first.
         while len(ds.bin) > cfg.bin_capacity:
             victim = min((e for e in ds.bin.values() if e.block_id not in ds.pending_restore),
@@ -734,12 +742,13 @@ class EvictionRuntime:
             self.reports[st.req_id] = EvictionReport(
                 parked=tuple(acts.parked), released=tuple(acts.released), restore=tuple(acts.restore)
             )
+        return swap
 
-    def _trace_event(self, st: RequestState, kind: str, num_tokens: int, positions: list[int]) -> None:
+    def _trace_event(self, st: RequestState, kind: str, num_tokens: int, positions: list[int], blocks: int) -> None:
         if not self.cfg.trace_path:
             return
         rec = {"request_id": st.req_id, "kind": kind, "num_tokens": int(num_tokens),
-               "positions": [int(p) for p in positions], "tp_rank": self._tp_rank}
+               "positions": [int(p) for p in positions], "blocks": int(blocks), "tp_rank": self._tp_rank}
         with self._trace_lock, open(self.cfg.trace_path, "a") as f:
             f.write(json.dumps(rec) + "\n")
 
