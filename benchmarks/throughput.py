@@ -1,6 +1,6 @@
 """Throughput at saturation: ``none`` vs an eviction method on the same, small KV memory.
 
-    python benchmarks/throughput.py [--method hae] [--budget 0.3] [--max-tokens 128] [--num-requests 64] [--num-blocks 160]
+    python benchmarks/throughput.py [--method hae] [--budget 0.3] [--max-tokens 128] [--num-requests 64] [--num-blocks 160] [--decode-budget B]
 
 Many concurrent image requests on the tiny LLaVA against a KV pool small enough that capacity
 binds (``num_gpu_blocks_override``): 64 one-image requests (274-token prompts) of 128 output
@@ -18,6 +18,10 @@ The forward time of every step is split into decode-only steps and steps with pr
 baseline's split, the *decode-only bound* is the ratio eviction would reach if it divided the
 baseline's decode-only forward time by the limit and changed nothing else: on this machine the
 limit assumes that more sequences per step cost nothing, which holds for decode steps at best.
+
+``--decode-budget`` adds HAE's decode stage (parking into the recycle bin); ``r`` then counts
+the blocks each request no longer holds at the end: prefill holes plus parked minus restored
+blocks (``blocks_freed_at_end``).
 
 ``--watermark`` sets vLLM's scheduler watermark (share of blocks kept free when admitting) for
 both engines, to study preemption; the default is vLLM's, 0.
