@@ -1,6 +1,14 @@
 """Where eviction's prefill overhead goes: time spent in the worker's eviction hooks, in-process.
 
     python benchmarks/hook_time.py [--budget 1.0] [--num-requests 16] [--max-tokens 64]
+    python benchmarks/hook_time.py --decode-budget 0.4 --budget 0.3 --max-tokens 256   # decode hooks too
+
+With ``--decode-budget`` (HAE's decode stage: parking into the recycle bin) the decode hooks are
+timed as well, and the result goes to ``hook_time_decode.json``: decode scoring (layer-0 mass of
+every request's new query, key copies included), the first fill of each request's key row
+from the paged cache alone, the per-request decode step (budget check, parking choice, bin, restore proposal) and ``after_forward`` (decode steps,
+the parking swaps of all requests, and prefill compaction under memory pressure).  Per
+request-step figures divide by the decode steps' request count.
 
 Runs the overhead benchmark's workload (tiny LLaVA, one image per request) in one engine whose
 core runs in this process, wraps the worker runtime's hooks with timers, and compares their time
@@ -8,7 +16,7 @@ with the model runner's ``execute_model`` and with the whole ``generate`` (after
 call).  Less noisy than end-to-end TTFT: both sides come from the same run; ``--repeats`` timed calls,
 medians reported (calls are those of the last run).
 
-Last line: scoring_ms=<layer scoring> planning_ms=<selection+compaction+copies> execute_ms=<...> generate_ms=<...>
+Last line (both modes): scoring_ms=<layer scoring> planning_ms=<selection+compaction+copies> execute_ms=<...> generate_ms=<...>
 """
 
 from __future__ import annotations
@@ -34,6 +42,11 @@ from hae_vllm.testing.scenario import RequestSpec, build_prompt, environment_inf
 # itself when it runs at selection.
 HOOKS = {"score": "scoring", "_score_saved": "deferred_scoring", "_run_pending": "planning",
          "on_states_updated": "bookkeeping"}
+# Decode eviction: "decode_scoring" is part of "scoring" (layer 0's hook), "decode_key_fill" part
+# of "decode_scoring"; "decode_step" (one call per request and step) part of "after_forward".
+DECODE_HOOKS = {"_score_decode": "decode_scoring", "_fill_keys": "decode_key_fill",
+                "_decode_step": "decode_step", "after_forward": "after_forward",
+                "_apply_bin_updates": "bin_updates"}
 
 
 def main() -> None:
@@ -42,6 +55,8 @@ def main() -> None:
     ap.add_argument("--num-requests", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5, help="timed generate calls; medians are reported")
+    ap.add_argument("--decode-budget", type=float, default=None,
+                    help="also evict during decode and time its hooks (result: hook_time_decode.json)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = ap.parse_args()
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -67,11 +82,15 @@ def main() -> None:
 
         setattr(cls, name, wrapper)
 
-    for name, key in HOOKS.items():
+    hooks = dict(HOOKS, **(DECODE_HOOKS if args.decode_budget is not None else {}))
+    for name, key in hooks.items():
         timed(EvictionRuntime, name, key)
+    eviction = {"method": "hae", "budget": args.budget}
+    if args.decode_budget is not None:
+        eviction["decode_budget"] = args.decode_budget
     llm = LLM(model=str(tiny_model_path("llava")), dtype="float32", enforce_eager=True, block_size=32,
               max_num_batched_tokens=1024, seed=0,
-              additional_config={"kv_eviction": {"method": "hae", "budget": args.budget}})
+              additional_config={"kv_eviction": eviction})
     runner = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
     timed(type(runner), "execute_model", "execute_model")
     def batch(first_image: int):  # fresh images every call: nothing comes from the prefix cache
@@ -94,10 +113,23 @@ def main() -> None:
     gen = med["generate"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "hook_time.json").write_text(json.dumps({
-        "benchmark": "hook_time", "args": vars(args), "ms": ms, "calls": dict(calls),
+    name = "hook_time" if args.decode_budget is None else "hook_time_decode"
+    extra = {}
+    if args.decode_budget is not None:
+        steps = calls.get("decode_step", 0)
+        extra["us_per_request_step"] = {
+            k: round(med.get(k, 0.0) * 1e6 / max(steps, 1), 2)
+            for k in ("decode_scoring", "decode_key_fill", "decode_step")}
+    (out / f"{name}.json").write_text(json.dumps({
+        "benchmark": name, "args": vars(args), "ms": ms, "calls": dict(calls), **extra,
         "generate_ms": round(gen * 1e3, 2), "runs_ms": [{k: round(v * 1e3, 2) for k, v in r.items()} for r in per_run],
         "machine": environment_info()}, indent=2))
+    if extra:
+        per = extra["us_per_request_step"]
+        print(f"decode hooks over {calls.get('decode_step', 0)} request-steps: decode_scoring_ms={ms.get('decode_scoring', 0.0)} "
+              f"(first key fill {ms.get('decode_key_fill', 0.0)}) decode_step_ms={ms.get('decode_step', 0.0)} "
+              f"after_forward_ms={ms.get('after_forward', 0.0)} bin_updates_ms={ms.get('bin_updates', 0.0)}; "
+              f"per request-step: scoring {per['decode_scoring']} us, decode step {per['decode_step']} us")
     print(f"deferred scoring (part of planning): {ms.get('deferred_scoring', 0.0)} ms")
     print(f"scoring_ms={ms.get('scoring', 0.0)} planning_ms={ms.get('planning', 0.0)} "
           f"execute_ms={ms.get('execute_model', 0.0)} generate_ms={round(gen * 1e3, 2)}")

@@ -8,6 +8,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 # Every engine step of every test checks the worker's cached hole removal against the direct
 # computation (engine subprocesses inherit this).
 os.environ.setdefault("HAE_VLLM_CHECK_HOLES", "1")
+os.environ.setdefault("HAE_VLLM_CHECK_DECODE", "1")
 
 
 @pytest.fixture(scope="session")

@@ -208,9 +208,10 @@ def test_madakv_diagnostics_measure_the_deviation():
 @pytest.mark.parametrize("H,Hkv", [(4, 2), (6, 3), (4, 4), (8, 1)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_decode_mass_matches_per_request_attention(H, Hkv, dtype):
-    """Batched decode scoring (one query per request, keys read from each request's bank by
-    position) equals attention_probs over the gathered keys, request by request: keys after
-    the query masked, requests of different lengths, unscored rows of the bank ignored."""
+    """Batched decode scoring (one query per request, keys in a padded bank by position,
+    a visibility mask per row) equals attention_probs over the gathered keys,
+    request by request: requests of different lengths, keys after the query masked by the
+    caller, rows not visible ignored whatever they hold."""
     from hae_vllm.policies.attention import decode_mass
 
     g = torch.Generator().manual_seed(H * 10 + Hkv)
@@ -219,21 +220,27 @@ def test_decode_mass_matches_per_request_attention(H, Hkv, dtype):
     kpos = [np.random.default_rng(T).permutation(T + 3)[:T] for T in lengths]  # scattered positions
     qpos = [int(p.max()) if T > 1 else int(p[0]) for p, T in zip(kpos, lengths)]
     qpos[2] -= 2  # some of request 2's keys lie after its query
-    # Banks hold garbage (large values) at the positions that are not scored.
-    banks = [(100 * torch.randn(int(p.max()) + 1 + b, Hkv, D, generator=g)).to(dtype) for b, p in enumerate(kpos)]
+    L = max(int(p.max()) for p in kpos) + 3
+    # The bank holds garbage (large values) at the positions that are not scored.
+    bank = (100 * torch.randn(len(lengths), L, Hkv, D, generator=g)).to(dtype)
     keys = [torch.randn(T, Hkv, D, generator=g).to(dtype) for T in lengths]
-    for bank, k, p in zip(banks, keys, kpos):
-        bank[torch.as_tensor(p)] = k
-    out = decode_mass(q, banks, 0.3, qpos, kpos)
-    assert out.shape == (len(lengths), max(b.shape[0] for b in banks)) and out.dtype == torch.float32
+    visible = np.zeros((len(lengths), L), dtype=bool)
+    for b, (k, p) in enumerate(zip(keys, kpos)):
+        bank[b, torch.as_tensor(p)] = k
+        visible[b, p[p <= qpos[b]]] = True
+    bank = bank.transpose(1, 2)  # [B, kv_heads, L, D], as the decode bank stores keys
+    out = decode_mass(q, bank, 0.3, visible)
+    assert out.shape == (len(lengths), L) and out.dtype == torch.float32
     for b in range(len(lengths)):
         ref = attention_probs(q[b : b + 1], keys[b], torch.tensor([qpos[b]]), 0.3, torch.as_tensor(kpos[b]))[:, 0].sum(0)
         torch.testing.assert_close(out[b, torch.as_tensor(kpos[b])], ref, rtol=1e-5, atol=1e-6)
-        others = np.setdiff1d(np.arange(out.shape[1]), kpos[b])
+        others = np.setdiff1d(np.arange(L), kpos[b])
         assert bool((out[b, torch.as_tensor(others)] == 0).all())
         torch.testing.assert_close(out[b].sum(), torch.tensor(float(H)))  # every head sums to 1
     masked = torch.as_tensor(kpos[2][kpos[2] > qpos[2]])
     assert len(masked) >= 1 and bool((out[2, masked] == 0).all())
+    # A torch mask gives the same numbers.
+    torch.testing.assert_close(decode_mass(q, bank, 0.3, torch.from_numpy(visible)), out, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("H,Hkv,T,with_key_positions", [(4, 2, 37, False), (8, 1, 70, True), (3, 3, 9, False), (6, 2, 50, True)])

@@ -86,48 +86,34 @@ def _attention_probs_torch(queries, keys, query_positions, scale, key_positions=
     return torch.softmax(logits, dim=-1)
 
 
-def decode_mass(
-    queries: torch.Tensor,
-    banks: list[torch.Tensor],
-    scale: float,
-    query_positions: list[int],
-    positions: list[np.ndarray],
-) -> torch.Tensor:
-    """Decode scoring of many requests at once: one query per request against the keys at
-    ``positions`` of its key bank, attention probabilities summed over heads.
+def decode_mass(queries: torch.Tensor, keys: torch.Tensor, scale: float, visible) -> torch.Tensor:
+    """Decode scoring of many requests at once: one query per request against its keys,
+    attention probabilities summed over heads.
 
     Args:
         queries: [B, num_heads, head_dim], one query per request.
-        banks: B tensors [L_b, num_kv_heads, head_dim], the request's keys indexed by token
-            position (rows not in ``positions`` are ignored, whatever they hold).
-        query_positions: B ints; positions: B int arrays, distinct, < L_b (keys after the
-            query are masked).
+        keys: [B, num_kv_heads, L, head_dim], request b's keys by token position (rows not
+            visible are ignored, whatever they hold); any strides.
+        visible: [B, L] bool (numpy or torch): the positions each query attends to (at least
+            one per row).
 
     Returns:
-        [B, max L_b] float32 on the queries' device: ``attention_probs(q_b, bank_b[pos_b],
-        ...)[:, 0].sum(0)`` at columns ``pos_b`` of row b, zero elsewhere.  The banks are
-        read as they are (padded into one tensor, no gather by position); one product per
-        KV head for all requests, the masked softmax over each request's scored positions.
+        [B, L] float32 on the queries' device: ``attention_probs(q_b, keys_b[pos_b], ...)[:, 0]
+        .sum(0)`` at the visible columns ``pos_b`` of row b, exactly zero elsewhere.  One
+        batched product for all requests and KV heads, the softmax masked to each row's
+        visible positions.
     """
     B, num_heads, head_dim = queries.shape
-    num_kv_heads = banks[0].shape[1]
+    num_kv_heads, L = keys.shape[1], keys.shape[2]
     group = num_heads // num_kv_heads
-    keys = torch.nn.utils.rnn.pad_sequence(banks, batch_first=True)  # [B, L, Hkv, D]
-    if keys.dtype != torch.float32:
-        keys = keys.float()
-    visible = np.zeros((B, keys.shape[1]), dtype=bool)
-    for b, pos in enumerate(positions):
-        visible[b, pos[pos <= query_positions[b]]] = True
-    hidden = torch.from_numpy(~visible)[:, None, :].to(keys.device)
-    q = (queries.float() * scale).view(B, num_kv_heads, group, head_dim)
-    out = None
-    for k in range(num_kv_heads):
-        # [B, group, D] x [B, D, L]: the strided key view goes to the product as it is.
-        logits = torch.bmm(q[:, k], keys[:, :, k, :].transpose(1, 2))
-        logits.masked_fill_(hidden, float("-inf"))
-        mass = torch.softmax(logits, dim=2).sum(1)
-        out = mass if out is None else out.add_(mass)
-    return out
+    keys = keys.float().reshape(B * num_kv_heads, L, head_dim)
+    if isinstance(visible, np.ndarray):
+        visible = torch.from_numpy(visible)
+    hidden = (~visible.to(keys.device, torch.bool))[:, None, :]
+    q = (queries.float() * scale).reshape(B * num_kv_heads, group, head_dim)
+    logits = torch.bmm(q, keys.transpose(1, 2)).view(B, num_heads, L)  # heads in query order
+    logits.masked_fill_(hidden, float("-inf"))
+    return torch.softmax(logits, dim=2).sum(1)
 
 
 def attention_rows(queries, keys, query_positions, scale) -> torch.Tensor:

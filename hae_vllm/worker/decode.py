@@ -10,6 +10,11 @@ Per request, after its prefill was planned:
 * ``bin``: parked blocks (id, logical index, the positions they hold), readable until vLLM's
   pool reuses them.
 
+The per-position arrays of all requests live in one :class:`DecodeBank` (a row each), so that
+the work every decode step does for every request (append the new token, score it, decay the
+scores, count live tokens against the budget) is a few operations for the whole batch; what is
+left per request (choosing victims, the bin, restore proposals) runs only when it has work.
+
 Parking: when live tokens exceed the budget by a whole block, the lowest-scored evictable tokens
 (no sinks, no recent window, not in the tail block) are swapped into whole blocks, which leave
 the attention set and go to the bin.  Restoring: every ``rescore_interval`` steps the best binned
@@ -36,39 +41,134 @@ class BinEntry:
     positions: np.ndarray  # [block_size] token positions it holds, in slot order
 
 
+class DecodeBank:
+    """The decode state of every request in one set of dense arrays, a row per request, so a
+    decode step appends, scores and counts for all requests with a few array operations
+    instead of a handful per request.
+
+    * ``slot_pos`` [rows, capacity] int64: slot -> position (-1: hole, parked or unwritten);
+    * ``score`` [rows, capacity] float32: decayed layer-0 attention, by position;
+    * ``scored`` [rows, capacity] bool: the positions a decode query attends to when scored:
+      live and binned tokens (released and evicted ones are not);
+    * ``keys`` [rows, kv_heads, capacity, head_dim] (torch, the cache's device and dtype):
+      layer-0 keys by position, what decode scoring reads instead of the paged cache (head
+      major: a KV head's keys of a request are one strided matrix, so all requests and heads
+      are scored by one batched product).
+
+    Rows are recycled when a request's state is dropped; both dimensions grow by doubling
+    (capacity up to ``max_len``), and a :class:`DecodeState` reads its row through the bank,
+    so growth never leaves a state with a stale view."""
+
+    def __init__(self, max_len: int | None = None) -> None:
+        self.max_len = max_len
+        self.capacity = 0
+        self.slot_pos = np.full((0, 0), -1, dtype=np.int64)
+        self.score = np.zeros((0, 0), dtype=np.float32)
+        self.scored = np.zeros((0, 0), dtype=bool)
+        self.keys: torch.Tensor | None = None
+        self._free: list[int] = []
+        self.in_use = 0
+
+    @property
+    def num_rows(self) -> int:
+        return self.slot_pos.shape[0]
+
+    def acquire(self) -> int:
+        if not self._free:
+            self._resize(max(8, 2 * self.num_rows), self.capacity)
+        self.in_use += 1
+        return self._free.pop()
+
+    def release(self, row: int) -> None:
+        self.slot_pos[row] = -1
+        self.score[row] = 0.0
+        self.scored[row] = False
+        self._free.append(row)
+        self.in_use -= 1
+
+    def ensure(self, num_slots: int) -> None:
+        if num_slots > self.capacity:
+            cap = max(num_slots, 2 * self.capacity)
+            if self.max_len is not None:
+                cap = max(num_slots, min(cap, self.max_len))
+            self._resize(self.num_rows, cap)
+
+    def ensure_keys(self, like: torch.Tensor) -> torch.Tensor:
+        """The key bank, allocated on the first decode step (shape, dtype and device of the
+        cache's key rows ``like`` [n, kv_heads, head_dim])."""
+        if self.keys is None:
+            self.keys = like.new_zeros((self.num_rows, like.shape[1], self.capacity, like.shape[2]))
+        return self.keys
+
+    def _resize(self, rows: int, cap: int) -> None:
+        old_rows, old_cap = self.slot_pos.shape
+
+        def grow(a, fill):
+            out = np.full((rows, cap), fill, dtype=a.dtype)
+            out[:old_rows, :old_cap] = a
+            return out
+
+        self.slot_pos = grow(self.slot_pos, -1)
+        self.score = grow(self.score, 0)
+        self.scored = grow(self.scored, False)
+        if self.keys is not None:
+            H, D = self.keys.shape[1], self.keys.shape[3]
+            keys = self.keys.new_zeros((rows, H, cap, D))
+            keys[:old_rows, :, :old_cap] = self.keys
+            self.keys = keys
+        self._free.extend(range(rows - 1, old_rows - 1, -1))
+        self.capacity = cap
+
+
 @dataclass
 class DecodeState:
-    slot_pos: np.ndarray
-    score: np.ndarray  # float32 [positions]
+    bank: DecodeBank
+    row: int
     bin: dict[int, BinEntry] = field(default_factory=dict)
     pending_restore: set[int] = field(default_factory=set)
     steps: int = 0
     by_position: bool = False  # StreamingLLM: park the oldest tokens, never restore
-    # Layer-0 keys by position (this rank's KV heads, as the cache stores them): what decode
-    # scoring reads instead of gathering from the paged cache every step.
-    keys: torch.Tensor | None = None
+    # The key bank row holds this request's layer-0 keys (filled from the paged cache once).
+    has_keys: bool = False
 
     @classmethod
-    def after_prefill(cls, plan, num_tokens: int, block_size: int) -> "DecodeState":
-        return cls(
-            slot_pos=apply_plan_to_positions(plan, num_tokens, block_size),
-            score=np.zeros(num_tokens, dtype=np.float32),
-        )
+    def after_prefill(cls, plan, num_tokens: int, block_size: int, bank: DecodeBank) -> "DecodeState":
+        slots = apply_plan_to_positions(plan, num_tokens, block_size)
+        ds = cls(bank=bank, row=bank.acquire())
+        bank.ensure(num_tokens)
+        ds.slot_pos[:num_tokens] = slots
+        ds.bank.scored[ds.row, slots[slots >= 0]] = True
+        return ds
+
+    @property
+    def slot_pos(self) -> np.ndarray:
+        return self.bank.slot_pos[self.row]
+
+    @property
+    def score(self) -> np.ndarray:
+        return self.bank.score[self.row]
+
+    @property
+    def keys(self) -> torch.Tensor | None:
+        """[capacity, kv_heads, head_dim] view of the bank row (None before the first fill)."""
+        return None if self.bank.keys is None else self.bank.keys[self.row].transpose(0, 1)
 
     def ensure(self, num_slots: int) -> None:
-        if num_slots > len(self.slot_pos):
-            self.slot_pos = np.concatenate([self.slot_pos, np.full(num_slots - len(self.slot_pos), -1)])
-        if num_slots > len(self.score):
-            self.score = np.concatenate([self.score, np.zeros(num_slots - len(self.score), dtype=np.float32)])
-        if self.keys is not None and num_slots > self.keys.shape[0]:
-            extra = max(num_slots - self.keys.shape[0], self.keys.shape[0] // 2)  # amortised growth
-            self.keys = torch.cat([self.keys, self.keys.new_zeros((extra,) + tuple(self.keys.shape[1:]))])
+        self.bank.ensure(num_slots)
+
+    def unscore(self, positions: np.ndarray) -> None:
+        """Positions that left for good (released or lost from the bin)."""
+        self.bank.scored[self.row, positions] = False
+
+    def scored_positions(self) -> np.ndarray:
+        return np.flatnonzero(self.bank.scored[self.row])
 
     def live_slots(self, block_ids: list[int], block_size: int) -> np.ndarray:
-        blocks = np.asarray(block_ids[: math.ceil(len(self.slot_pos) / block_size)])
-        n = min(len(self.slot_pos), len(blocks) * block_size)
+        slot_pos = self.slot_pos
+        blocks = np.asarray(block_ids[: math.ceil(len(slot_pos) / block_size)])
+        n = min(len(slot_pos), len(blocks) * block_size)
         s = np.arange(n)
-        return s[(self.slot_pos[:n] >= 0) & (blocks[s // block_size] != 0)]
+        return s[(slot_pos[:n] >= 0) & (blocks[s // block_size] != 0)]
 
     def value(self, entry: BinEntry) -> float:
         return float(self.score[entry.positions].mean())

@@ -33,7 +33,9 @@ from hae_vllm.plan import EvictionPlan, plan_compaction
 from hae_vllm.policies.attention import LayerAccumulator, attention_probs, decode_mass
 from hae_vllm.policies.base import AttentionStats, Policy, ScoringRequest
 from hae_vllm.policies.registry import get_policy
-from hae_vllm.worker.decode import BinEntry, DecodeActions, DecodeState, choose_parking, weakest_live_value
+from hae_vllm.worker.decode import (
+    BinEntry, DecodeActions, DecodeBank, DecodeState, choose_parking, decode_limit, weakest_live_value,
+)
 
 if TYPE_CHECKING:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
@@ -101,7 +103,7 @@ class DecodeTask:
     start: int
     end: int
     block_ids: list[int]
-    live: np.ndarray | None = None  # live slots this step (set by scoring; nothing moves before parking)
+    num_live: int | None = None  # live tokens this step (counted by scoring, before any parking)
 
 
 @dataclass
@@ -154,6 +156,11 @@ class EvictionRuntime:
         self._holes_version = 0
         self._hole_cache: tuple | None = None
         self._check_holes = os.environ.get("HAE_VLLM_CHECK_HOLES", "") == "1"
+        # Decode state of all requests, a row each (see DecodeBank).  With
+        # HAE_VLLM_CHECK_DECODE=1 (the tests) every decode step checks the bank's incremental
+        # bookkeeping (scored positions, live counts) against a recomputation per request.
+        self.decode_bank = DecodeBank(getattr(runner, "max_model_len", None))
+        self._check_decode = os.environ.get("HAE_VLLM_CHECK_DECODE", "") == "1"
         # 0 scores every request in the forward (tests compare the two paths).
         self._defer_bytes = int(os.environ.get("HAE_VLLM_DEFER_SCORING_BYTES", _DEFER_BYTES))
         self._layout: SlotLayout | None = None
@@ -233,7 +240,10 @@ class EvictionRuntime:
         return self._ordinal.get(layer_name, -1) in self._scoring_ordinals
 
     def _drop(self, req_id: str) -> None:
-        self.states.pop(req_id, None)
+        st = self.states.pop(req_id, None)
+        if st is not None and st.decode is not None:
+            self.decode_bank.release(st.decode.row)
+            st.decode = None
         self._skip.discard(req_id)
         if self._holes.pop(req_id, None):
             self.num_requests_with_holes -= 1
@@ -291,6 +301,8 @@ class EvictionRuntime:
         runner = self.runner
         index = runner.input_batch.req_id_to_index
         skip = self._skip
+        bs = self.block_size
+        rows, firsts, counts = [], [], []
         for req_id, n in scheduler_output.num_scheduled_tokens.items():
             if req_id in skip:
                 continue
@@ -308,8 +320,10 @@ class EvictionRuntime:
             if st.decided:
                 if st.decode is not None:
                     start = req.num_computed_tokens
-                    st.decode.ensure(len(req.block_ids[0]) * self.block_size)
-                    st.decode.slot_pos[start : start + n] = np.arange(start, start + n)
+                    self.decode_bank.ensure(len(req.block_ids[0]) * bs)
+                    rows.append(st.decode.row)
+                    firsts.append(start)
+                    counts.append(n)
                     self.decode_tasks.append(DecodeTask(st, index[req_id], start, start + n, req.block_ids[0]))
                 continue
             start = req.num_computed_tokens
@@ -324,6 +338,12 @@ class EvictionRuntime:
                     block_ids=req.block_ids[0],
                 )
             )
+        if rows:
+            # This step's tokens land in slot == position (vLLM's slot mapping is logical) and
+            # are scored from now on.
+            r, c = np.repeat(rows, counts), _ranges(firsts, counts)
+            self.decode_bank.slot_pos[r, c] = c
+            self.decode_bank.scored[r, c] = True
         num_layers = len(self._attention_layers())
         if self.decode_tasks:
             self._scoring_ordinals.add(0)
@@ -480,60 +500,85 @@ class EvictionRuntime:
 
     def _score_decode(self, tasks: list[DecodeTask], impl, query, key, kv_cache, qsl, layout) -> None:
         """Decayed layer-0 attention of each request's new query over its live and binned
-        tokens.  One decode token per request (the usual case): all requests at once, read
-        from their key copies by position; otherwise request by request."""
-        positions = [self._decode_positions(dt, key, kv_cache, qsl, layout) for dt in tasks]
-        if all(dt.end - dt.start == 1 for dt in tasks):
-            q = query[torch.as_tensor([qsl[dt.row] for dt in tasks], device=query.device)]
-            mass = decode_mass(q, [dt.state.decode.keys[: dt.end] for dt in tasks], impl.scale,
-                               [dt.start for dt in tasks], positions)
-            num_heads = q.shape[1]
+        tokens, and each request's live count against its budget.  One decode token per
+        request (the usual case): all requests at once from the bank's key rows, masked to each
+        row's scored positions; otherwise request by request."""
+        bank = self.decode_bank
+        for dt in tasks:
+            if not dt.state.decode.has_keys:
+                self._fill_keys(dt, kv_cache, layout)
+        rows = np.fromiter((dt.state.decode.row for dt in tasks), dtype=np.int64, count=len(tasks))
+        starts = np.fromiter((dt.start for dt in tasks), dtype=np.int64, count=len(tasks))
+        ends = np.fromiter((dt.end for dt in tasks), dtype=np.int64, count=len(tasks))
+        L = int(ends.max())
+        keys = bank.keys
+        if bool((ends - starts == 1).all()):
+            dev = keys.device
+            rows_t = torch.from_numpy(rows).to(dev)
+            qrows = torch.as_tensor([qsl[dt.row] for dt in tasks], device=query.device)
+            new = key[qrows].reshape(len(tasks), keys.shape[1], keys.shape[3]).to(keys.dtype)
+            keys[rows_t, :, torch.from_numpy(starts).to(dev)] = new  # [B, kv_heads, head_dim]
+            visible = bank.scored[rows, :L] & (np.arange(L)[None, :] <= starts[:, None])
+            mass = decode_mass(query[qrows], keys[:, :, :L].index_select(0, rows_t), impl.scale, visible)
+            num_heads = query.shape[1]
             if self._tp_group is not None:
                 # Summed in rank order on every rank: the same bits everywhere.
                 mass = self._tp_group.all_gather(mass[None].contiguous(), dim=0).sum(0)
                 num_heads *= self._tp_group.world_size
-            rows = (mass / num_heads).cpu().numpy()
-            masses = [rows[i, pos] for i, pos in enumerate(positions)]
+            decay = np.fromiter((dt.state.cfg.decode_decay for dt in tasks), dtype=np.float32, count=len(tasks))
+            # Unscored columns get zero mass: their scores only decay, as before.
+            bank.score[rows, :L] = bank.score[rows, :L] * decay[:, None] + (mass / num_heads).cpu().numpy()
         else:
-            masses = []
-            for dt, pos in zip(tasks, positions):
-                q0 = qsl[dt.row]
-                probs = self._gather_probs(query[q0 : q0 + (dt.end - dt.start)], _rows(dt.state.decode.keys, pos),
+            for dt in tasks:
+                ds, n, q0 = dt.state.decode, dt.end - dt.start, qsl[dt.row]
+                ds.keys[dt.start : dt.end] = key[q0 : q0 + n].reshape(n, keys.shape[1], keys.shape[3]).to(keys.dtype)
+                pos = ds.scored_positions()
+                probs = self._gather_probs(query[q0 : q0 + n], _rows(ds.keys, pos),
                                            torch.arange(dt.start, dt.end), torch.as_tensor(pos), impl)
-                masses.append(probs.mean(0).sum(0).numpy())
-        for dt, pos, mass in zip(tasks, positions, masses):
+                score = ds.score  # the bank's row (a view)
+                score *= dt.state.cfg.decode_decay
+                score[pos] += probs.mean(0).sum(0).numpy()  # positions are distinct
+        slots = max(len(dt.block_ids) for dt in tasks) * self.block_size
+        live = (bank.slot_pos[rows, :slots] >= 0).sum(1)
+        for dt, n_live in zip(tasks, live.tolist()):
+            dt.num_live = n_live
+        if self._check_decode:
+            self._check_decode_state(tasks)
+
+    def _check_decode_state(self, tasks: list[DecodeTask]) -> None:
+        """The bank's incremental bookkeeping against a recomputation from the block tables and
+        the bin (HAE_VLLM_CHECK_DECODE=1)."""
+        bs = self.block_size
+        for dt in tasks:
             ds = dt.state.decode
-            ds.score *= dt.state.cfg.decode_decay
-            ds.score[pos] += mass  # positions are distinct (live and binned tokens)
+            live = ds.live_slots(dt.block_ids, bs)
+            expect = np.sort(np.concatenate([ds.slot_pos[live]] + [e.positions for e in ds.bin.values()]))
+            got = ds.scored_positions()
+            if dt.num_live != len(live) or not np.array_equal(expect, got):
+                raise AssertionError(
+                    f"decode state of {dt.state.req_id} out of step: live {dt.num_live} vs {len(live)}, "
+                    f"scored {len(got)} positions vs {len(expect)} live and binned")
 
-    def _decode_positions(self, dt: DecodeTask, key, kv_cache, qsl, layout) -> np.ndarray:
-        """Positions a decode step scores (live, then binned), with their layer-0 keys in the
-        request's copy (``DecodeState.keys``, indexed by position).
-
-        The copy is filled from the paged cache once (first decode step), then from each
-        step's own key rows.  Binned tokens stay readable in the pool until the bin drops them,
-        so the copy holds exactly what the cache holds for every token scored, and decode
-        scoring never gathers from the paged cache again."""
+    def _fill_keys(self, dt: DecodeTask, kv_cache, layout) -> None:
+        """First decode step of a request: its bank row gets the layer-0 keys of every token
+        already cached (live and binned), indexed by position.  Later tokens come from each
+        step's own key rows, so decode scoring never gathers from the paged cache again: the
+        bank holds exactly what the cache holds for every token scored (binned tokens stay
+        readable in the pool until the bin drops them)."""
         ds, bs = dt.state.decode, self.block_size
-        live = dt.live = ds.live_slots(dt.block_ids, bs)
+        live = ds.live_slots(dt.block_ids, bs)
         pos = ds.slot_pos[live]
-        n = dt.end - dt.start
-        if ds.keys is None:
-            table = np.asarray(dt.block_ids)
-            phys = table[live // bs] * bs + live % bs
-            old = pos < dt.start  # this step's tokens come from the layer input below
-            cached = layout.gather_keys(kv_cache, torch.as_tensor(phys[old], dtype=torch.int64))
-            ds.keys = cached.new_zeros((max(len(ds.slot_pos), dt.end),) + tuple(cached.shape[1:]))
-            ds.keys[torch.as_tensor(pos[old], device=cached.device)] = cached
-            for entry in ds.bin.values():
-                ds.keys[torch.as_tensor(entry.positions, device=cached.device)] = layout.gather_keys(
-                    kv_cache, torch.as_tensor(entry.block_id * bs + np.arange(bs), dtype=torch.int64))
-        ds.ensure(dt.end)
-        q0 = qsl[dt.row]
-        ds.keys[dt.start : dt.end] = key[q0 : q0 + n].reshape(n, *ds.keys.shape[1:]).to(ds.keys.dtype)
-        if ds.bin:
-            pos = np.concatenate([pos] + [entry.positions for entry in ds.bin.values()])
-        return pos
+        old = pos < dt.start  # this step's tokens come from the layer input
+        table = np.asarray(dt.block_ids)
+        phys = [table[live[old] // bs] * bs + live[old] % bs]
+        pos = [pos[old]]
+        for entry in ds.bin.values():
+            phys.append(entry.block_id * bs + np.arange(bs))
+            pos.append(entry.positions)
+        cached = layout.gather_keys(kv_cache, torch.as_tensor(np.concatenate(phys), dtype=torch.int64))
+        self.decode_bank.ensure_keys(cached)
+        ds.keys[torch.as_tensor(np.concatenate(pos), device=cached.device)] = cached.to(ds.keys.dtype)
+        ds.has_keys = True
 
     def _apply_bin_updates(self, updates) -> None:
         """Scheduler confirmations from the previous step: restored blocks re-enter the table."""
@@ -547,8 +592,10 @@ class EvictionRuntime:
                 continue
             ds = st.decode
             for bid in upd.lost:
-                ds.bin.pop(bid, None)
+                entry = ds.bin.pop(bid, None)
                 ds.pending_restore.discard(bid)
+                if entry is not None:
+                    ds.unscore(entry.positions)
             req = self.runner.requests.get(req_id)
             for idx, bid in upd.restored:
                 entry = ds.bin.pop(bid, None)
@@ -627,7 +674,7 @@ class EvictionRuntime:
         plan = plan_compaction(sel.victims.numpy(), T, bs)
         st.plan = plan
         if cfg.decode_enabled:
-            st.decode = DecodeState.after_prefill(plan, T, bs)
+            st.decode = DecodeState.after_prefill(plan, T, bs, self.decode_bank)
             st.decode.by_position = st.policy.decode_by_position
         if plan.is_empty:
             return None
@@ -699,7 +746,10 @@ class EvictionRuntime:
         ds.steps += 1
         acts = DecodeActions()
         swap = None
-        plan = choose_parking(ds, cfg, dt.block_ids, dt.end, bs, st.protected_prefix, dt.live)
+        num_live = dt.num_live if dt.num_live is not None else len(ds.live_slots(dt.block_ids, bs))
+        # Only a request a whole block over its budget has anything to park.
+        over = num_live - decode_limit(cfg, dt.end) >= bs
+        plan = choose_parking(ds, cfg, dt.block_ids, dt.end, bs, st.protected_prefix) if over else None
         if plan is not None:
             swap = self._slots(dt.block_ids, plan.move_src), self._slots(dt.block_ids, plan.move_dst)
             a, b = list(plan.move_src), list(plan.move_dst)
@@ -729,6 +779,7 @@ class EvictionRuntime:
             if victim is None:
                 break
             del ds.bin[victim.block_id]
+            ds.unscore(victim.positions)
             acts.released.append(victim.block_id)
         # Restore: every rescore_interval steps, the best binned block against the weakest live.
         if ds.bin and not ds.by_position and ds.steps % cfg.rescore_interval == 0:
@@ -755,6 +806,14 @@ class EvictionRuntime:
     def take_reports(self) -> dict[str, EvictionReport]:
         reports, self.reports = self.reports, {}
         return reports
+
+
+def _ranges(firsts: list[int], counts: list[int]) -> np.ndarray:
+    """Concatenated ``arange(first, first + count)`` for every pair."""
+    counts_a = np.asarray(counts, dtype=np.int64)
+    if bool((counts_a == 1).all()):
+        return np.asarray(firsts, dtype=np.int64)
+    return np.concatenate([np.arange(f, f + c) for f, c in zip(firsts, counts)])
 
 
 def _rows(t: torch.Tensor, index: np.ndarray) -> torch.Tensor:
