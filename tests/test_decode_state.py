@@ -50,7 +50,7 @@ def test_growth_keeps_rows_and_views():
     bank = DecodeBank(max_len=100)
     states = [_state(bank, [i], 10 + i) for i in range(11)]  # more rows than the first 8
     assert bank.num_rows >= 11 and len({s.row for s in states}) == 11
-    keys = bank.ensure_keys(torch.zeros(1, 2, 3))
+    bank.ensure_keys(torch.zeros(1, 2, 3))
     for i, s in enumerate(states):
         s.score[: 10 + i] = np.arange(10 + i) + 100 * i
         s.keys[: 10 + i] = float(i)
