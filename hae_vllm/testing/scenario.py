@@ -186,6 +186,9 @@ class _Instruments:
         core = llm.llm_engine.engine_core.engine_core
         self.sched = sched = core.scheduler
         self.pool = pool = sched.kv_cache_manager.block_pool
+        from hae_vllm.worker.runtime import runtime_for
+
+        self.runtime = runtime_for(core.model_executor.driver_worker.worker.model_runner)
         total = pool.num_gpu_blocks - 1
         self.reset()
         orig_schedule = sched.schedule
@@ -225,6 +228,12 @@ class _Instruments:
         return dict(
             free_blocks_before=self.free_before,
             free_blocks_after=self.pool.get_num_free_blocks(),
+            # Rows of the worker's decode bank held, and request states holding one: equal
+            # unless a row leaked.  (The worker learns that the last requests finished at the
+            # next step, so their states may still be there after generate() returns.)
+            decode_rows_in_use=None if self.runtime is None else self.runtime.decode_bank.in_use,
+            decode_states=None if self.runtime is None else sum(
+                1 for st in self.runtime.states.values() if st.decode is not None),
             total_blocks=self.pool.num_gpu_blocks - 1,
             peak_blocks_in_use=self.peak_in_use,
             peak_running=self.peak_running,
