@@ -188,7 +188,9 @@ class _Instruments:
         self.pool = pool = sched.kv_cache_manager.block_pool
         from hae_vllm.worker.runtime import runtime_for
 
-        self.runtime = runtime_for(core.model_executor.driver_worker.worker.model_runner)
+        # The worker's runtime when it runs in this process (not under TP's executors).
+        driver = getattr(core.model_executor, "driver_worker", None)
+        self.runtime = None if driver is None else runtime_for(driver.worker.model_runner)
         total = pool.num_gpu_blocks - 1
         self.reset()
         orig_schedule = sched.schedule

@@ -744,11 +744,14 @@ class EvictionRuntime:
         st, cfg, bs = dt.state, dt.state.cfg, self.block_size
         ds = st.decode
         ds.steps += 1
-        acts = DecodeActions()
-        swap = None
         num_live = dt.num_live if dt.num_live is not None else len(ds.live_slots(dt.block_ids, bs))
         # Only a request a whole block over its budget has anything to park.
         over = num_live - decode_limit(cfg, dt.end) >= bs
+        rescore = not ds.by_position and ds.steps % cfg.rescore_interval == 0
+        if not over and not (rescore and ds.bin) and len(ds.bin) <= cfg.bin_capacity:
+            return None  # most requests, most steps: nothing to park, release or restore
+        acts = DecodeActions()
+        swap = None
         plan = choose_parking(ds, cfg, dt.block_ids, dt.end, bs, st.protected_prefix) if over else None
         if plan is not None:
             swap = self._slots(dt.block_ids, plan.move_src), self._slots(dt.block_ids, plan.move_dst)
@@ -782,7 +785,7 @@ class EvictionRuntime:
             ds.unscore(victim.positions)
             acts.released.append(victim.block_id)
         # Restore: every rescore_interval steps, the best binned block against the weakest live.
-        if ds.bin and not ds.by_position and ds.steps % cfg.rescore_interval == 0:
+        if rescore and ds.bin:  # the bin as this step's parks and releases left it
             best = max((e for e in ds.bin.values() if e.block_id not in ds.pending_restore),
                        key=ds.value, default=None)
             weakest = weakest_live_value(ds, cfg, dt.block_ids, dt.end, bs, st.protected_prefix)
