@@ -3,7 +3,9 @@
     python benchmarks/kernels.py            (needs a CUDA GPU; torch + triton, no vLLM)
 
 Mirrors tests/test_kernels.py op by op.  For each op: milliseconds (triton, torch), bytes moved
-and achieved GB/s against the measured device-to-device copy bandwidth.  Results, with the
+and achieved GB/s against the measured device-to-device copy bandwidth.  Decode scoring
+(``decode_mass`` over the decode bank's rows, torch only: there is no Triton kernel for it) is
+timed too: the keys it must read once against the time the gather and the product take.  Results, with the
 device name, go to benchmarks/results/kernels_<device>.json.
 
 Last line: kernels=<n> scoring_gbps=<x> compaction_gbps=<y> copy_gbps=<z>
@@ -22,6 +24,7 @@ sys.path.insert(0, str(REPO))
 
 from hae_vllm.kernels.compaction import SlotGeometry, move_slots, move_slots_ref  # noqa: E402
 from hae_vllm.kernels.scoring import attention_stats, attention_stats_ref  # noqa: E402
+from hae_vllm.policies.attention import decode_mass  # noqa: E402
 
 
 def bench(fn, iters=50):
@@ -72,10 +75,22 @@ def main() -> None:
     comp_bytes = 2 * L * 2 * n * Hkv * D * 2
     rows.append({"op": "move_slots", "shape": dict(L=L, n=n, Hkv=Hkv, D=D), "triton_ms": t_tri, "torch_ms": t_ref,
                  "bytes": comp_bytes, "gbps": comp_bytes / t_tri / 1e6})
+    # Decode scoring: 64 requests' new queries over their 4k-token key rows in the decode bank
+    # (head major, fp16), the gather of the rows included; every row fully visible.
+    B, R = 64, 96
+    bank = torch.randn(R, Hkv, T + 256, D, device="cuda", dtype=torch.float16)
+    brows = torch.randperm(R, device="cuda")[:B]
+    dq = torch.randn(B, H, D, device="cuda", dtype=torch.float16)
+    visible = torch.ones(B, T, dtype=torch.bool, device="cuda")
+    t_ref = bench(lambda: decode_mass(dq, bank[:, :, :T].index_select(0, brows), D**-0.5, visible))
+    dec_bytes = B * Hkv * T * D * 2
+    rows.append({"op": "decode_mass", "shape": dict(B=B, H=H, Hkv=Hkv, D=D, L=T), "triton_ms": None, "torch_ms": t_ref,
+                 "bytes": dec_bytes, "gbps": dec_bytes / t_ref / 1e6})
     out = REPO / "benchmarks" / "results" / f"kernels_{dev.replace(' ', '_')}.json"
     out.write_text(json.dumps({"device": dev, "torch": torch.__version__, "copy_gbps": copy_gbps, "rows": rows}, indent=2))
     for r in rows:
-        print(f"{r['op']}: triton {r['triton_ms']:.3f} ms, torch {r['torch_ms']:.3f} ms, {r['gbps']:.0f} GB/s")
+        tri = "-" if r["triton_ms"] is None else f"{r['triton_ms']:.3f} ms"
+        print(f"{r['op']}: triton {tri}, torch {r['torch_ms']:.3f} ms, {r['gbps']:.0f} GB/s")
     print(f"kernels={len(rows)} scoring_gbps={rows[0]['gbps']:.1f} compaction_gbps={rows[1]['gbps']:.1f} copy_gbps={copy_gbps:.1f}")
 
 
