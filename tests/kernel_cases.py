@@ -12,7 +12,7 @@ import torch
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first kernel launch
 
-from hae_vllm.kernels.compaction import SlotGeometry, move_slots, move_slots_ref  # noqa: E402
+from hae_vllm.kernels.compaction import SlotGeometry, layer_stack, move_slots, move_slots_ref  # noqa: E402
 from hae_vllm.kernels.scoring import HAS_TRITON, attention_mass, attention_stats, attention_stats_ref  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
@@ -149,6 +149,48 @@ def test_move_slots_views_of_one_buffer():
     move_slots_ref(ref, geom, src, dst, True)
     move_slots(caches, geom, src, dst, True, impl="triton")
     assert torch.equal(buf, ref_buf)
+
+
+@pytest.mark.parametrize("swap", [False, True])
+@pytest.mark.parametrize("layout", ["flash", "cpu"])
+@pytest.mark.parametrize("gap", [0, 7])
+def test_move_slots_reference_on_one_buffer_against_naive(swap, layout, gap):
+    """Layers carved from one buffer: equally spaced (gap 0) they are moved all at once through
+    layer_stack's views, unequally (a gap after the first) layer by layer; both against the
+    element-by-element formula, every layer's bytes and the buffer's gaps included."""
+    g = torch.Generator().manual_seed(3 + gap)
+    L, nb, bs, H, D = 3, 3, 16, 2, 4
+    sep, geom = _caches(L, nb, bs, H, D, torch.float32, layout, g)
+    per = sep[0].numel()
+    starts = [5, 5 + per + gap, 5 + 2 * per + gap]
+    buf = torch.randn(starts[-1] + per + 3, generator=g).to(DEVICE)
+    caches = [buf[o : o + per].view(sep[0].shape) for o in starts]
+    caches = [caches[2], caches[0], caches[1]]  # any order
+    assert (layer_stack(caches, geom) is not None) == (gap == 0)
+    want_buf = buf.clone()
+    want = [want_buf[o : o + per].view(sep[0].shape) for o in starts]
+    want = [want[2], want[0], want[1]]
+    src, dst = torch.tensor([0, 17, 33]).to(DEVICE), torch.tensor([5, 40, 18]).to(DEVICE)
+    _naive_move(want, geom, src, dst, swap)
+    move_slots_ref(caches, geom, src, dst, swap)
+    assert torch.equal(buf, want_buf) and not torch.equal(buf, buf.clone().zero_())
+
+
+def test_layer_stack_refuses_what_it_cannot_stack():
+    geom = SlotGeometry.flash(4, 16, 1, 8)
+    buf = torch.zeros(3 * 1024)
+    same = buf[:1024].view(2, 4, 16, 1, 8)
+    assert layer_stack([same], geom) is None  # one layer: nothing to stack
+    assert layer_stack([same, same], geom) is None  # the same layer twice
+    overlap = [buf[o : o + 1024].view(2, 4, 16, 1, 8) for o in (0, 512, 1024)]
+    assert layer_stack(overlap, geom) is None
+    apart = [torch.zeros(2, 4, 16, 1, 8) for _ in range(2)]  # separate allocations
+    assert layer_stack(apart, geom) is None
+    spaced = [buf[o : o + 1024].view(2, 4, 16, 1, 8) for o in (0, 1024, 2048)]
+    views = layer_stack(spaced, geom)
+    assert views is not None and views[0].shape == (3, 4, 16, 1, 8)
+    views[1][2, 3, 15, 0, 7] = 1.0  # the last element of the last layer's V plane
+    assert spaced[2][1, 3, 15, 0, 7] == 1.0 and buf[-1] == 1.0
 
 
 def test_move_slots_checks_shapes():

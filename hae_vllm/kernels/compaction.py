@@ -11,7 +11,8 @@ the CPU backend's transposed key plane are both affine.
 both K/V planes.  Triton: one launch, one program per (slot pair, layer, plane) moving its
 ``H * D`` elements; layers are addressed as element offsets from the first layer's cache, so
 they need not be one tensor.  The torch reference, :func:`move_slots_ref` (the CPU path), does
-one indexed copy per plane view.
+one indexed copy per plane view: of all layers at once when they are equally spaced views of one
+buffer (vLLM's runners allocate them so), of each layer otherwise.
 """
 
 from __future__ import annotations
@@ -56,9 +57,29 @@ class SlotGeometry:
                 for off, so, sh, sd in self.planes]
 
 
+def layer_stack(caches: list[torch.Tensor], geom: SlotGeometry) -> list[torch.Tensor] | None:
+    """``[layers, num_blocks, block_size, H, D]`` views of the K and V planes of every layer at
+    once, when the layers are equally spaced, non-overlapping views of one allocation (how
+    vLLM's runners carve their KV buffer); else None."""
+    if len(caches) < 2:
+        return None
+    ptr = caches[0].untyped_storage().data_ptr()
+    if any(c.untyped_storage().data_ptr() != ptr or not c.is_contiguous() for c in caches):
+        return None
+    anchor = min(caches, key=lambda c: c.storage_offset())
+    offsets = sorted(c.storage_offset() for c in caches)
+    delta = offsets[1] - offsets[0]
+    if delta < anchor.numel() or any(y - x != delta for x, y in zip(offsets, offsets[1:])):
+        return None
+    size = (len(caches), geom.num_blocks, geom.block_size, geom.num_kv_heads, geom.head_size)
+    return [anchor.as_strided(size, (delta, geom.block_stride, so, sh, sd), offsets[0] + off)
+            for off, so, sh, sd in geom.planes]
+
+
 def move_slots_ref(caches: list[torch.Tensor], geom: SlotGeometry, src: torch.Tensor, dst: torch.Tensor,
                    swap: bool = False) -> None:
-    """Torch reference and CPU path: one indexed copy per plane view.  src/dst: [n] flat slot ids
+    """Torch reference and CPU path: one indexed copy per plane view, of all layers at once
+    where :func:`layer_stack` applies, else of each layer.  src/dst: [n] flat slot ids
     (block * block_size + offset), disjoint sets."""
     if src.numel() == 0:
         return
@@ -66,14 +87,19 @@ def move_slots_ref(caches: list[torch.Tensor], geom: SlotGeometry, src: torch.Te
     dev = caches[0].device
     src, dst = src.to(dev, torch.int64), dst.to(dev, torch.int64)
     a, b = (src // bs, src % bs), (dst // bs, dst % bs)
-    for cache in caches:
-        for view in geom.views(cache):
-            if swap:
-                va = view[a].clone()
-                view[a] = view[b]
-                view[b] = va
-            else:
-                view[b] = view[a]
+    stacked = layer_stack(caches, geom)
+    if stacked is not None:
+        views = stacked
+        a, b = (slice(None),) + a, (slice(None),) + b
+    else:
+        views = [view for cache in caches for view in geom.views(cache)]
+    for view in views:
+        if swap:
+            va = view[a].clone()
+            view[a] = view[b]
+            view[b] = va
+        else:
+            view[b] = view[a]
 
 
 if HAS_TRITON:
