@@ -33,6 +33,7 @@ def test_parks_and_restores_happen(record):
     assert "park" in kinds and "restore" in kinds
     assert record["results"][3]["decode_events"] == [] and record["results"][3]["eviction"] is None
     assert record["free_blocks_after"] == record["free_blocks_before"], "blocks leaked"
+    assert record["decode_rows_in_use"] is not None, "the worker's runtime was not read"
     assert record["decode_rows_in_use"] == record["decode_states"], "decode bank rows leaked"
 
 

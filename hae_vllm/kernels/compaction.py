@@ -12,7 +12,7 @@ both K/V planes.  Triton: one launch, one program per (slot pair, layer, plane) 
 ``H * D`` elements; layers are addressed as element offsets from the first layer's cache, so
 they need not be one tensor.  The torch reference, :func:`move_slots_ref` (the CPU path), does
 one indexed copy per plane view: of all layers at once when they are equally spaced views of one
-buffer (vLLM's runners allocate them so), of each layer otherwise.
+buffer (as vLLM's runners may carve their KV buffer), of each layer otherwise.
 """
 
 from __future__ import annotations
@@ -59,8 +59,8 @@ class SlotGeometry:
 
 def layer_stack(caches: list[torch.Tensor], geom: SlotGeometry) -> list[torch.Tensor] | None:
     """``[layers, num_blocks, block_size, H, D]`` views of the K and V planes of every layer at
-    once, when the layers are equally spaced, non-overlapping views of one allocation (how
-    vLLM's runners carve their KV buffer); else None."""
+    once, when the layers are equally spaced, non-overlapping views of one allocation (as
+    vLLM's runners may carve their KV buffer); else None."""
     if len(caches) < 2:
         return None
     ptr = caches[0].untyped_storage().data_ptr()

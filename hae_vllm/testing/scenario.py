@@ -186,11 +186,10 @@ class _Instruments:
         core = llm.llm_engine.engine_core.engine_core
         self.sched = sched = core.scheduler
         self.pool = pool = sched.kv_cache_manager.block_pool
-        from hae_vllm.worker.runtime import runtime_for
-
-        # The worker's runtime when it runs in this process (not under TP's executors).
+        # The worker's model runner when it runs in this process (not under TP's executors):
+        # its eviction runtime is read, never created, here (a vanilla engine has none).
         driver = getattr(core.model_executor, "driver_worker", None)
-        self.runtime = None if driver is None else runtime_for(driver.worker.model_runner)
+        self.runner = None if driver is None else driver.worker.model_runner
         total = pool.num_gpu_blocks - 1
         self.reset()
         orig_schedule = sched.schedule
@@ -227,15 +226,16 @@ class _Instruments:
 
     def readings(self, t_end: float) -> dict[str, Any]:
         sched = self.sched
+        runtime = getattr(self.runner, "_hae_runtime", None)
         return dict(
             free_blocks_before=self.free_before,
             free_blocks_after=self.pool.get_num_free_blocks(),
             # Rows of the worker's decode bank held, and request states holding one: equal
             # unless a row leaked.  (The worker learns that the last requests finished at the
             # next step, so their states may still be there after generate() returns.)
-            decode_rows_in_use=None if self.runtime is None else self.runtime.decode_bank.in_use,
-            decode_states=None if self.runtime is None else sum(
-                1 for st in self.runtime.states.values() if st.decode is not None),
+            decode_rows_in_use=None if runtime is None else runtime.decode_bank.in_use,
+            decode_states=None if runtime is None else sum(
+                1 for st in runtime.states.values() if st.decode is not None),
             total_blocks=self.pool.num_gpu_blocks - 1,
             peak_blocks_in_use=self.peak_in_use,
             peak_running=self.peak_running,

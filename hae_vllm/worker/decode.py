@@ -192,16 +192,14 @@ def decode_limit(cfg: EvictionConfig, num_tokens: int) -> int:
 
 def choose_parking(
     ds: DecodeState, cfg: EvictionConfig, block_ids: list[int], end: int, block_size: int,
-    protected_prefix: int = 0, live: np.ndarray | None = None,
+    protected_prefix: int = 0,
 ):
     """Victim slots to park now (ranked) and the swap plan, or None.
 
     Slots below ``protected_prefix`` are prefix-cache hits shared with other requests: their
-    blocks are never rewritten, so no token in them moves.  ``live``: ``ds.live_slots``
-    when the caller has it already (nothing moved since)."""
+    blocks are never rewritten, so no token in them moves."""
     bs = block_size
-    if live is None:
-        live = ds.live_slots(block_ids, bs)
+    live = ds.live_slots(block_ids, bs)
     excess = len(live) - decode_limit(cfg, end)
     k = excess // bs if excess > 0 else 0
     if k == 0:
