@@ -84,3 +84,33 @@ def test_parking_choice_reads_the_bank_row():
     parked = set(np.asarray(plan.victims).tolist())
     assert len(parked) == 12 and parked >= {9, 10, 13, 14}
     assert not parked & {0, 1} and not parked & set(range(20, 24))
+
+
+def test_bank_hands_out_its_lowest_free_row():
+    bank = DecodeBank()
+    rows = [bank.acquire() for _ in range(10)]
+    assert rows == list(range(10))
+    bank.release(7)
+    bank.release(2)
+    assert bank.acquire() == 2 and bank.acquire() == 7 and bank.acquire() == 10
+
+
+def test_decode_mass_over_bank_rows_matches_gathered_rows():
+    """The runtime's decode scoring reads a packed span of bank rows as one view (queries of
+    rows not in the step zeroed and dropped) or gathers scattered rows: both must give each
+    query its own row's attention, as decode_mass over the gathered rows does."""
+    from hae_vllm.policies.attention import decode_mass
+    from hae_vllm.worker.runtime import EvictionRuntime
+
+    g = torch.Generator().manual_seed(0)
+    num_rows, H, Hkv, cap, D, L = 12, 4, 2, 40, 8, 29
+    keys = torch.randn(num_rows, Hkv, cap, D, generator=g)
+    for rows in ([3, 1, 4, 2], [0, 11], [5], [9, 7, 8, 6, 10]):  # packed spans and a sparse pair
+        rows = np.asarray(rows, dtype=np.int64)
+        q = torch.randn(len(rows), H, D, generator=g)
+        visible = np.random.default_rng(len(rows)).random((len(rows), L)) < 0.6
+        visible[:, 0] = True
+        got = EvictionRuntime._decode_mass_rows(q, rows, keys, L, 0.3, visible)
+        ref = decode_mass(q, keys[torch.from_numpy(rows)][:, :, :L].contiguous(), 0.3, visible)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+        assert bool((got[torch.from_numpy(~visible)] == 0).all())

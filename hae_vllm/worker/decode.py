@@ -24,6 +24,7 @@ confirms it (the block may have been reused) and the worker re-inserts it at the
 
 from __future__ import annotations
 
+import heapq
 import math
 from dataclasses import dataclass, field
 
@@ -74,16 +75,18 @@ class DecodeBank:
         return self.slot_pos.shape[0]
 
     def acquire(self) -> int:
+        """The lowest free row (rows in use stay packed at the front: decode scoring reads
+        the span of rows in use as one view)."""
         if not self._free:
             self._resize(max(8, 2 * self.num_rows), self.capacity)
         self.in_use += 1
-        return self._free.pop()
+        return heapq.heappop(self._free)
 
     def release(self, row: int) -> None:
         self.slot_pos[row] = -1
         self.score[row] = 0.0
         self.scored[row] = False
-        self._free.append(row)
+        heapq.heappush(self._free, row)
         self.in_use -= 1
 
     def ensure(self, num_slots: int) -> None:
@@ -116,7 +119,8 @@ class DecodeBank:
             keys = self.keys.new_zeros((rows, H, cap, D))
             keys[:old_rows, :, :old_cap] = self.keys
             self.keys = keys
-        self._free.extend(range(rows - 1, old_rows - 1, -1))
+        for row in range(old_rows, rows):
+            heapq.heappush(self._free, row)
         self.capacity = cap
 
 

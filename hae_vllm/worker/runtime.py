@@ -519,7 +519,7 @@ class EvictionRuntime:
             new = key[qrows].reshape(len(tasks), keys.shape[1], keys.shape[3]).to(keys.dtype)
             keys[rows_t, :, torch.from_numpy(starts).to(dev)] = new  # [B, kv_heads, head_dim]
             visible = bank.scored[rows, :L] & (np.arange(L)[None, :] <= starts[:, None])
-            mass = decode_mass(query[qrows], keys[:, :, :L].index_select(0, rows_t), impl.scale, visible)
+            mass = self._decode_mass_rows(query[qrows], rows, keys, L, impl.scale, visible)
             num_heads = query.shape[1]
             if self._tp_group is not None:
                 # Summed in rank order on every rank: the same bits everywhere.
@@ -544,6 +544,30 @@ class EvictionRuntime:
             dt.num_live = n_live
         if self._check_decode:
             self._check_decode_state(tasks)
+
+    @staticmethod
+    def _decode_mass_rows(q: torch.Tensor, rows: np.ndarray, keys: torch.Tensor, L: int, scale: float,
+                          visible: np.ndarray) -> torch.Tensor:
+        """:func:`decode_mass` of queries ``q`` over the bank's key ``rows`` (one per query).
+
+        When the rows lie in a span at most twice their number (the bank hands out its lowest
+        free row, so rows in use stay packed), the span is read as one strided view instead of
+        copying every row's keys: rows of the span without a query this step get a zero query
+        that sees only position 0, and their output is dropped.  Otherwise the rows are
+        gathered."""
+        B = len(rows)
+        r0, r1 = int(rows.min()), int(rows.max()) + 1
+        if r1 - r0 > 2 * B:
+            rows_t = torch.from_numpy(rows).to(keys.device)
+            return decode_mass(q, keys[:, :, :L].index_select(0, rows_t), scale, visible)
+        local = rows - r0
+        local_t = torch.from_numpy(local).to(q.device)
+        q_all = q.new_zeros((r1 - r0,) + tuple(q.shape[1:]))
+        q_all[local_t] = q
+        vis_all = np.zeros((r1 - r0, L), dtype=bool)
+        vis_all[:, 0] = True
+        vis_all[local] = visible
+        return decode_mass(q_all, keys[r0:r1, :, :L], scale, vis_all)[local_t]
 
     def _check_decode_state(self, tasks: list[DecodeTask]) -> None:
         """The bank's incremental bookkeeping against a recomputation from the block tables and
