@@ -137,6 +137,10 @@ def main() -> None:
         })
     med = {k: statistics.median(p[k] for p in paired)
            for k in ("r", "r_prompt", "throughput_ratio", "throughput_ratio_wall", "max_running_ratio", "decode_bound")}
+    # Spread of the single rounds' ratios: quartiles (statistics.quantiles, inclusive), min, max.
+    ratios = [p["throughput_ratio"] for p in paired]
+    q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else (ratios[0],) * 3
+    med["round_ratio_spread"] = {"q1": q1, "q3": q3, "min": min(ratios), "max": max(ratios)}
     r = med["r"]
     limit = 1.0 / (1.0 - r)
     out = Path(args.out)
@@ -155,6 +159,7 @@ def main() -> None:
                   f"{q['decode_steps']} decode-only steps (mean batch {q['decode_mean_batch']:.1f}) + {q['prefill_s']:.2f} s "
                   f"in {q['prefill_steps']} steps with prefill ({q['prefill_tokens']} prompt tokens)")
         print(f"round {i} ratio {p['throughput_ratio']:.4f} (wall-clock {p['throughput_ratio_wall']:.4f}), r {p['r']:.4f}")
+    print(f"round ratios: quartiles {q1:.2f}-{q3:.2f} (min-max {min(ratios):.2f}-{max(ratios):.2f})")
     print(f"median of {len(paired)} paired rounds; freed share of prompt blocks {med['r_prompt']:.4f}; "
           f"wall-clock ratio (input processing included) {med['throughput_ratio_wall']:.4f}")
     print(f"decode-only bound {med['decode_bound']:.4f} ({med['decode_bound'] / limit:.2f} of the limit): the ratio if "

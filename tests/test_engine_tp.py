@@ -42,8 +42,11 @@ def _ray_skip_reason() -> str | None:
     return None
 
 
+_RAY_SKIP = _ray_skip_reason()
+
+
 @pytest.mark.parametrize("backend", ["mp", pytest.param("ray", marks=pytest.mark.skipif(
-    _ray_skip_reason() is not None, reason=str(_ray_skip_reason())))])
+    _RAY_SKIP is not None, reason=str(_RAY_SKIP)))])
 def test_tp2_evicts_like_tp1(tp1, backend, oracle_for):
     tp2 = _run(2, backend)
     for a, b in zip(tp1["results"], tp2["results"]):
