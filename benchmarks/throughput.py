@@ -31,6 +31,10 @@ Output tok/s is measured over the engine's stepping time (first ``schedule()`` t
 both runs that a server overlaps with the engine in its API process.  The wall-clock ratio,
 processing included, is reported too.
 
+``--from-file benchmarks/results/throughput_hae.json`` prints a saved result again, with the
+medians the README quotes (per-engine step profile, decode step cost ratio, recomputed prompt
+tokens per preemption, the spread of the rounds), without running anything.
+
 Last line: throughput_ratio=<x> limit=<1/(1-r)> r=<r> max_running_ratio=<m>
 """
 
@@ -92,7 +96,12 @@ def main() -> None:
                     help="vLLM's scheduler watermark (share of blocks kept free at admission), both engines")
     ap.add_argument("--tag", default="", help="suffix of the result file (variants of the default run)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    ap.add_argument("--from-file", default=None,
+                    help="print the report of a saved result file (no run): every figure the README takes from one")
     args = ap.parse_args()
+    if args.from_file:
+        report(json.loads(Path(args.from_file).read_text()))
+        return
     reqs = [RequestSpec(text="Describe the picture in detail.", images=[300 + args.images * i + j for j in range(args.images)], max_tokens=args.max_tokens)
             for i in range(args.num_requests)]
     common = dict(model="llava", requests=reqs, log_stats=True, logprobs=False, trace=True,
@@ -137,18 +146,30 @@ def main() -> None:
         })
     med = {k: statistics.median(p[k] for p in paired)
            for k in ("r", "r_prompt", "throughput_ratio", "throughput_ratio_wall", "max_running_ratio", "decode_bound")}
-    # Spread of the single rounds' ratios: quartiles (statistics.quantiles, inclusive), min, max.
-    ratios = [p["throughput_ratio"] for p in paired]
-    q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else (ratios[0],) * 3
-    med["round_ratio_spread"] = {"q1": q1, "q3": q3, "min": min(ratios), "max": max(ratios)}
+    med["round_ratio_spread"] = spread([p["throughput_ratio"] for p in paired])
     r = med["r"]
     limit = 1.0 / (1.0 - r)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"throughput_{args.method}{'_' + args.tag if args.tag else ''}.json").write_text(json.dumps({
-        "benchmark": "throughput", "args": vars(args), "rounds": paired, "median": med, "r": r, "limit": limit,
-        "throughput_ratio": med["throughput_ratio"], "max_running_ratio": med["max_running_ratio"],
-        "machine": environment_info()}, indent=2))
+    data = {"benchmark": "throughput", "args": vars(args), "rounds": paired, "median": med, "r": r, "limit": limit,
+            "throughput_ratio": med["throughput_ratio"], "max_running_ratio": med["max_running_ratio"],
+            "machine": environment_info()}
+    (out / f"throughput_{args.method}{'_' + args.tag if args.tag else ''}.json").write_text(json.dumps(data, indent=2))
+    report(data)
+
+
+def spread(ratios: list[float]) -> dict[str, float]:
+    """The single rounds' ratios: quartiles (statistics.quantiles, inclusive), min, max."""
+    q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else (ratios[0],) * 3
+    return {"q1": q1, "q3": q3, "min": min(ratios), "max": max(ratios)}
+
+
+def report(data: dict) -> None:
+    """Print a result (a fresh run, or a saved file with ``--from-file``): every round, the
+    medians over the rounds of each engine's step profile, and the last line."""
+    paired, med, limit, r = data["rounds"], data["median"], data["limit"], data["r"]
+    method = data["args"]["method"]
+    names = ("none", method)
     for i, p in enumerate(paired):
         for name in names:
             s = p[name]
@@ -159,14 +180,36 @@ def main() -> None:
                   f"{q['decode_steps']} decode-only steps (mean batch {q['decode_mean_batch']:.1f}) + {q['prefill_s']:.2f} s "
                   f"in {q['prefill_steps']} steps with prefill ({q['prefill_tokens']} prompt tokens)")
         print(f"round {i} ratio {p['throughput_ratio']:.4f} (wall-clock {p['throughput_ratio_wall']:.4f}), r {p['r']:.4f}")
-    print(f"round ratios: quartiles {q1:.2f}-{q3:.2f} (min-max {min(ratios):.2f}-{max(ratios):.2f})")
+
+    def step_ms(s):
+        q = s["step_profile"]
+        return q["decode_s"] / max(1, q["decode_steps"]) * 1e3
+
+    for name in names:
+        rows = [p[name] for p in paired]
+        # Prompt tokens beyond the workload's own (num_requests x prompt length): recomputation.
+        first = data["args"]["num_requests"] * statistics.median(p["prompt_tokens_mean"] for p in paired)
+        print(f"{name:>6} (medians of the rounds): peak running {statistics.median(s['peak_running'] for s in rows):g}, "
+              f"decode-only steps {statistics.median(s['step_profile']['decode_steps'] for s in rows):g} "
+              f"(mean batch {statistics.median(s['step_profile']['decode_mean_batch'] for s in rows):.1f}, "
+              f"{statistics.median(step_ms(s) for s in rows):.2f} ms each), "
+              f"preemptions {statistics.median(s['preemptions'] for s in rows):g}, "
+              f"prompt tokens computed {statistics.median(s['step_profile']['prefill_tokens'] for s in rows):g} "
+              f"({statistics.median((s['step_profile']['prefill_tokens'] - first) / max(1, s['preemptions']) for s in rows):.0f} "
+              f"recomputed per preemption)")
+    cost = statistics.median(step_ms(p[method]) / step_ms(p["none"]) for p in paired)
+    print(f"decode step cost {method}/none: {cost:.2f} (median of the rounds' ratios)")
+    sp = spread([p["throughput_ratio"] for p in paired])
+    print(f"round ratios: quartiles {sp['q1']:.2f}-{sp['q3']:.2f} (min-max {sp['min']:.2f}-{sp['max']:.2f})")
     print(f"median of {len(paired)} paired rounds; freed share of prompt blocks {med['r_prompt']:.4f}; "
           f"wall-clock ratio (input processing included) {med['throughput_ratio_wall']:.4f}")
-    print(f"decode-only bound {med['decode_bound']:.4f} ({med['decode_bound'] / limit:.2f} of the limit): the ratio if "
+    print(f"decode-only bound {med['decode_bound']:.4f} ({med['decode_bound'] / limit:.2f} of the limit; {method} reaches "
+          f"{med['throughput_ratio'] / med['decode_bound']:.2f} of it): the ratio if "
           f"eviction divided none's decode-only forward time by the limit and left its prefill and "
           f"non-forward time as they are")
     print(f"throughput_ratio={med['throughput_ratio']:.4f} limit={limit:.4f} r={r:.4f} "
           f"max_running_ratio={med['max_running_ratio']:.4f}")
+
 
 if __name__ == "__main__":
     main()
