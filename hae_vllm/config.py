@@ -264,6 +264,28 @@ def engine_config_from_additional(additional_config: Mapping[str, Any] | None) -
     return cfg
 
 
+def check_request_knobs(base: EvictionConfig, extra_args: Mapping[str, Any] | None) -> tuple[str, str] | None:
+    """``(knob, message)`` when a request's eviction knobs are bad, else None.
+
+    The knobs are validated together (a method may need a budget that another knob gives);
+    when they fail, each is tried alone so the answer names the knob at fault, and the
+    combination is blamed (``vllm_xargs``) only when no single knob is."""
+    if not extra_args:
+        return None
+    knobs = {k: v for k, v in extra_args.items() if k == REQUEST_METHOD_KEY or k.startswith(REQUEST_PREFIX)}
+    try:
+        request_config(base, knobs)
+        return None
+    except EvictionConfigError as e:
+        whole = str(e)
+    for key, value in knobs.items():
+        try:
+            request_config(base, {key: value})
+        except EvictionConfigError as e:
+            return key, str(e)
+    return (next(iter(knobs)) if len(knobs) == 1 else "vllm_xargs"), whole
+
+
 def request_config(base: EvictionConfig, extra_args: Mapping[str, Any] | None) -> EvictionConfig:
     """Apply a request's knobs (``SamplingParams.extra_args``) on top of the engine config.
 

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -13,6 +14,9 @@ from hae_vllm.testing.server import ServerError, image_data_url, vllm_server
 pytestmark = pytest.mark.engine
 
 VLLM = str(Path(sys.executable).parent / "vllm")
+# `vllm serve` with a test-only delay after rendering (see the script): holds open the window in
+# which a request rendered before validation strands a concurrent request's image.
+LAUNCHER = [sys.executable, str(Path(__file__).parent / "serve_with_render_delay.py")]
 
 
 @pytest.fixture(scope="module")
@@ -21,20 +25,20 @@ def server(llava_path, tmp_path_factory):
     args = ["--kv-eviction", "hae", "--kv-eviction-config", '{"budget": 0.5}', "--dtype", "float32",
             "--max-model-len", "2048", "--enforce-eager", "--limit-mm-per-prompt", '{"image": 2}']
     try:
-        with vllm_server(llava_path, args, log, timeout=240) as base:
+        with vllm_server(llava_path, args, log, timeout=240, launcher=LAUNCHER) as base:
             yield base, llava_path, log
     except ServerError as e:
         pytest.fail(str(e))
 
 
-def _chat(base, model, extra=None, n_images=1, max_tokens=8):
-    content = [{"type": "image_url", "image_url": {"url": image_data_url(i)}} for i in range(n_images)]
+def _chat(base, model, extra=None, n_images=1, max_tokens=8, stream=False, first_image=0):
+    content = [{"type": "image_url", "image_url": {"url": image_data_url(first_image + i)}} for i in range(n_images)]
     content.append({"type": "text", "text": "What do you see?"})
     body = {"model": model, "messages": [{"role": "user", "content": content}],
-            "max_tokens": max_tokens, "temperature": 0}
+            "max_tokens": max_tokens, "temperature": 0, "stream": stream}
     if extra:
         body["vllm_xargs"] = extra
-    return requests.post(base + "/v1/chat/completions", json=body, timeout=120)
+    return requests.post(base + "/v1/chat/completions", json=body, timeout=120, stream=stream)
 
 
 def _metric(text, name):
@@ -75,6 +79,51 @@ def test_bad_per_request_knob_is_http_400(server, knobs, needle):
     assert r.status_code == 400, r.text
     assert needle in r.text
     # The server is still healthy afterwards.
+    assert _chat(base, model, max_tokens=2).status_code == 200
+
+
+def test_bad_knob_names_the_knob(server):
+    base, model, _ = server
+    r = _chat(base, model, extra={"kv_eviction": "snapkv", "kv_eviction_budget": 2.0})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == "vllm_xargs.kv_eviction_budget"
+    assert "kv_eviction_budget" in err["message"]
+
+
+@pytest.mark.parametrize("knobs", [{"kv_eviction_budget": 2.0}, {"kv_eviction": "magic"}])
+def test_bad_knob_on_a_stream_is_http_400_before_any_data(server, knobs):
+    """vLLM refuses invalid parameters of a streaming request with a 400 before the stream
+    starts; eviction knobs must not be the exception (no 200 with an SSE error event)."""
+    base, model, _ = server
+    r = _chat(base, model, extra=knobs, stream=True)
+    body = r.content.decode()
+    assert r.status_code == 400, body
+    assert r.headers["content-type"].startswith("application/json"), r.headers
+    assert "data:" not in body
+    assert r.json()["error"]["param"].startswith("vllm_xargs.")
+
+
+def test_refused_request_does_not_strand_a_concurrent_image(server):
+    """Regression (P0/P1 multimodal cache drift, HTTP 500): request A carries an image and a bad
+    knob, request B the same image and good knobs, B sent while A is between rendering and
+    refusal (held open by the test launcher's render delay).  Refusing A before rendering leaves
+    the image unmarked, so B carries its data; refusing A after rendering made B a 500."""
+    base, model, _ = server
+    for seed in (9101, 9102):  # images no other test sent
+        results = {}
+
+        def send_a():
+            results["a"] = _chat(base, model, first_image=seed, extra={"kv_eviction_budget": 2.0,
+                                                                        "test_render_delay_s": 4})
+
+        t = threading.Thread(target=send_a)
+        t.start()
+        time.sleep(1.0)
+        b = _chat(base, model, first_image=seed, extra={"kv_eviction_budget": 0.5})
+        t.join()
+        assert results["a"].status_code == 400, results["a"].text
+        assert b.status_code == 200, b.text
     assert _chat(base, model, max_tokens=2).status_code == 200
 
 

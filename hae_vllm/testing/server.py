@@ -33,14 +33,16 @@ def image_data_url(seed: int, size: int = 224) -> str:
 
 
 @contextmanager
-def vllm_server(model: str, args: list[str], log_path: Path, timeout: float = 300) -> Iterator[str]:
+def vllm_server(model: str, args: list[str], log_path: Path, timeout: float = 300,
+                launcher: list[str] | None = None) -> Iterator[str]:
     """``vllm serve model --host 127.0.0.1 --port P *args``; yields the base URL once /health
     answers, terminates the server on exit.  Raises :class:`ServerError` with the log tail if it
-    dies or does not start."""
+    dies or does not start.  ``launcher`` replaces the ``vllm`` command (tests wrap it)."""
     import requests
 
     port = free_port()
-    cmd = [str(Path(sys.executable).parent / "vllm"), "serve", model, "--host", "127.0.0.1", "--port", str(port), *args]
+    launcher = launcher or [str(Path(sys.executable).parent / "vllm")]
+    cmd = [*launcher, "serve", model, "--host", "127.0.0.1", "--port", str(port), *args]
     env = dict(os.environ)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     with open(log_path, "w") as f:
