@@ -30,14 +30,21 @@ def _check_version() -> str:
 
 
 def register_attention_backends() -> None:
+    """Override every backend in ``SUPPORTED`` with its eviction subclass (by class path: the
+    class is built, and the upstream module imported, only if vLLM picks that backend).
+
+    ``HAE_VLLM_TEST_UNREGISTERED_BACKENDS`` (comma-separated enum names) is for tests only: it
+    leaves those backends plain, to prove that eviction refuses to start on them."""
+    import os
+
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
-    register_backend(AttentionBackendEnum.CPU_ATTN, "hae_vllm.attention.cpu.EvictionCPUAttentionBackend")
-    try:
-        import vllm.v1.attention.backends.flash_attn  # noqa: F401  (CUDA builds only)
-    except Exception:
-        return
-    register_backend(AttentionBackendEnum.FLASH_ATTN, "hae_vllm.attention.cuda.EvictionFlashAttentionBackend")
+    from hae_vllm.attention.backends import SUPPORTED, eviction_class_path
+
+    skip = {s.strip() for s in os.environ.get("HAE_VLLM_TEST_UNREGISTERED_BACKENDS", "").split(",") if s.strip()}
+    for member in SUPPORTED:
+        if member not in skip:
+            register_backend(getattr(AttentionBackendEnum, member), eviction_class_path(member))
 
 
 def register() -> None:

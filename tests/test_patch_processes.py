@@ -24,7 +24,7 @@ def test_worker_process_is_patched(records):
     assert probes and all(p["pid"] != mp["driver_pid"] for p in probes), "worker must run in its own process"
     for p in probes:
         assert all(p["runner_patched"].values()), p
-        assert "EvictionCPUAttentionImpl" in p["attention_impls"], p
+        assert "EvictionCPUAttentionBackendImpl" in p["attention_impls"], p
         assert p["runtime_active"], p
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from copy import copy
 
+from hae_vllm.attention.backends import check_attention_backends
+from hae_vllm.config import engine_config_from_additional
 from hae_vllm.patches import is_patched, wraps_patch
 from hae_vllm.worker.runtime import REPORT_ATTR, runtime_for
 
@@ -74,9 +76,26 @@ def patch_sample_tokens(cls) -> None:
     cls.sample_tokens = sample_tokens
 
 
+def patch_initialize_attn_backend(cls) -> None:
+    original = cls.initialize_attn_backend
+    if is_patched(original):
+        return
+
+    @wraps_patch(original)
+    def initialize_attn_backend(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        cfg = engine_config_from_additional(self.vllm_config.additional_config)
+        if cfg.enabled:
+            check_attention_backends(self.attn_groups, cfg.method)
+        return result
+
+    cls.initialize_attn_backend = initialize_attn_backend
+
+
 def apply() -> None:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
+    patch_initialize_attn_backend(GPUModelRunner)
     patch__update_states(GPUModelRunner)
     patch_execute_model(GPUModelRunner)
     patch_sample_tokens(GPUModelRunner)

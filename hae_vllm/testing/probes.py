@@ -21,7 +21,7 @@ def probe_worker(worker) -> dict:
     return {
         "pid": os.getpid(),
         "runner_patched": {
-            name: is_patched(getattr(GPUModelRunner, name)) for name in ("_update_states", "execute_model", "sample_tokens")
+            name: is_patched(getattr(GPUModelRunner, name)) for name in ("_update_states", "execute_model", "sample_tokens", "initialize_attn_backend")
         },
         "attention_impls": impls,
         "metadata_builders": builders,
