@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 
-logger = logging.getLogger("hae_vllm")
+logger = logging.getLogger("vllm.hae_vllm")  # under vLLM's logger: its handlers and level apply
 
 SUPPORTED_VLLM = ("0.32",)
 _lock = threading.Lock()

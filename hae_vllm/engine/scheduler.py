@@ -18,7 +18,7 @@ from hae_vllm.engine.kv_manager import MAY_EVICT_ATTR, EvictableFullAttentionMan
 from hae_vllm.engine.recycle_bin import RecycleBin
 from hae_vllm.worker.runtime import BIN_UPDATES_ATTR, PRESSURE_ATTR, REPORT_ATTR
 
-logger = logging.getLogger("hae_vllm")
+logger = logging.getLogger("vllm.hae_vllm")  # under vLLM's logger: its handlers and level apply
 
 
 class EvictionStats:

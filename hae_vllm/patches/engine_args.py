@@ -12,7 +12,7 @@ import logging
 from hae_vllm.config import CONFIG_KEY, EvictionConfigError, build_engine_config, engine_config_from_additional, methods
 from hae_vllm.patches import is_patched, wraps_patch
 
-logger = logging.getLogger("hae_vllm")
+logger = logging.getLogger("vllm.hae_vllm")  # under vLLM's logger: its handlers and level apply
 
 SCHEDULER_CLS = "hae_vllm.engine.scheduler.EvictionScheduler"
 _UNQUANTISED_KV = {"None", "auto", "bfloat16", "float16"}
@@ -114,6 +114,7 @@ def enforce_eviction_settings(engine_args) -> None:
         raise EvictionConfigError("--kv-eviction requires --no-async-scheduling")
     engine_args.async_scheduling = False
     _enforce_cuda_settings(engine_args)
+    _fit_cpu_memory(engine_args)
     if engine_args.block_size is None:
         engine_args.block_size = cfg.default_block_size
         logger.info(
@@ -122,6 +123,49 @@ def enforce_eviction_settings(engine_args) -> None:
             cfg.method,
             cfg.default_block_size,
         )
+
+
+def _fit_cpu_memory(engine_args) -> None:
+    """On the CPU, a memory share that fits the node when the user chose no KV size.
+
+    vLLM's CPU worker reserves ``gpu_memory_utilization`` (default 0.92) of the first NUMA
+    node's memory and refuses to start when less than that is available, which is the case on
+    many shared machines (our reference machine included): ``vllm serve MODEL --kv-eviction
+    hae`` would stop before serving anything.  Only when that would happen, and the user set
+    none of ``--gpu-memory-utilization``, ``--kv-cache-memory-bytes`` and
+    ``VLLM_CPU_KVCACHE_SPACE``, the share is lowered to 90% of what is available (logged);
+    wherever vLLM's default fits it is left alone."""
+    import os
+
+    from vllm.config.cache import CacheConfig
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu() or engine_args.kv_cache_memory_bytes is not None:
+        return
+    if os.environ.get("VLLM_CPU_KVCACHE_SPACE", "") != "":
+        return
+    default = CacheConfig.gpu_memory_utilization
+    if engine_args.gpu_memory_utilization != default:
+        return
+    try:
+        from vllm.utils.cpu_resource_utils import get_allowed_cpu_list, get_memory_node_info
+
+        node = get_allowed_cpu_list()[0].numa_node
+        info = get_memory_node_info(node)
+    except Exception:  # unknown topology: leave vLLM's own check to speak
+        return
+    if default * info.total_memory <= info.available_memory:
+        return
+    share = int(90 * info.available_memory / info.total_memory) / 100
+    if share < 0.05:
+        return
+    engine_args.gpu_memory_utilization = share
+    logger.info(
+        "hae_vllm: NUMA node %d has %.1f of %.1f GiB available, less than vLLM's default share %.2f "
+        "asks for; using --gpu-memory-utilization %.2f (set it, --kv-cache-memory-bytes or "
+        "VLLM_CPU_KVCACHE_SPACE to choose)",
+        node, info.available_memory / 2**30, info.total_memory / 2**30, default, share,
+    )
 
 
 def _enforce_cuda_settings(engine_args) -> None:

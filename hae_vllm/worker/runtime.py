@@ -40,7 +40,7 @@ from hae_vllm.worker.decode import (
 if TYPE_CHECKING:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-logger = logging.getLogger("hae_vllm")
+logger = logging.getLogger("vllm.hae_vllm")  # under vLLM's logger: its handlers and level apply
 
 REPORT_ATTR = "hae_eviction_reports"
 """Attribute of ModelRunnerOutput carrying {req_id: EvictionReport} to the scheduler."""
