@@ -154,3 +154,17 @@ def test_bad_flags_fail_at_startup(llava_path, args, needle):
                          capture_output=True, text=True, timeout=180)
     assert out.returncode != 0
     assert needle in out.stdout + out.stderr
+
+
+def test_readme_serve_command_works_as_typed(llava_path, tmp_path):
+    """`vllm serve MODEL --kv-eviction hae`, nothing else and no VLLM_CPU_KVCACHE_SPACE: vLLM's
+    default CPU memory share does not fit many machines (ours included); eviction picks one
+    that does and says so."""
+    log = tmp_path / "typed.log"
+    try:
+        with vllm_server(llava_path, ["--kv-eviction", "hae"], log, timeout=300, kv_space_gib=None) as base:
+            assert _chat(base, llava_path, max_tokens=2).status_code == 200
+    except ServerError as e:
+        pytest.fail(str(e))
+    text = log.read_text()
+    assert "hae_vllm: --kv-eviction hae with no --block-size: using block size 32" in text

@@ -125,16 +125,21 @@ def enforce_eviction_settings(engine_args) -> None:
         )
 
 
-def _fit_cpu_memory(engine_args) -> None:
-    """On the CPU, a memory share that fits the node when the user chose no KV size.
+# Memory the EngineCore and worker processes take (torch, the model) between this check in the
+# API process and the worker's own check of the node's available memory.
+_CPU_START_HEADROOM = 2 << 30
 
-    vLLM's CPU worker reserves ``gpu_memory_utilization`` (default 0.92) of the first NUMA
-    node's memory and refuses to start when less than that is available, which is the case on
-    many shared machines (our reference machine included): ``vllm serve MODEL --kv-eviction
-    hae`` would stop before serving anything.  Only when that would happen, and the user set
-    none of ``--gpu-memory-utilization``, ``--kv-cache-memory-bytes`` and
-    ``VLLM_CPU_KVCACHE_SPACE``, the share is lowered to 90% of what is available (logged);
-    wherever vLLM's default fits it is left alone."""
+
+def _fit_cpu_memory(engine_args) -> None:
+    """On the CPU, a KV cache size that fits the node when the user chose none.
+
+    vLLM's CPU worker reserves ``gpu_memory_utilization`` (default 0.92) of its NUMA node's
+    memory and refuses to start when less than that is available, which is the case on many
+    shared machines (our reference machine included): ``vllm serve MODEL --kv-eviction hae``
+    would stop before serving anything.  Only when that would happen (with the processes
+    still to start counted), and the user set none of ``--gpu-memory-utilization``,
+    ``--kv-cache-memory-bytes`` and ``VLLM_CPU_KVCACHE_SPACE``, the KV cache gets half of what
+    will be left (logged); wherever vLLM's default fits it is left alone."""
     import os
 
     from vllm.config.cache import CacheConfig
@@ -154,17 +159,18 @@ def _fit_cpu_memory(engine_args) -> None:
         info = get_memory_node_info(node)
     except Exception:  # unknown topology: leave vLLM's own check to speak
         return
-    if default * info.total_memory <= info.available_memory:
+    left = info.available_memory - _CPU_START_HEADROOM
+    if default * info.total_memory <= left:
         return
-    share = int(90 * info.available_memory / info.total_memory) / 100
-    if share < 0.05:
+    kv_bytes = (left // 2) >> 28 << 28  # whole 256 MiB
+    if kv_bytes < 1 << 28:
         return
-    engine_args.gpu_memory_utilization = share
+    engine_args.kv_cache_memory_bytes = kv_bytes
     logger.info(
         "hae_vllm: NUMA node %d has %.1f of %.1f GiB available, less than vLLM's default share %.2f "
-        "asks for; using --gpu-memory-utilization %.2f (set it, --kv-cache-memory-bytes or "
+        "needs; using a %.2f GiB KV cache (set --kv-cache-memory-bytes, --gpu-memory-utilization or "
         "VLLM_CPU_KVCACHE_SPACE to choose)",
-        node, info.available_memory / 2**30, info.total_memory / 2**30, default, share,
+        node, info.available_memory / 2**30, info.total_memory / 2**30, default, kv_bytes / 2**30,
     )
 
 
