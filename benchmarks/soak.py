@@ -5,8 +5,10 @@
 Starts the server on 127.0.0.1 with a small KV pool (so preemption happens), then drives
 requests with the official ``openai`` client from concurrent workers: streaming and not,
 clients that disconnect mid-stream, image / two-image / text-only prompts, random per-request
-knobs including invalid ones.  Every request must complete or get a 4xx with a message; no
-5xx; the server must stay up; KV usage must return to its baseline (read from /metrics).
+knobs including invalid ones.  Every request must complete or get a 4xx with a message before
+its response starts (an invalid knob on a stream is an HTTP 400, as vLLM answers invalid
+parameters; an error event inside a started stream counts as a server error); no 5xx; the
+server must stay up; KV usage must return to its baseline (read from /metrics).
 
 Last line: requests=<n> ok=<n> client_errors=<n> server_errors=<n> leaked_blocks=<n>
 """
@@ -63,7 +65,8 @@ async def run_load(base: str, model: str, n: int, concurrency: int, seed: int) -
 
     client = openai.AsyncOpenAI(base_url=base + "/v1", api_key="x", max_retries=0, timeout=300)
     images = [image_data_url(i) for i in range(6)]
-    counts = {"ok": 0, "client_errors": 0, "server_errors": 0, "disconnects": 0, "unexpected_ok": 0}
+    counts = {"ok": 0, "client_errors": 0, "server_errors": 0, "late_errors": 0, "disconnects": 0,
+              "unexpected_ok": 0}
     errors: list[str] = []
     queue: asyncio.Queue = asyncio.Queue()
     for i in range(n):
@@ -111,16 +114,11 @@ async def run_load(base: str, model: str, n: int, concurrency: int, seed: int) -
             counts["server_errors"] += 1
             errors.append(f"{i}: connection error {e!r}"[:300])
         except openai.APIError as e:
-            # A stream that already started reports errors as an SSE error event carrying the
-            # HTTP code vLLM would have answered (validation runs when generation starts).
-            code = (e.body or {}).get("code") if isinstance(e.body, dict) else None
-            if isinstance(code, int) and 400 <= code < 500:
-                counts["client_errors"] += 1
-                if not invalid:
-                    errors.append(f"{i}: {code} in stream for valid knobs {knobs}: {e.message[:200]}")
-            else:
-                counts["server_errors"] += 1
-                errors.append(f"{i}: stream error {e!r}"[:300])
+            # An error event inside a stream that already answered 200: a request refused
+            # after its response started is a server fault, whatever code the event carries.
+            counts["server_errors"] += 1
+            counts["late_errors"] += 1
+            errors.append(f"{i}: error inside a started stream (knobs {knobs}): {e!r}"[:300])
 
     async def worker() -> None:
         while True:
@@ -144,6 +142,8 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--num-gpu-blocks", type=int, default=96, help="small KV pool so capacity binds")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", default="auto", help="model dtype (vLLM's default: bfloat16 on the CPU)")
+    ap.add_argument("--tag", default="", help="result file suffix: soak[_TAG].json")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = ap.parse_args()
     import requests as http
@@ -155,8 +155,8 @@ def main() -> None:
     model = str(tiny_model_path("llava"))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    serve_args = ["--kv-eviction", "hae", "--dtype", "float32", "--max-model-len", "1024", "--enforce-eager",
-                  "--max-num-seqs", "8", "--num-gpu-blocks-override", str(args.num_gpu_blocks),
+    serve_args = ["--kv-eviction", "hae", "--dtype", args.dtype, "--max-model-len", "1024", "--enforce-eager",
+                  "--max-num-seqs", str(max(8, args.concurrency)), "--num-gpu-blocks-override", str(args.num_gpu_blocks),
                   "--limit-mm-per-prompt", '{"image": 2}']
     with vllm_server(model, serve_args, out / "soak_server.log.tmp") as base:
         m0 = http.get(base + "/metrics").text
@@ -181,10 +181,11 @@ def main() -> None:
     summary = {"benchmark": "soak", "args": vars(args), "server_cmd": cmd, "counts": counts, "server_alive": alive,
                "kv_usage_before": usage0, "kv_usage_after": usage1, "num_gpu_blocks": total, "leaked_blocks": leaked,
                "hae_freed_kv_blocks_total": freed, "machine": environment_info()}
-    (out / "soak.json").write_text(json.dumps(summary, indent=2))
+    (out / f"soak{'_' + args.tag if args.tag else ''}.json").write_text(json.dumps(summary, indent=2))
     for e in counts["errors"][:10]:
         print("error:", e)
-    print(f"elapsed={counts['elapsed_s']:.0f}s disconnects={counts['disconnects']} freed_blocks={freed} alive={alive}")
+    print(f"elapsed={counts['elapsed_s']:.0f}s disconnects={counts['disconnects']} late_errors={counts['late_errors']} "
+          f"freed_blocks={freed} alive={alive}")
     print(f"requests={args.requests} ok={counts['ok']} client_errors={counts['client_errors']} "
           f"server_errors={counts['server_errors']} leaked_blocks={leaked}")
 
