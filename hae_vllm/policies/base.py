@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import torch
 
-from hae_vllm.config import EvictionConfig
+if TYPE_CHECKING:  # annotations only: config imports the policy registry
+    from hae_vllm.config import EvictionConfig
 
 
 @dataclass(frozen=True)

@@ -9,11 +9,15 @@ heads.  See :func:`normalized_scores` for the rule.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
-from hae_vllm.config import EvictionConfig
 from hae_vllm.policies.base import AttentionStats, Policy, ScoringRequest
+
+if TYPE_CHECKING:  # annotations only: config imports the policy registry
+    from hae_vllm.config import EvictionConfig
 
 
 def normalized_scores(
