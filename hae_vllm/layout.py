@@ -1,11 +1,13 @@
 """Slot layout of a paged KV cache, derived from the attention backend itself.
 
 Backends store a block very differently (the CPU backend keeps the key plane of a block
-transposed on some ISAs; CUDA backends use ``[2, num_blocks, block_size, heads, dim]``).  We
-never hard-code it: :meth:`SlotLayout.probe` writes coded values through the backend's own
-cache-update op into a two-block scratch cache and reads back where every
-``(slot offset, K/V plane, head, dim)`` element landed.  Moving a token is then an advanced
-index copy over the real cache tensor, whatever its layout.
+transposed on its vec ISAs and tiles both planes for the matrix unit on AMX; CUDA backends use
+``[2, num_blocks, block_size, heads, dim]``).  We never hard-code it: :meth:`SlotLayout.probe`
+writes coded values through the backend's own cache-update op into a two-block scratch cache and
+reads back where every ``(slot offset, K/V plane, head, dim)`` element landed.  Moving a token is
+then an indexed copy over the real cache tensor, whatever its layout: through strided plane
+views when the layout is affine in the digits of the slot, head and dim indices (every backend
+we know), through a per-element offset table otherwise.
 """
 
 from __future__ import annotations
@@ -119,11 +121,13 @@ class SlotLayout:
         return (slots // self.block_size * strides[self.block_dim])[:, None] + within[slots % self.block_size]
 
     def _affine(self, kv_cache: torch.Tensor):
-        """Per K/V plane ``(offset, slot stride, head stride, dim stride)`` when every element of
-        a block sits at ``offset + o*so + h*sh + d*sd`` (all layouts we know: the CPU backend's
-        transposed key plane, its row-major value plane, FlashAttention's), else None (e.g. a
-        VNNI-interleaved plane).  Then a slot is one ``[H, D]`` strided sub-tensor of a view,
-        and moving slots needs two ``[n]`` indices instead of an ``[n, 2*H*D]`` offset table."""
+        """Per K/V plane ``(offset, slot axis, head axis, dim axis)`` (see
+        :class:`~hae_vllm.kernels.compaction.SlotGeometry`) when every element of a block sits at
+        ``offset + S(o) + Hd(h) + Dd(d)`` with each term affine in the digits of its index (the
+        CPU backend's vec layouts and FlashAttention's with one digit per axis, its AMX layout
+        with VNNI pairs and 16-wide tiles), else None.  Then a slot is one strided sub-tensor of
+        a view, and moving slots needs one ``[n]`` row index per plane instead of an
+        ``[n, 2*H*D]`` offset table."""
         strides = kv_cache.stride()
         cache = self.__dict__.setdefault("_affine_cache", {})
         if strides in cache:
@@ -135,20 +139,24 @@ class SlotLayout:
         planes = []
         for p in range(2):
             base = int(w[0, p, 0, 0])
-            so = int(w[1, p, 0, 0]) - base if bs > 1 else 0
-            sh = int(w[0, p, 1, 0]) - base if H > 1 else 0
-            sd = int(w[0, p, 0, 1]) - base if D > 1 else 0
-            o, h, d = torch.meshgrid(torch.arange(bs), torch.arange(H), torch.arange(D), indexing="ij")
-            if min(so, sh, sd) < 0 or not torch.equal(w[:, p], base + o * so + h * sh + d * sd):
+            axes = [_axis_digits(g - base) for g in (w[:, p, 0, 0], w[0, p, :, 0], w[0, p, 0, :])]
+            if any(a is None for a in axes):
                 planes = None
                 break
-            planes.append((base, so, sh, sd))
+            planes.append((base, *axes))
+        if planes is not None:
+            geom = SlotGeometry(1, bs, H, D, 0, tuple(planes))
+            # Each axis was read along the others' zero; the whole block must agree.
+            if not all(torch.equal(geom.offsets(p), w[:, p]) for p in range(2)):
+                planes = None
+            else:
+                planes = geom.planes
         cache[strides] = planes
         return planes
 
     def geometry(self, kv_cache: torch.Tensor) -> SlotGeometry | None:
         """The cache's slot geometry (what the compaction kernel needs) when the layout is
-        affine and the cache contiguous, else None."""
+        digit-affine and the cache contiguous, else None."""
         if not kv_cache.is_contiguous():
             return None
         planes = self._affine(kv_cache)
@@ -158,15 +166,23 @@ class SlotLayout:
                             kv_cache.stride(self.block_dim), tuple(planes))
 
     def _plane_views(self, kv_cache: torch.Tensor) -> list[torch.Tensor] | None:
-        """``[num_blocks, block_size, H, D]`` views of the K and V planes, or None."""
+        """Views of the K and V planes (:meth:`SlotGeometry.views`: ``[num_blocks, block_size,
+        H, D]`` for a plain plane, one dimension per digit for a tiled one), or None."""
         geom = self.geometry(kv_cache)
         return None if geom is None else geom.views(kv_cache)
 
     def key_plane(self, kv_cache: torch.Tensor) -> torch.Tensor | None:
         """``[num_blocks, block_size, H, D]`` view of the key plane (what the scoring kernel
-        reads in place), or None when the layout is not affine."""
-        views = self._plane_views(kv_cache)
-        return None if views is None else views[0]
+        reads in place), or None when no such view exists: a layout that is not digit-affine, or
+        one whose key plane is tiled (AMX: a token's dims sit in pairs 32 elements apart, so the
+        dim axis has no single stride).  Callers then gather the request's keys with
+        :meth:`gather_keys`, for a tiled plane one indexed read through its digit view: on the
+        CPU the same copy the in-place path makes (the scoring kernel's torch reference gathers
+        the keys from the plane view too)."""
+        geom = self.geometry(kv_cache)
+        if geom is None or not geom.plain(0):
+            return None
+        return geom.views(kv_cache)[0]
 
     def _coords(self, kv_cache: torch.Tensor, slots: torch.Tensor, keys_only: bool = False):
         slots = slots.to(self.index.device, torch.int64)
@@ -181,6 +197,9 @@ class SlotLayout:
 
     def gather(self, kv_cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """[n] slots -> [n, 2, H, D] (K plane, V plane)."""
+        geom = self.geometry(kv_cache)
+        if geom is not None:
+            return torch.stack([geom.gather(kv_cache, slots, p) for p in range(2)], dim=1)
         flat = self._flat(kv_cache, slots, keys_only=False)
         if flat is not None:
             return kv_cache.view(-1)[flat].view(-1, 2, self.num_kv_heads, self.head_size)
@@ -189,10 +208,9 @@ class SlotLayout:
 
     def gather_keys(self, kv_cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """[n] slots -> keys [n, H, D] as stored (post-RoPE)."""
-        views = self._plane_views(kv_cache)
-        if views is not None:
-            slots = slots.to(kv_cache.device, torch.int64)
-            return views[0][slots // self.block_size, slots % self.block_size]
+        geom = self.geometry(kv_cache)
+        if geom is not None:
+            return geom.gather(kv_cache, slots, 0)
         flat = self._flat(kv_cache, slots, keys_only=True)
         if flat is not None:
             return kv_cache.view(-1)[flat].view(-1, self.num_kv_heads, self.head_size)
@@ -241,7 +259,8 @@ class SlotLayout:
     def move_many(self, caches: list[torch.Tensor], src_slots: torch.Tensor, dst_slots: torch.Tensor) -> None:
         """:meth:`move` on several caches of this layout (the layers of one model): one
         :func:`~hae_vllm.kernels.compaction.move_slots` per geometry (Triton on CUDA, indexed
-        plane copies on the CPU), the offset table for layouts that are not affine."""
+        plane copies on the CPU and for tiled planes), the offset table for layouts that are
+        not digit-affine."""
         self._move_many(caches, src_slots, dst_slots, swap=False)
 
     def swap_many(self, caches: list[torch.Tensor], a_slots: torch.Tensor, b_slots: torch.Tensor) -> None:
@@ -266,3 +285,23 @@ def _offsets(index: torch.Tensor, strides: list[int]) -> torch.Tensor:
     index's device (the probe runs on the cache's device: a CUDA index times a host tensor
     would fail)."""
     return (index * torch.tensor(strides, dtype=torch.int64, device=index.device)).sum(-1)
+
+
+def _axis_digits(g: torch.Tensor) -> tuple[tuple[int, int], ...] | None:
+    """Mixed-radix digits ``((radix, stride), ...)``, most significant first, of one axis
+    whose element offsets (relative to index 0) are ``g [n]``, or None.  Found from the lowest
+    digit up: a digit is the longest run of equal steps at the start of what is left, and what
+    is left is every ``radix``-th offset.  Only a candidate: the caller checks the whole block
+    against it.  Negative strides are refused (``as_strided`` cannot express them)."""
+    digits = []
+    rest = g
+    while rest.numel() > 1:
+        m = rest.numel()
+        s = int(rest[1])
+        run = rest == torch.arange(m) * s
+        r = m if bool(run.all()) else int((~run).nonzero()[0])
+        if s < 0 or m % r:
+            return None
+        digits.append((r, s))
+        rest = rest[::r]
+    return tuple(reversed(digits))

@@ -1,6 +1,7 @@
 """Triton kernels against their torch references (TRITON_INTERPRET=1 on CPU, CUDA when present):
-random inputs, odd shapes (non-powers of two, a single key, empty), every dtype in use, and both
-cache layouts the engine meets (FlashAttention's, and the CPU backend's transposed key plane).
+random inputs, odd shapes (non-powers of two, a single key, empty), every dtype in use, and the
+cache layouts the engine meets (FlashAttention's, the CPU backend's transposed key plane, and its
+AMX tiling, which only the torch reference moves).
 
 Run through tests/test_kernels.py in a fresh process: importing vLLM on CPU changes Triton's
 global state, which breaks the interpreter for later kernels in the same process."""
@@ -78,27 +79,48 @@ def test_attention_stats_checks_shapes():
 
 def _caches(L, nb, bs, H, D, dtype, layout, g):
     """L separately allocated layer caches and their geometry: FlashAttention's
-    [2, nb, bs, H, D], or a CPU-like [nb, 2, ...] block with the key plane transposed."""
+    [2, nb, bs, H, D], a CPU-like [nb, 2, ...] block with the key plane transposed, or the CPU
+    backend's AMX tiling (plane digits as vLLM 0.32 writes bf16; needs bs % 16 == 0, D % 16 == 0)."""
     if layout == "flash":
         caches = [torch.randn(2, nb, bs, H, D, generator=g).to(dtype).to(DEVICE) for _ in range(L)]
         return caches, SlotGeometry.flash(nb, bs, H, D)
-    # Per block: K as [H, D, bs] (element (h, d, o) at h*D*bs + d*bs + o), then V as [bs, H, D].
     per = bs * H * D
     caches = [torch.randn(nb, 2 * per, generator=g).to(dtype).to(DEVICE) for _ in range(L)]
-    return caches, SlotGeometry(nb, bs, H, D, 2 * per, ((0, 1, D * bs, bs), (per, H * D, D, 1)))
+    if layout == "cpu":
+        # Per block: K as [H, D, bs] (element (h, d, o) at h*D*bs + d*bs + o), then V as [bs, H, D].
+        return caches, SlotGeometry(nb, bs, H, D, 2 * per, ((0, 1, D * bs, bs), (per, H * D, D, 1)))
+    # Per head: K as [bs/16, D/2, 16, 2] (VNNI pairs of dims), then V as [D/16, bs/2, 16, 2]
+    # (pairs of tokens).
+    head = 2 * bs * D
+    key = (0, ((bs // 16, 16 * D), (16, 2)), head, ((D // 2, 32), (2, 1)))
+    value = (bs * D, ((bs // 2, 32), (2, 1)), head, ((D // 16, 16 * bs), (16, 2)))
+    return caches, SlotGeometry(nb, bs, H, D, 2 * per, (key, value))
+
+
+def _elem(geom, plane, slot, h, d):
+    """Element offset of (plane, slot, head, dim), digit by digit in plain Python (independent of
+    SlotGeometry's own index arithmetic)."""
+    off, *axes = geom.planes[plane]
+    total = off + slot // geom.block_size * geom.block_stride
+    for x, axis, size in zip((slot % geom.block_size, h, d), axes, (geom.block_size, geom.num_kv_heads,
+                                                                     geom.head_size)):
+        digits = [(size, axis)] if isinstance(axis, int) else list(axis)
+        for radix, stride in reversed(digits):
+            total += x % radix * stride
+            x //= radix
+    return total
 
 
 def _naive_move(caches, geom, src, dst, swap):
     """Element by element through the geometry's formula (independent of both implementations)."""
-    bs, H, D = geom.block_size, geom.num_kv_heads, geom.head_size
+    H, D = geom.num_kv_heads, geom.head_size
     for c in caches:
         flat = c.view(-1)
         for s, t in zip(src.tolist(), dst.tolist()):
-            for off, so, sh, sd in geom.planes:
+            for p in range(2):
                 for h in range(H):
                     for d in range(D):
-                        a = off + s // bs * geom.block_stride + s % bs * so + h * sh + d * sd
-                        b = off + t // bs * geom.block_stride + t % bs * so + h * sh + d * sd
+                        a, b = _elem(geom, p, s, h, d), _elem(geom, p, t, h, d)
                         va, vb = flat[a].clone(), flat[b].clone()
                         flat[b] = va
                         if swap:
@@ -122,16 +144,16 @@ def test_move_slots_matches_reference(dtype, swap, layout, L, nb, bs, H, D, n):
 
 
 @pytest.mark.parametrize("swap", [False, True])
-@pytest.mark.parametrize("layout", ["flash", "cpu"])
+@pytest.mark.parametrize("layout", ["flash", "cpu", "amx"])
 def test_move_slots_reference_against_naive(swap, layout):
     g = torch.Generator().manual_seed(7)
-    caches, geom = _caches(2, 3, 16, 2, 4, torch.float32, layout, g)
+    caches, geom = _caches(2, 3, 16, 2, 16, torch.float32, layout, g)
     src, dst = torch.tensor([0, 17, 33]), torch.tensor([5, 40, 18])
     want = [c.clone() for c in caches]
     _naive_move(want, geom, src, dst, swap)
     move_slots_ref(caches, geom, src, dst, swap)
     assert all(torch.equal(c, w) for c, w in zip(caches, want))
-    assert not all(torch.equal(c, w) for c, w in zip(caches, _caches(2, 3, 16, 2, 4, torch.float32, layout,
+    assert not all(torch.equal(c, w) for c, w in zip(caches, _caches(2, 3, 16, 2, 16, torch.float32, layout,
                                                                        torch.Generator().manual_seed(7))[0]))
 
 
@@ -152,14 +174,14 @@ def test_move_slots_views_of_one_buffer():
 
 
 @pytest.mark.parametrize("swap", [False, True])
-@pytest.mark.parametrize("layout", ["flash", "cpu"])
+@pytest.mark.parametrize("layout", ["flash", "cpu", "amx"])
 @pytest.mark.parametrize("gap", [0, 7])
 def test_move_slots_reference_on_one_buffer_against_naive(swap, layout, gap):
     """Layers carved from one buffer: equally spaced (gap 0) they are moved all at once through
     layer_stack's views, unequally (a gap after the first) layer by layer; both against the
     element-by-element formula, every layer's bytes and the buffer's gaps included."""
     g = torch.Generator().manual_seed(3 + gap)
-    L, nb, bs, H, D = 3, 3, 16, 2, 4
+    L, nb, bs, H, D = 3, 3, 16, 2, 16
     sep, geom = _caches(L, nb, bs, H, D, torch.float32, layout, g)
     per = sep[0].numel()
     starts = [5, 5 + per + gap, 5 + 2 * per + gap]
@@ -200,3 +222,79 @@ def test_move_slots_checks_shapes():
     with pytest.raises(ValueError):
         move_slots([torch.zeros(2, 4, 16, 1, 8), torch.zeros(2, 4, 16, 1, 8, dtype=torch.float16)], geom,
                    torch.zeros(1), torch.zeros(1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("swap", [False, True])
+@pytest.mark.parametrize("L,nb,bs,H,D,n", [(3, 4, 32, 2, 64, 9), (1, 3, 64, 1, 32, 1), (2, 2, 32, 3, 48, 0)])
+def test_tiled_geometry_moves_through_the_reference(dtype, swap, L, nb, bs, H, D, n):
+    """A tiled (AMX) geometry is not plain: "auto" takes the torch reference, which matches the
+    element-by-element formula, and the Triton kernel refuses it rather than misaddress."""
+    g = torch.Generator().manual_seed(n + D + L)
+    caches, geom = _caches(L, nb, bs, H, D, dtype, "amx", g)
+    assert not geom.plain() and not geom.plain(0) and not geom.plain(1)
+    perm = torch.randperm(nb * bs, generator=g)
+    src, dst = perm[:n].to(DEVICE), perm[n : 2 * n].to(DEVICE)
+    want = [c.clone() for c in caches]
+    _naive_move(want, geom, src[:2], dst[:2], swap)  # the formula is slow: two slots of it
+    ref = [c.clone() for c in caches]
+    move_slots_ref(ref, geom, src[:2], dst[:2], swap)
+    assert all(torch.equal(r, w) for r, w in zip(ref, want))
+    ref = [c.clone() for c in caches]
+    move_slots_ref(ref, geom, src, dst, swap)
+    move_slots(caches, geom, src, dst, swap)
+    assert all(torch.equal(c, r) for c, r in zip(caches, ref))
+    if n:
+        with pytest.raises(ValueError):
+            move_slots(caches, geom, src, dst, swap, impl="triton")
+
+
+def test_slot_geometry_views_and_gather_follow_the_digits():
+    """Views have one dimension per digit; gather reads ``[n, H, D]`` through them, equal to
+    reading every element at its formula offset; offsets() is the same formula."""
+    g = torch.Generator().manual_seed(5)
+    nb, bs, H, D = 3, 32, 2, 32
+    (cache,), geom = _caches(1, nb, bs, H, D, torch.float32, "amx", g)
+    kview, vview = geom.views(cache)
+    assert kview.shape == (nb, bs // 16, 16, H, D // 2, 2) and vview.shape == (nb, bs // 2, 2, H, D // 16, 16)
+    slots = torch.tensor([0, 15, 16, 33, 95]).to(DEVICE)
+    flat = cache.view(-1)
+    for p in range(2):
+        want = torch.stack([torch.stack([torch.stack([flat[_elem(geom, p, int(s), h, d)] for d in range(D)])
+                                         for h in range(H)]) for s in slots.tolist()])
+        assert torch.equal(geom.gather(cache, slots, p), want)
+        offs = torch.tensor([[[_elem(geom, p, o, h, d) for d in range(D)] for h in range(H)] for o in range(bs)])
+        assert torch.equal(geom.offsets(p), offs)
+
+
+def test_slot_geometry_is_canonical():
+    """A single digit is its stride, radix-1 digits vanish: equal layouts compare (and group)
+    equal, and digits must cover their axis."""
+    plain = SlotGeometry(2, 16, 1, 8, 256, ((0, 1, 0, 16), (128, 8, 0, 1)))
+    spelled = SlotGeometry(2, 16, 1, 8, 256, ((0, ((16, 1),), ((1, 99),), 16), (128, ((1, 5), (16, 8)), 0, 1)))
+    assert spelled == plain and hash(spelled) == hash(plain) and plain.plain()
+    with pytest.raises(ValueError):
+        SlotGeometry(2, 16, 1, 8, 256, ((0, ((4, 1), (2, 4)), 0, 16), (128, 8, 0, 1)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scoring_over_gathered_tiled_keys_equals_in_place_scoring(dtype):
+    """What the runtime does when the key plane is tiled (no [nb, bs, H, D] view): gather the
+    request's keys through the digit view, then the dense statistics.  Same numbers as scoring
+    the same keys in place from a plain plane."""
+    from hae_vllm.kernels.scoring import dense_attention_stats
+
+    g = torch.Generator().manual_seed(11)
+    nb, bs, Hkv, D, H, T = 6, 32, 2, 32, 4, 77
+    (cache,), geom = _caches(1, nb, bs, Hkv, D, dtype, "amx", g)
+    plain = torch.empty(nb, bs, Hkv, D, dtype=dtype, device=DEVICE)
+    every = torch.arange(nb * bs, device=DEVICE)
+    plain.view(-1, Hkv, D)[:] = geom.gather(cache, every, 0)
+    table = torch.randperm(nb, generator=g)[: -(-T // bs)].to(DEVICE)
+    pos = torch.arange(T, device=DEVICE)
+    keys = geom.gather(cache, table[pos // bs] * bs + pos % bs, 0)
+    q = torch.randn(5, H, D, generator=g).to(dtype).to(DEVICE)
+    qpos = torch.tensor([3, 30, 31, 60, 76], device=DEVICE)
+    rows, hs = dense_attention_stats(q, keys, qpos, D**-0.5, True)
+    ref_rows, ref_hs = attention_stats_ref(q, plain, table, qpos, T, D**-0.5, per_head=True)
+    assert torch.equal(rows, ref_rows) and torch.equal(hs, ref_hs)

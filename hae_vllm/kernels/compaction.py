@@ -1,22 +1,29 @@
 """Compaction: move (or swap) token slots of every layer in one launch.
 
 A slot's elements sit wherever the attention backend put them; :class:`SlotGeometry` describes
-any *affine* layout (what ``SlotLayout`` derives by probing the backend): element
-``(plane p, head h, dim d)`` of slot ``o`` of block ``b`` is at element offset
+any *digit-affine* layout (what ``SlotLayout`` derives by probing the backend).  In the plain
+affine case element ``(plane p, head h, dim d)`` of slot ``o`` of block ``b`` is at element offset
 ``planes[p].offset + b * block_stride + o * planes[p].slot + h * planes[p].head + d * planes[p].dim``
-from the start of a layer's cache.  FlashAttention's ``[2, num_blocks, block_size, H, D]`` and
-the CPU backend's transposed key plane are both affine.
+from the start of a layer's cache: FlashAttention's ``[2, num_blocks, block_size, H, D]`` and the
+CPU backend's transposed key plane (ISAs "vec"/"vec16") are plain.  The CPU backend's AMX layout
+tiles its planes for the matrix unit (pairs of dims or of tokens interleaved, 16-wide tiles), so
+an axis is affine only digit by digit: ``o = o_hi * 16 + o_lo`` contributes
+``o_hi * s_hi + o_lo * s_lo``.  A plane is then still one strided view, with a dimension per
+digit, and a slot one strided sub-tensor of it.
 
 :func:`move_slots` copies slot ``src[k]`` into ``dst[k]`` (or exchanges them) in every layer and
-both K/V planes.  Triton: one launch, one program per (slot pair, layer, plane) moving its
-``H * D`` elements; layers are addressed as element offsets from the first layer's cache, so
-they need not be one tensor.  The torch reference, :func:`move_slots_ref` (the CPU path), does
-one indexed copy per plane view: of all layers at once when they are equally spaced views of one
-buffer (as vLLM's runners may carve their KV buffer), of each layer otherwise.
+both K/V planes.  Triton (plain geometries: every CUDA layout we know): one launch, one program
+per (slot pair, layer, plane) moving its ``H * D`` elements; layers are addressed as element
+offsets from the first layer's cache, so they need not be one tensor.  The torch reference,
+:func:`move_slots_ref` (the CPU path, and any digit-affine geometry), does one indexed copy per
+plane view, a slot addressed by one row index (:func:`row_view`): of all layers at once when
+they are equally spaced views of one buffer (as vLLM's runners may carve their KV buffer), of
+each layer otherwise.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -31,16 +38,55 @@ try:
 except Exception:  # pragma: no cover
     HAS_TRITON = False
 
+Axis = int | tuple[tuple[int, int], ...]
+"""One axis (slot, head or dim) of a plane: its element stride, or its mixed-radix digits
+``((radix, stride), ...)``, most significant first, whose radixes multiply to the axis size:
+index ``x = sum_i x_i * prod_{j>i} radix_j`` sits at ``sum_i x_i * stride_i``."""
+
+
+def axis_digits(axis: Axis, size: int) -> tuple[tuple[int, int], ...]:
+    """``axis`` as ``((radix, stride), ...)``; a plain stride is one digit of radix ``size``."""
+    return ((size, axis),) if isinstance(axis, int) else axis
+
+
+def digit_index(x: torch.Tensor, digits: tuple[tuple[int, int], ...]) -> tuple[torch.Tensor, ...]:
+    """[n] indices along an axis -> one [n] tensor per digit (most significant first)."""
+    out = []
+    for r, _ in reversed(digits):
+        out.append(x % r)
+        x = x // r
+    return tuple(reversed(out))
+
 
 @dataclass(frozen=True)
 class SlotGeometry:
+    """Where every element of a slot sits in one layer's cache (see the module docstring).
+
+    ``planes[p] = (offset, slot, head, dim)`` for the K (p=0) and V (p=1) planes, each axis an
+    :data:`Axis`.  Axes are stored canonically (radix-1 digits dropped, a single digit as its
+    stride), so equal layouts compare equal and a plain geometry has integers only."""
+
     num_blocks: int
     block_size: int
     num_kv_heads: int
     head_size: int
     block_stride: int
-    # Per K/V plane, in elements: (offset, slot stride, head stride, dim stride).
-    planes: tuple[tuple[int, int, int, int], tuple[int, int, int, int]]
+    planes: tuple[tuple[int, Axis, Axis, Axis], tuple[int, Axis, Axis, Axis]]
+
+    def __post_init__(self):
+        sizes = (self.block_size, self.num_kv_heads, self.head_size)
+        planes = []
+        for off, *axes in self.planes:
+            canon = []
+            for axis, size in zip(axes, sizes):
+                if not isinstance(axis, int):
+                    axis = tuple((int(r), int(s)) for r, s in axis if r != 1)
+                    if math.prod(r for r, _ in axis) != size:
+                        raise ValueError(f"digits {axis} do not cover an axis of size {size}")
+                    axis = axis[0][1] if len(axis) == 1 else (0 if not axis else axis)
+                canon.append(int(axis) if isinstance(axis, int) else axis)
+            planes.append((int(off), *canon))
+        object.__setattr__(self, "planes", tuple(planes))
 
     @classmethod
     def flash(cls, num_blocks: int, block_size: int, num_kv_heads: int, head_size: int) -> "SlotGeometry":
@@ -50,17 +96,78 @@ class SlotGeometry:
         return cls(num_blocks, block_size, H, D, block_size * H * D,
                    ((0, H * D, D, 1), (plane, H * D, D, 1)))
 
+    def plain(self, plane: int | None = None) -> bool:
+        """Whether ``plane`` (both when None) is plain affine: one stride per axis."""
+        planes = self.planes if plane is None else (self.planes[plane],)
+        return all(isinstance(a, int) for p in planes for a in p[1:])
+
+    def digits(self, plane: int) -> tuple[tuple[tuple[int, int], ...], ...]:
+        """(slot, head, dim) digits of ``plane``."""
+        sizes = (self.block_size, self.num_kv_heads, self.head_size)
+        return tuple(axis_digits(a, n) for a, n in zip(self.planes[plane][1:], sizes))
+
+    def plane_shape(self, plane: int) -> tuple[list[int], list[int]]:
+        """Sizes and strides of ``plane``'s view below the block dimension, digit by digit."""
+        digits = [d for axis in self.digits(plane) for d in axis]
+        return [r for r, _ in digits], [s for _, s in digits]
+
     def views(self, cache: torch.Tensor) -> list[torch.Tensor]:
-        """``[num_blocks, block_size, H, D]`` views of the K and V planes of one layer's cache."""
-        size = (self.num_blocks, self.block_size, self.num_kv_heads, self.head_size)
-        return [cache.as_strided(size, (self.block_stride, so, sh, sd), cache.storage_offset() + off)
-                for off, so, sh, sd in self.planes]
+        """Views of the K and V planes of one layer's cache: ``[num_blocks, block_size, H, D]``
+        for a plain plane, ``[num_blocks, *slot digits, *head digits, *dim digits]`` else."""
+        out = []
+        for p, plane in enumerate(self.planes):
+            sizes, strides = self.plane_shape(p)
+            out.append(cache.as_strided([self.num_blocks, *sizes], [self.block_stride, *strides],
+                                        cache.storage_offset() + plane[0]))
+        return out
+
+    def slot_index(self, plane: int, slots: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """[n] flat slot ids -> the index of their ``[H..., D...]`` sub-tensors in ``plane``'s
+        view: (block, *slot digits), each [n]."""
+        return (slots // self.block_size,) + digit_index(slots % self.block_size, self.digits(plane)[0])
+
+    def gather(self, cache: torch.Tensor, slots: torch.Tensor, plane: int = 0) -> torch.Tensor:
+        """[n] flat slot ids -> ``[n, H, D]`` elements of ``plane`` (a copy)."""
+        slots = slots.to(cache.device, torch.int64)
+        view = self.views(cache)[plane]
+        index = self.slot_index(plane, slots)
+        got = row_view(view, len(index)).index_select(0, slot_rows(view, index))
+        return got.reshape(-1, self.num_kv_heads, self.head_size)
+
+    def offsets(self, plane: int) -> torch.Tensor:
+        """``[block_size, H, D]`` element offsets of ``plane`` in block 0 (int64, CPU)."""
+        parts = []
+        for n, axis in zip((self.block_size, self.num_kv_heads, self.head_size), self.digits(plane)):
+            x = torch.arange(n)
+            parts.append(sum(i * s for i, (_, s) in zip(digit_index(x, axis), axis)))
+        o, h, d = parts
+        return self.planes[plane][0] + o[:, None, None] + h[None, :, None] + d[None, None, :]
+
+
+def row_view(view: torch.Tensor, k: int) -> torch.Tensor:
+    """``view [*outer (k dims), *inner]`` -> ``[R, *inner]`` on the same memory, row ``r`` being
+    the inner sub-tensor ``r`` elements after the view's start.  One ``[n]`` row index then
+    addresses a slot, whatever its digits: indexing the view with one index tensor per digit
+    makes torch recompute every element's address from each of them, which made CPU moves
+    1.3x (vec) and 2.0x (AMX) slower than row copies, AMX key gathers 3.0x (bf16, 16 layers,
+    1024 slots: benchmarks/results/kernels_cpu_layouts.json).
+
+    Rows overlap, but the rows of distinct slots are disjoint sets of cache elements, so
+    reading and writing (``index_copy_``) the rows of distinct slots is exact; torch refuses
+    writes only into tensors it can prove self-overlapping (a zero stride), not this one."""
+    span = sum((n - 1) * st for n, st in zip(view.shape[:k], view.stride()[:k])) + 1
+    return view.as_strided([span, *view.shape[k:]], [1, *view.stride()[k:]], view.storage_offset())
+
+
+def slot_rows(view: torch.Tensor, index: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Rows of :func:`row_view` for ``view[index]`` (``index``: one [n] tensor per outer dim)."""
+    return sum(i * st for i, st in zip(index, view.stride()))
 
 
 def layer_stack(caches: list[torch.Tensor], geom: SlotGeometry) -> list[torch.Tensor] | None:
-    """``[layers, num_blocks, block_size, H, D]`` views of the K and V planes of every layer at
-    once, when the layers are equally spaced, non-overlapping views of one allocation (as
-    vLLM's runners may carve their KV buffer); else None."""
+    """``[layers, *view]`` views (``view`` as in :meth:`SlotGeometry.views`) of the K and V
+    planes of every layer at once, when the layers are equally spaced, non-overlapping views of
+    one allocation (as vLLM's runners may carve their KV buffer); else None."""
     if len(caches) < 2:
         return None
     ptr = caches[0].untyped_storage().data_ptr()
@@ -71,35 +178,37 @@ def layer_stack(caches: list[torch.Tensor], geom: SlotGeometry) -> list[torch.Te
     delta = offsets[1] - offsets[0]
     if delta < anchor.numel() or any(y - x != delta for x, y in zip(offsets, offsets[1:])):
         return None
-    size = (len(caches), geom.num_blocks, geom.block_size, geom.num_kv_heads, geom.head_size)
-    return [anchor.as_strided(size, (delta, geom.block_stride, so, sh, sd), offsets[0] + off)
-            for off, so, sh, sd in geom.planes]
+    out = []
+    for p, plane in enumerate(geom.planes):
+        sizes, strides = geom.plane_shape(p)
+        out.append(anchor.as_strided([len(caches), geom.num_blocks, *sizes], [delta, geom.block_stride, *strides],
+                                     offsets[0] + plane[0]))
+    return out
 
 
 def move_slots_ref(caches: list[torch.Tensor], geom: SlotGeometry, src: torch.Tensor, dst: torch.Tensor,
                    swap: bool = False) -> None:
-    """Torch reference and CPU path: one indexed copy per plane view, of all layers at once
-    where :func:`layer_stack` applies, else of each layer.  src/dst: [n] flat slot ids
-    (block * block_size + offset), disjoint sets."""
+    """Torch reference and CPU path: one indexed copy per plane view (rows of
+    :func:`row_view`), of all layers at once where :func:`layer_stack` applies, else of each
+    layer.  src/dst: [n] flat slot ids (block * block_size + offset), disjoint sets."""
     if src.numel() == 0:
         return
-    bs = geom.block_size
     dev = caches[0].device
     src, dst = src.to(dev, torch.int64), dst.to(dev, torch.int64)
-    a, b = (src // bs, src % bs), (dst // bs, dst % bs)
     stacked = layer_stack(caches, geom)
-    if stacked is not None:
-        views = stacked
-        a, b = (slice(None),) + a, (slice(None),) + b
-    else:
-        views = [view for cache in caches for view in geom.views(cache)]
-    for view in views:
-        if swap:
-            va = view[a].clone()
-            view[a] = view[b]
-            view[b] = va
-        else:
-            view[b] = view[a]
+    layers = [stacked] if stacked is not None else [geom.views(cache) for cache in caches]
+    lead = (torch.arange(len(caches), device=dev)[:, None],) if stacked is not None else ()
+    for p in range(2):
+        # Slot digits differ between planes (AMX tiles K by 16 tokens, V by token pairs).
+        ia, ib = lead + geom.slot_index(p, src), lead + geom.slot_index(p, dst)
+        for views in layers:
+            view = views[p]
+            rows = row_view(view, len(ia))
+            a, b = slot_rows(view, ia).flatten(), slot_rows(view, ib).flatten()
+            va = rows.index_select(0, a)
+            if swap:
+                rows.index_copy_(0, a, rows.index_select(0, b))
+            rows.index_copy_(0, b, va)
 
 
 if HAS_TRITON:
@@ -144,6 +253,12 @@ def move_slots(caches: list[torch.Tensor], geom: SlotGeometry, src: torch.Tensor
         raise ValueError("caches must share dtype and device")
     if src.numel() == 0:
         return
+    if not geom.plain():
+        # The kernel addresses a slot with one stride per axis; tiled (AMX) layouts are CPU
+        # layouts, where the reference is the path anyway.
+        if impl == "triton":
+            raise ValueError("the Triton kernel moves plain affine geometries only")
+        return move_slots_ref(caches, geom, src, dst, swap)
     if not use_triton(first, impl):
         return move_slots_ref(caches, geom, src, dst, swap)
     size = first.element_size()
