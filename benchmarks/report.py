@@ -210,8 +210,21 @@ def results_doc() -> str:
         out.append("")
     kc = load("kernels_cpu_layouts")
     if kc:
-        out += ["## CPU KV layouts", "", "`python benchmarks/kernels.py --cpu-layouts`:", "", "```",
-                json.dumps({k: v for k, v in kc.items() if k not in ("machine", "environment")}, indent=1)[:3000], "```", ""]
+        c = kc["config"]
+        out += ["## CPU KV layouts: moving slots", "",
+                f"`{kc['command']}`: {c['dtype']}, {c['layers']} layers of {c['num_blocks']} blocks x {c['block_size']} "
+                f"tokens, {c['num_kv_heads']} KV heads x {c['head_size']}; {c['slots']} slots moved or swapped, "
+                f"{c['keys']} keys gathered, {c['queries']} queries scored, {c['threads']} thread. vLLM's CPU backend "
+                "tiles bf16 blocks differently on AMX machines (`amx`) than elsewhere (`vec`); `geometry` is the "
+                "strided fast path, `offset_table` the per-element fallback, `digit_index` the strided view indexed digit by digit (measured, not used). Minimum of the repeats, in ms (the "
+                "machine was shared: medians are in the file).", "",
+                "| op | " + " | ".join(f"{r[0]}, {r[1]}" for r in sorted({(x['isa'], x['path']) for x in kc['rows']})) + " |",
+                "|---|" + "---|" * len({(x['isa'], x['path']) for x in kc['rows']})]
+        cols = sorted({(x["isa"], x["path"]) for x in kc["rows"]})
+        for op in dict.fromkeys(x["op"] for x in kc["rows"]):
+            cell = {(x["isa"], x["path"]): x["min_ms"] for x in kc["rows"] if x["op"] == op}
+            out.append(f"| {op} | " + " | ".join(f"{cell[k]:.1f}" if k in cell else "-" for k in cols) + " |")
+        out.append("")
     return "\n".join(out).rstrip() + "\n"
 
 
