@@ -40,13 +40,18 @@ from hae_vllm.testing.scenario import RequestSpec, build_prompt, environment_inf
 # bookkeeping excludes it.  "scoring" is what the forward spends (copying the scoring queries,
 # or scoring requests too large to defer); "deferred_scoring", part of planning, is the scoring
 # itself when it runs at selection.
-HOOKS = {"score": "scoring", "_score_saved": "deferred_scoring", "_run_pending": "planning",
-         "on_states_updated": "bookkeeping"}
+# (module, class, method) -> what its time is reported as.
+HOOKS = {("runtime", "EvictionRuntime", "score"): "scoring",
+         ("prefill", "PrefillStage", "score_saved"): "deferred_scoring",
+         ("prefill", "PrefillStage", "run_pending"): "planning",
+         ("runtime", "EvictionRuntime", "on_states_updated"): "bookkeeping"}
 # Decode eviction: "decode_scoring" is part of "scoring" (layer 0's hook), "decode_key_fill" part
 # of "decode_scoring"; "decode_step" (one call per request and step) part of "after_forward".
-DECODE_HOOKS = {"_score_decode": "decode_scoring", "_fill_keys": "decode_key_fill",
-                "_decode_step": "decode_step", "after_forward": "after_forward",
-                "_apply_bin_updates": "bin_updates"}
+DECODE_HOOKS = {("decode_stage", "DecodeStage", "score"): "decode_scoring",
+                ("decode_stage", "DecodeStage", "fill_keys"): "decode_key_fill",
+                ("decode_stage", "DecodeStage", "step"): "decode_step",
+                ("runtime", "EvictionRuntime", "after_forward"): "after_forward",
+                ("decode_stage", "DecodeStage", "apply_bin_updates"): "bin_updates"}
 
 
 def main() -> None:
@@ -64,7 +69,7 @@ def main() -> None:
     from vllm import LLM, SamplingParams
 
     from hae_vllm.testing.tiny_models import tiny_model_path
-    from hae_vllm.worker.runtime import EvictionRuntime
+    import importlib
 
     spent: collections.Counter = collections.Counter()
     calls: collections.Counter = collections.Counter()
@@ -83,8 +88,8 @@ def main() -> None:
         setattr(cls, name, wrapper)
 
     hooks = dict(HOOKS, **(DECODE_HOOKS if args.decode_budget is not None else {}))
-    for name, key in hooks.items():
-        timed(EvictionRuntime, name, key)
+    for (module, cls, name), key in hooks.items():
+        timed(getattr(importlib.import_module(f"hae_vllm.worker.{module}"), cls), name, key)
     eviction = {"method": "hae", "budget": args.budget}
     if args.decode_budget is not None:
         eviction["decode_budget"] = args.decode_budget

@@ -63,7 +63,7 @@ def test_registered_backend_is_the_eviction_subclass(member):
 
 def _runtime_with_holes(req_ids):
     rt = runtime_mod.EvictionRuntime(SimpleNamespace(input_batch=SimpleNamespace(req_ids=req_ids)), EvictionConfig())
-    rt.num_requests_with_holes = 1
+    rt.holes.num_requests = 1
     return rt
 
 

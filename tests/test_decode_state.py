@@ -100,7 +100,7 @@ def test_decode_mass_over_bank_rows_matches_gathered_rows():
     rows not in the step zeroed and dropped) or gathers scattered rows: both must give each
     query its own row's attention, as decode_mass over the gathered rows does."""
     from hae_vllm.policies.attention import decode_mass
-    from hae_vllm.worker.runtime import EvictionRuntime
+    from hae_vllm.worker.decode_stage import decode_mass_rows
 
     g = torch.Generator().manual_seed(0)
     num_rows, H, Hkv, cap, D, L = 12, 4, 2, 40, 8, 29
@@ -110,7 +110,7 @@ def test_decode_mass_over_bank_rows_matches_gathered_rows():
         q = torch.randn(len(rows), H, D, generator=g)
         visible = np.random.default_rng(len(rows)).random((len(rows), L)) < 0.6
         visible[:, 0] = True
-        got = EvictionRuntime._decode_mass_rows(q, rows, keys, L, 0.3, visible)
+        got = decode_mass_rows(q, rows, keys, L, 0.3, visible)
         ref = decode_mass(q, keys[torch.from_numpy(rows)][:, :, :L].contiguous(), 0.3, visible)
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
         assert bool((got[torch.from_numpy(~visible)] == 0).all())

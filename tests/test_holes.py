@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from hae_vllm.worker.runtime import _drop_hole_blocks_torch, drop_hole_blocks
+from hae_vllm.worker.holes import _drop_hole_blocks_torch, drop_hole_blocks
 
 
 @pytest.mark.parametrize("fn", [drop_hole_blocks, _drop_hole_blocks_torch], ids=["host", "device-path"])
@@ -58,7 +58,7 @@ def _runtime(req_ids, check=True):
     from hae_vllm.worker.runtime import EvictionRuntime
 
     rt = EvictionRuntime(SimpleNamespace(input_batch=SimpleNamespace(req_ids=req_ids)), EvictionConfig())
-    rt._check_holes = check
+    rt.holes.check = check
     return rt
 
 
@@ -89,7 +89,7 @@ def test_cached_hole_removal_follows_rows_and_versions():
     # A hole restored (with the version bump the runtime makes): recomputed.
     table2 = table[[2, 0, 1]].clone()
     table2[1, 1] = 12
-    rt._holes_version += 1
+    rt.holes.changed()
     t, s = rt.drop_holes(table2, seq2[[2, 0, 1]], 4)
     assert t[1, :4].tolist() == [5, 12, 7, 9] and s.tolist() == [6, 17, 10]
 

@@ -16,7 +16,7 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec
 from hae_vllm.config import EvictionConfigError, engine_config_from_additional, request_config
 from hae_vllm.engine.kv_manager import MAY_EVICT_ATTR, EvictableFullAttentionManager
 from hae_vllm.engine.recycle_bin import RecycleBin
-from hae_vllm.worker.runtime import BIN_UPDATES_ATTR, PRESSURE_ATTR, REPORT_ATTR
+from hae_vllm.worker.trace import BIN_UPDATES_ATTR, PRESSURE_ATTR, REPORT_ATTR
 
 logger = logging.getLogger("vllm.hae_vllm")  # under vLLM's logger: its handlers and level apply
 

@@ -1,0 +1,141 @@
+"""Null-block holes: which requests have them, and their removal from the attention metadata.
+
+Eviction replaces a freed block's entry in a request's block table by vLLM's null block (id 0)
+and keeps positions logical.  Before attention runs, every row of the batch's block table loses
+its holes (live blocks keep their order) and its ``seq_len`` shrinks by a block per hole, so the
+kernels never read a freed block (``hae_vllm.attention.common.without_holes``).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+
+
+class HoleTable:
+    """The requests of one worker whose block tables hold holes, and the per-step hole removal.
+
+    On the host, the row permutation and the ``seq_len`` reduction are computed once and reused
+    while the batch rows and the holes are unchanged (most decode steps), which leaves one
+    gather and one subtraction per step.  Every place that turns a table entry into a hole, or
+    back, bumps :attr:`version`.  With ``check`` (``HAE_VLLM_CHECK_HOLES=1``, the test suite)
+    every step is checked against the direct computation."""
+
+    def __init__(self, check: bool = False) -> None:
+        self.per_request: dict[str, int] = {}  # req_id -> holes made (0 allowed)
+        self.num_requests = 0
+        self.version = 0
+        self.check = check
+        self._cache: tuple | None = None
+
+    def any(self) -> bool:
+        return self.num_requests > 0
+
+    def __contains__(self, req_id: str) -> bool:
+        return req_id in self.per_request
+
+    def changed(self) -> None:
+        """A table entry of ours turned into a hole or back (a restore): recompute next step."""
+        self.version += 1
+
+    def set(self, req_id: str, num_holes: int) -> None:
+        """Prefill compaction made ``num_holes`` holes in a request without any."""
+        self.per_request[req_id] = num_holes
+        self.num_requests += 1
+        self.version += 1
+
+    def add(self, req_id: str, num_holes: int) -> None:
+        """Decode parking made ``num_holes`` more holes."""
+        if req_id not in self.per_request:
+            self.per_request[req_id] = 0
+            self.num_requests += 1
+        self.per_request[req_id] += num_holes
+        self.version += 1
+
+    def forget(self, req_id: str) -> None:
+        """The request finished or was preempted: its table is gone."""
+        if self.per_request.pop(req_id, None):
+            self.num_requests -= 1
+            self.version += 1
+
+    def drop(self, block_table: torch.Tensor, seq_lens: torch.Tensor, block_size: int, req_ids: list[str]):
+        """:func:`drop_hole_blocks` for this step's batch; ``req_ids`` are the batch's rows."""
+        if block_table.device.type != "cpu":
+            return drop_hole_blocks(block_table, seq_lens, block_size)
+        n = block_table.shape[0]
+        rows = req_ids[:n]  # a copy: the batch's list is mutated
+        key = (self.version, block_table.shape, block_size)
+        cache = self._cache
+        if cache is None or cache[0] != key or cache[1] != rows:
+            cache = self._cache = (key, rows, *_hole_permutation(block_table.numpy(), seq_lens.numpy(), block_size))
+        order, cut = cache[2], cache[3]
+        if order is None:
+            out = None
+        else:
+            sl = seq_lens.numpy()
+            out = (torch.from_numpy(np.take_along_axis(block_table.numpy(), order, axis=1)),
+                   torch.from_numpy((sl - cut).astype(sl.dtype)))
+        if self.check:
+            ref = drop_hole_blocks(block_table, seq_lens, block_size)
+            if (ref is None) != (out is None) or (ref is not None and not (
+                    torch.equal(ref[0], out[0]) and torch.equal(ref[1], out[1]))):
+                raise AssertionError(f"cached hole removal disagrees with the direct computation (rows {rows})")
+        return out
+
+
+def drop_hole_blocks(
+    block_table: torch.Tensor, seq_lens: torch.Tensor, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Remove null-block holes from each row's live prefix and shorten seq_lens.
+
+    block_table: [num_reqs, max_blocks] int32; seq_lens: [num_reqs].
+    A hole is a block id 0 (vLLM's null block, never handed out) within the first
+    ``cdiv(seq_len, block_size)`` entries.  Live blocks keep their order; the tail block (where
+    decode writes) is never a hole, so the shortened row ends exactly where the kernel expects.
+    Returns None when no row has a hole.
+    """
+    if block_table.device.type == "cpu":
+        # numpy: this runs every step, on a few small rows, where torch's dispatch dominates.
+        bt, sl = block_table.numpy(), seq_lens.numpy()
+        order, cut = _hole_permutation(bt, sl, block_size)
+        if order is None:
+            return None
+        table = np.take_along_axis(bt, order, axis=1)
+        return torch.from_numpy(table), torch.from_numpy((sl - cut).astype(sl.dtype))
+    return _drop_hole_blocks_torch(block_table, seq_lens, block_size)
+
+
+def _hole_permutation(bt: np.ndarray, sl: np.ndarray, block_size: int):
+    """(column order per row, seq_len reduction per row), or (None, None) without holes.
+
+    Holes go last; every other column keeps its order (live blocks precede the unused tail)."""
+    nb = (sl.astype(np.int64) + block_size - 1) // block_size
+    hole = (bt == 0) & (_columns(bt.shape[1]) < nb[:, None])
+    num_holes = np.count_nonzero(hole, axis=1)
+    if not num_holes.any():
+        return None, None
+    return np.argsort(hole, axis=1, kind="stable"), num_holes * block_size
+
+
+@functools.lru_cache(maxsize=8)
+def _columns(n: int) -> np.ndarray:
+    return np.arange(n)[None, :]
+
+
+def _drop_hole_blocks_torch(block_table: torch.Tensor, seq_lens: torch.Tensor, block_size: int):
+    """:func:`drop_hole_blocks` for device tensors (no host copy)."""
+    nb = (seq_lens.to(torch.int64) + block_size - 1) // block_size
+    cols = torch.arange(block_table.shape[1], device=block_table.device)
+    valid = cols[None, :] < nb[:, None]
+    hole = valid & (block_table == 0)
+    num_holes = hole.sum(dim=1)
+    if not bool(num_holes.any()):
+        return None
+    key = (~valid).to(torch.int8) + 2 * hole.to(torch.int8)
+    order = torch.argsort(key, dim=1, stable=True)
+    table = torch.gather(block_table, 1, order)
+    return table, (seq_lens - (num_holes * block_size).to(seq_lens.dtype))
+
+

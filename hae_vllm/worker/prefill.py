@@ -1,0 +1,287 @@
+"""Prefill eviction, worker side: scoring at the scoring layers, selection, compaction.
+
+A request that may evict gets a :class:`~hae_vllm.worker.state.RequestState` when its prefill
+starts (:meth:`PrefillStage.start`).  While it prefills, the attention implementation of each
+layer its policy scores at calls :meth:`PrefillStage.score`, which keeps a copy of the scoring
+queries (most requests: statistics are computed at selection, off the first token's path) or
+accumulates the statistics chunk by chunk.  Once its last prefill chunk has run, the request is
+selected and compacted (:meth:`PrefillStage.compact`): victims are gathered into whole blocks in
+every layer, those blocks become null holes in the worker's tables, and a report tells the
+scheduler to free them.  When depends on memory pressure (see :meth:`PrefillStage.end_of_step`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from hae_vllm.config import EvictionConfigError, request_config
+from hae_vllm.kernels.scoring import attention_stats, dense_attention_stats, use_triton
+from hae_vllm.plan import plan_compaction
+from hae_vllm.policies.attention import LayerAccumulator
+from hae_vllm.policies.base import AttentionStats, ScoringRequest
+from hae_vllm.policies.registry import get_policy
+from hae_vllm.worker.decode import DecodeState
+from hae_vllm.worker.state import RequestState, ScoringTask
+from hae_vllm.worker.trace import EvictionReport
+
+if TYPE_CHECKING:
+    from hae_vllm.worker.runtime import EvictionRuntime
+
+logger = logging.getLogger("vllm.hae_vllm")  # under vLLM's logger: its handlers and level apply
+
+_QUERY_CHUNK = 256  # queries scored at once (bounds the [heads, q, T] logits buffer)
+
+
+def visual_mask_from_features(mm_features, num_tokens: int) -> np.ndarray:
+    """Positions of embedded multimodal tokens (is_embed honoured)."""
+    mask = np.zeros(num_tokens, dtype=bool)
+    for feat in mm_features or ():
+        pos = feat.mm_position
+        lo, hi = pos.offset, min(pos.offset + pos.length, num_tokens)
+        if hi <= lo:
+            continue
+        if pos.is_embed is None:
+            mask[lo:hi] = True
+        else:
+            emb = pos.is_embed.cpu().numpy().astype(bool)[: hi - lo]
+            mask[lo:hi] |= emb
+    return mask
+
+
+class PrefillStage:
+    def __init__(self, rt: "EvictionRuntime") -> None:
+        self.rt = rt
+        # Requests whose prefill finished last step: selected and compacted at the start of
+        # their first decode step, so the first token does not wait for it - unless the
+        # scheduler reported memory pressure, when blocks are freed at the end of the step.
+        self.pending: list[ScoringTask] = []
+
+    # ------------------------------------------------------------------ request start
+    def start(self, req) -> RequestState | None:
+        """The request's eviction state, or None when it does not evict (no knobs for it, no
+        visual tokens and no decode stage, or a config refused here)."""
+        rt = self.rt
+        sp = req.sampling_params
+        if sp is None:
+            return None
+        try:
+            cfg = request_config(rt.cfg, sp.extra_args)
+        except EvictionConfigError as e:  # validated in the API process; never corrupt
+            logger.warning("request %s: eviction disabled: %s", req.req_id, e)
+            return None
+        if not cfg.enabled:
+            return None
+        mask = visual_mask_from_features(req.mm_features, req.num_tokens)
+        if not mask.any() and not cfg.decode_enabled:
+            return None
+        policy = get_policy(cfg.method)
+        scoring = policy.scoring(req.num_tokens, mask, cfg) if policy.uses_attention else None
+        num_layers = len(rt.attention_layers())
+        if scoring is not None and scoring.layers is not None and max(scoring.layers) >= num_layers:
+            logger.warning("request %s: %s scores layer %s but the model has %d; using the last layer",
+                           req.req_id, cfg.method, max(scoring.layers), num_layers)
+            scoring = ScoringRequest(tuple(min(l, num_layers - 1) for l in scoring.layers), scoring.query_mask, scoring.per_head)
+        st = RequestState(
+            req_id=req.req_id,
+            cfg=cfg,
+            policy=policy,
+            scoring=scoring,
+            visual_mask=mask,
+            protected_prefix=(req.num_computed_tokens // rt.block_size) * rt.block_size,
+        )
+        rt.states[req.req_id] = st
+        return st
+
+    # ------------------------------------------------------------------ scoring layers
+    def score(self, impl, ordinal: int, query: torch.Tensor, key: torch.Tensor, kv_cache: torch.Tensor,
+              qsl: list[int], layout) -> None:
+        """Accumulate the attention statistics this step's tasks asked for at this layer, or keep
+        a copy of the scoring queries to do it at selection (most requests: see the runtime's
+        ``defer_bytes``).
+
+        query: [num_tokens, num_heads, head_dim], key: [num_tokens, num_kv_heads, head_dim] of
+        the layer (post-RoPE); kv_cache: the layer's cache, already holding this step's keys.
+        """
+        rt = self.rt
+        num_heads_total = impl.num_heads * rt.tp_size
+        # Scoring reads the keys from the paged cache.  It runs at selection, off the first
+        # token's path, for requests whose queries are cheap to keep.
+        plane = layout.key_plane(kv_cache)
+        num_layers = len(rt.attention_layers())
+        for task in rt.tasks:
+            st = task.state
+            if not st.scores_layer(ordinal):
+                continue
+            assert st.scoring is not None
+            q0 = qsl[task.row]
+            qmask = st.scoring.query_mask
+            per_head = st.scoring.per_head
+            pos = np.arange(task.start, min(task.end, len(qmask)))
+            sel = pos[qmask[pos]] if len(pos) else pos
+            acc = st.accs.get(ordinal)
+            if acc is None:
+                acc = st.accs[ordinal] = LayerAccumulator(len(qmask), num_heads_total, per_head)
+            if not len(sel):
+                # No scoring query in this chunk (e.g. an image-only chunk).  Every TP rank
+                # sees the same tasks, so all of them skip the collective together.
+                continue
+            if st.defer_scoring is None:
+                n_layers = num_layers if st.scoring.layers is None else len(st.scoring.layers)
+                st.defer_scoring = (int(qmask.sum()) * n_layers * query.shape[1] * query.shape[2]
+                                    * query.element_size() <= rt.defer_bytes)
+            keys = None
+            if plane is None and not st.defer_scoring:  # not affine: keys through the offset table
+                keys = self._keys(task, key, q0, kv_cache, layout)
+            for c in range(0, len(sel), _QUERY_CHUNK):
+                chunk = sel[c : c + _QUERY_CHUNK]
+                qpos = torch.as_tensor(chunk, dtype=torch.int64)
+                lo = q0 + int(chunk[0]) - task.start
+                if int(chunk[-1]) - int(chunk[0]) + 1 == len(chunk):  # a run (text after an image)
+                    q = query[lo : lo + len(chunk)]
+                else:
+                    q = query[q0 + (qpos - task.start).to(query.device)]
+                if st.defer_scoring:
+                    # The keys stay in the cache until selection; the queries are this layer's
+                    # buffer, reused by the next layer: keep a copy.
+                    st.saved_queries.append((ordinal, q.clone(), qpos))
+                else:
+                    self.accumulate(acc, q, qpos, task.end, task.block_ids, kv_cache, impl.scale, per_head, keys)
+
+    def _keys(self, task, key: torch.Tensor, q0: int, kv_cache, layout) -> torch.Tensor:
+        """Keys of positions 0..end-1: this chunk's straight from the layer input, earlier
+        chunks' gathered from the paged cache.  [T, num_kv_heads, head_dim]."""
+        n = task.end - task.start
+        current = key[q0 : q0 + n].view(n, -1, key.shape[-1]) if key.dim() == 3 else key[q0 : q0 + n]
+        if task.start == 0:
+            return current
+        past = layout.gather_keys(kv_cache, self.rt.slots(task.block_ids, np.arange(task.start)))
+        return torch.cat([past.to(current.dtype), current], dim=0)
+
+    def accumulate(self, acc: LayerAccumulator, q: torch.Tensor, qpos: torch.Tensor, T: int, block_ids,
+                   kv_cache: torch.Tensor, scale: float, per_head: bool, keys: torch.Tensor | None = None) -> None:
+        """Attention statistics of queries ``q`` (positions ``qpos``) over the request's keys
+        ``0..T-1``, read in place from the paged cache (the scoring kernel on CUDA, its torch
+        reference on the CPU), or from ``keys`` / gathered keys for a layout with no
+        ``[blocks, slots, H, D]`` key view; gathered across TP ranks, added to ``acc``."""
+        rt = self.rt
+        layout = rt.layout()
+        plane = layout.key_plane(kv_cache)
+        if plane is not None:
+            table = torch.as_tensor(block_ids[: -(-T // rt.block_size)], dtype=torch.int64)
+            rows, head_sum = attention_stats(q, plane, table, qpos, T, scale, per_head)
+        else:
+            if keys is None:
+                keys = layout.gather_keys(kv_cache, rt.slots(block_ids, np.arange(T)))
+            rows, head_sum = dense_attention_stats(q, keys, qpos, scale, per_head)
+        if rt.tp_group is not None:
+            # Gathered, then summed in rank order on every rank: all ranks get the same bits
+            # (an all-reduce need not), so they select the same victims.
+            rows = rt.tp_group.all_gather(rows.to(q.device)[None].contiguous(), dim=0).sum(0)
+            if head_sum is not None:
+                head_sum = rt.tp_group.all_gather(head_sum.to(q.device).contiguous(), dim=0)
+        acc.add_rows(rows.cpu(), None if head_sum is None else head_sum.cpu(), qpos)
+
+    def score_saved(self, st: RequestState, T: int, block_ids) -> None:
+        """Deferred scoring, at selection: every saved query chunk against the keys still in
+        the cache, in the order the forward saw them (on every TP rank alike)."""
+        rt = self.rt
+        saved, st.saved_queries = st.saved_queries, []
+        names = rt.attention_layers()
+        for ordinal, q, qpos in saved:
+            layer = rt.layer(names[ordinal])
+            self.accumulate(st.accs[ordinal], q, qpos, T, block_ids, layer.kv_cache, layer.impl.scale,
+                            st.scoring.per_head)
+
+    # ------------------------------------------------------------------ selection, compaction
+    def end_of_step(self, tasks: list[ScoringTask], pressure: bool) -> None:
+        """After the forward: requests whose last prefill chunk ran are decided; under memory
+        pressure they are compacted now (blocks free before the next ``schedule()``), else at
+        the start of their first decode step (:meth:`run_pending`)."""
+        rt = self.rt
+        done = [t for t in tasks if t.is_last_chunk]
+        for task in done:
+            task.state.decided = True
+            if not task.state.cfg.decode_enabled:
+                rt.skip.add(task.state.req_id)
+        if pressure:
+            self.compact_all(done, deferred=False)
+        else:
+            self.pending.extend(done)
+
+    def run_pending(self, scheduled: dict[str, int]) -> None:
+        """Select and compact the requests whose prefill ended last step, before this step's
+        forward reads their cache.  This keeps selection and the copies off the first token's
+        path (its logits come from the prefill, before any eviction).
+
+        Only requests scheduled in this step are compacted: one that finished, or was preempted
+        (its blocks freed, maybe handed to another request already), is not, and one that was
+        not scheduled for any other reason keeps its full cache."""
+        if not scheduled or not self.pending:
+            return
+        pending, self.pending = self.pending, []
+        states = self.rt.states
+        self.compact_all([t for t in pending
+                          if t.state.req_id in scheduled and states.get(t.state.req_id) is t.state],
+                         deferred=True)
+
+    def compact_all(self, tasks: list[ScoringTask], deferred: bool) -> None:
+        moves = [m for m in (self.compact(t, deferred) for t in tasks) if m is not None]
+        if moves:
+            # One copy per layer for all these requests (their slots are disjoint: each
+            # request owns its blocks).
+            src = torch.cat([m[0] for m in moves])
+            dst = torch.cat([m[1] for m in moves])
+            self.rt.layout().move_many(self.rt.caches(), src, dst)
+
+    def compact(self, task: ScoringTask, deferred: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Select and plan one request's eviction, null its hole blocks in the worker's tables
+        and queue its report.  Returns the (source, destination) slots still to be copied, in
+        every layer, before this step's forward (the caller batches the copies)."""
+        rt = self.rt
+        st, cfg, T = task.state, task.state.cfg, task.end
+        bs = rt.block_size
+        visual = np.zeros(T, dtype=bool)
+        n = min(T, len(st.visual_mask))
+        visual[:n] = st.visual_mask[:n]
+        protected = np.zeros(T, dtype=bool)
+        protected[: min(cfg.sink_tokens, T)] = True
+        if cfg.recent_tokens:
+            protected[max(0, T - cfg.recent_tokens) :] = True
+        protected[: st.protected_prefix] = True
+        if st.saved_queries:
+            self.score_saved(st, T, task.block_ids)
+        stats = AttentionStats({k: a.stats(T) for k, a in st.accs.items()})
+        sel = st.policy.select(stats, torch.from_numpy(visual), torch.from_numpy(protected), cfg)
+        plan = plan_compaction(sel.victims.numpy(), T, bs)
+        st.plan = plan
+        if cfg.decode_enabled:
+            st.decode = DecodeState.after_prefill(plan, T, bs, rt.decode_bank)
+            st.decode.by_position = st.policy.decode_by_position
+        if plan.is_empty:
+            return None
+        src = rt.slots(task.block_ids, plan.move_src)
+        dst = rt.slots(task.block_ids, plan.move_dst)
+        # Null the holes in the worker's tables: the cached request state (used when the
+        # request re-enters the persistent batch) and the persistent batch row itself.
+        req = rt.runner.requests[st.req_id]
+        table = rt.runner.input_batch.block_table[0]
+        row = rt.runner.input_batch.req_id_to_index[st.req_id]
+        for h in plan.hole_blocks:
+            req.block_ids[0][h] = 0
+            table.block_table.np[row, h] = 0
+        rt.holes.set(st.req_id, len(plan.hole_blocks))
+        num_visual = int(visual[np.asarray(plan.victims, dtype=np.int64)].sum())
+        rt.reports[st.req_id] = EvictionReport(
+            hole_blocks=plan.hole_blocks,
+            num_visual=num_visual,
+            num_text=plan.num_evicted - num_visual,
+            num_prompt_tokens=T,
+        )
+        if rt.trace:
+            kernels = "triton" if use_triton(rt.layer(rt.scoring_layer).kv_cache) else "torch"
+            rt.trace.prefill(st, plan, T, num_visual, sel.diagnostics, deferred, kernels)
+        return src, dst

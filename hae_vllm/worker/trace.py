@@ -1,0 +1,88 @@
+"""The worker's channel out: reports to the scheduler (with each step's output) and the trace.
+
+Reports travel as an attribute of ``ModelRunnerOutput`` and tell the EngineCore's scheduler what
+to free (prefill holes), park, release or take back (decode bin).  The scheduler answers through
+attributes of the next ``SchedulerOutput``: memory pressure and the bin updates it confirmed.
+The trace (``trace_path``) is one JSON line per eviction event: what the HF oracle replays.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass
+
+REPORT_ATTR = "hae_eviction_reports"
+"""Attribute of ModelRunnerOutput carrying {req_id: EvictionReport} to the scheduler."""
+
+PRESSURE_ATTR = "hae_memory_pressure"
+"""Attribute of SchedulerOutput: True when the pool is short of blocks (free evicted blocks now)."""
+
+BIN_UPDATES_ATTR = "hae_bin_updates"
+"""Attribute of SchedulerOutput carrying {req_id: BinUpdates} (restores confirmed, blocks lost)."""
+
+
+@dataclass(frozen=True)
+class EvictionReport:
+    """Worker -> scheduler, per request and step.
+
+    hole_blocks: logical blocks that are now null holes (prefill eviction: free them);
+    parked: (logical index, block id) moved to the recycle bin (decode eviction);
+    released: parked block ids released for good; restore: (index, block id) to take back.
+    """
+
+    hole_blocks: tuple[int, ...] = ()
+    num_visual: int = 0
+    num_text: int = 0
+    num_prompt_tokens: int = 0
+    parked: tuple[tuple[int, int], ...] = ()
+    released: tuple[int, ...] = ()
+    restore: tuple[tuple[int, int], ...] = ()
+
+
+class TraceWriter:
+    """Appends eviction events to ``path`` (None: nothing is written), one JSON object a line.
+    Every TP rank writes its own lines (``tp_rank``); readers keep rank 0's."""
+
+    def __init__(self, path: str | None, tp_rank: int = 0) -> None:
+        self.path = path
+        self.tp_rank = tp_rank
+        self._lock = threading.Lock()
+
+    def __bool__(self) -> bool:
+        return bool(self.path)
+
+    def write(self, rec: dict) -> None:
+        if not self.path:
+            return
+        with self._lock, open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    def prefill(self, st, plan, T: int, num_visual: int, diagnostics: dict, deferred: bool, kernels: str) -> None:
+        """A request's prefill eviction (its plan: positions evicted, blocks freed)."""
+        self.write({
+            "request_id": st.req_id,
+            "kind": "prefill",
+            "method": st.cfg.method,
+            "tp_rank": self.tp_rank,
+            "diagnostics": diagnostics,
+            "num_tokens": T,
+            "evicted_positions": list(plan.victims),
+            "hole_blocks": list(plan.hole_blocks),
+            "num_visual_evicted": num_visual,
+            "num_text_evicted": plan.num_evicted - num_visual,
+            "num_visual_tokens": int(st.visual_mask.sum()),
+            "config": st.cfg.to_dict(),
+            # True: compacted at the start of the first decode step; False: in the prefill step
+            # (the scheduler reported memory pressure).
+            "at_first_decode_step": deferred,
+            # Which implementation of the scoring and compaction kernels ran.
+            "kernels": kernels,
+        })
+
+    def event(self, st, kind: str, num_tokens: int, positions: list[int], blocks: int) -> None:
+        """A decode-stage event: ``park`` or ``restore`` of ``blocks`` blocks holding ``positions``."""
+        if not self.path:
+            return
+        self.write({"request_id": st.req_id, "kind": kind, "num_tokens": int(num_tokens),
+                    "positions": [int(p) for p in positions], "blocks": int(blocks), "tp_rank": self.tp_rank})
