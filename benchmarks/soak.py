@@ -144,6 +144,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", default="auto", help="model dtype (vLLM's default: bfloat16 on the CPU)")
     ap.add_argument("--tag", default="", help="result file suffix: soak[_TAG].json")
+    ap.add_argument("--vanilla", action="store_true",
+                    help="vanilla vLLM (hae_vllm's plugin not loaded; eviction knobs are ignored, so invalid "
+                         "ones succeed): to tell the engine's own failures from eviction's")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = ap.parse_args()
     import requests as http
@@ -155,10 +158,15 @@ def main() -> None:
     model = str(tiny_model_path("llava"))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    serve_args = ["--kv-eviction", "hae", "--dtype", args.dtype, "--max-model-len", "1024", "--enforce-eager",
+    serve_args = ([] if args.vanilla else ["--kv-eviction", "hae"]) + ["--dtype", args.dtype, "--max-model-len", "1024", "--enforce-eager",
                   "--max-num-seqs", str(max(8, args.concurrency)), "--num-gpu-blocks-override", str(args.num_gpu_blocks),
                   "--limit-mm-per-prompt", '{"image": 2}']
-    with vllm_server(model, serve_args, out / "soak_server.log.tmp") as base:
+    import os
+
+    if args.vanilla:
+        os.environ["VLLM_PLUGINS"] = "lora_filesystem_resolver"  # an allow-list without ours
+    log_path = out / f"soak{'_' + args.tag if args.tag else ''}_server.log.tmp"
+    with vllm_server(model, serve_args, log_path) as base:
         m0 = http.get(base + "/metrics").text
         usage0 = metric(m0, "vllm:kv_cache_usage_perc") or 0.0
         counts = asyncio.run(run_load(base, model, args.requests, args.concurrency, args.seed))
@@ -177,14 +185,18 @@ def main() -> None:
         if not alive:
             counts["server_errors"] += 1
         freed = metric(m1, "vllm:hae_freed_kv_blocks_total")
+    # vLLM's own P0/P1 multimodal cache drift (answered with a retryable 500), counted from the log.
+    drift = log_path.read_text().count("Multi-modal cache miss")
     cmd = ["vllm", "serve", model, *serve_args]
     summary = {"benchmark": "soak", "args": vars(args), "server_cmd": cmd, "counts": counts, "server_alive": alive,
                "kv_usage_before": usage0, "kv_usage_after": usage1, "num_gpu_blocks": total, "leaked_blocks": leaked,
-               "hae_freed_kv_blocks_total": freed, "machine": environment_info()}
+               "hae_freed_kv_blocks_total": freed, "mm_cache_drift_events": drift, "vanilla": args.vanilla,
+               "machine": environment_info()}
     (out / f"soak{'_' + args.tag if args.tag else ''}.json").write_text(json.dumps(summary, indent=2))
     for e in counts["errors"][:10]:
         print("error:", e)
     print(f"elapsed={counts['elapsed_s']:.0f}s disconnects={counts['disconnects']} late_errors={counts['late_errors']} "
+          f"mm_cache_drift={drift} unexpected_ok={counts['unexpected_ok']} "
           f"freed_blocks={freed} alive={alive}")
     print(f"requests={args.requests} ok={counts['ok']} client_errors={counts['client_errors']} "
           f"server_errors={counts['server_errors']} leaked_blocks={leaked}")
