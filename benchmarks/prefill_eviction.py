@@ -129,6 +129,9 @@ def main() -> None:
             "kv_blocks_saved_frac": saved,
             "blocks_freed_by_eviction": ev["freed_blocks"],
             "leaked_blocks": leaked,
+            # Blocks in use after every schedule(), the same workload in each engine.
+            "blocks_in_use_by_step": {"none": base.get("blocks_in_use_by_step"),
+                                      args.method: meth.get("blocks_in_use_by_step")},
         },
         "logical": {
             "evicted_visual_tokens": ev["evicted_visual_tokens"],

@@ -30,6 +30,15 @@ def load(name: str) -> dict | None:
     return json.loads(p.read_text()) if p.exists() else None
 
 
+def prefill_budget(d: dict) -> float | None:
+    """The keep ratio a prefill-eviction run used: its --budget, else the method's preset."""
+    if d["args"].get("budget") is not None:
+        return d["args"]["budget"]
+    from hae_vllm.config import build_engine_config
+
+    return build_engine_config(d["method"]).budget
+
+
 def quartiles(xs: list[float]) -> tuple[float, float]:
     q = statistics.quantiles(xs, n=4, method="inclusive")
     return q[0], q[2]
@@ -79,7 +88,7 @@ def headline() -> str:
     pe = load("prefill_eviction_hae")
     if pe:
         ph = pe["physical"]
-        lines.append(f"| KV memory (prefill eviction, budget {pe['args']['budget']}) | {pct(ph['kv_blocks_saved_frac'])} fewer "
+        lines.append(f"| KV memory (prefill eviction, budget {prefill_budget(pe)}) | {pct(ph['kv_blocks_saved_frac'])} fewer "
                      f"peak KV blocks ({ph['peak_blocks_none']} -> {ph['peak_blocks_method']}); HF oracle match: "
                      f"{str(pe['checks']['hf_oracle_match']).lower()} | `python benchmarks/prefill_eviction.py` |")
     acc = load("accuracy_quick")
@@ -136,7 +145,7 @@ def results_doc() -> str:
     if rows:
         a = rows[0]["args"]
         out += ["## Prefill eviction: memory", "",
-                f"`python benchmarks/prefill_eviction.py --method M --budget {a['budget']}`: {a['num_requests']} image "
+                f"`python benchmarks/prefill_eviction.py --method M --budget {prefill_budget(rows[0])}`: {a['num_requests']} image "
                 f"requests (every {a['multi_image_every']}th with two images), {a['max_tokens']} new tokens, block size "
                 f"{a['block_size']}. Peak KV blocks are read from vLLM's block pool after every `schedule()`. Logical "
                 "eviction (tokens) is above the physical saving (blocks) because whole blocks are freed and decode "
@@ -269,6 +278,33 @@ def throughput_plot(path: Path) -> bool:
     return True
 
 
+def timeline_plot(path: Path) -> bool:
+    """KV blocks in use after every scheduler step, vanilla vLLM against the method, from the
+    prefill-eviction run (the README's picture)."""
+    d = load("prefill_eviction_hae")
+    series = (d or {}).get("physical", {}).get("blocks_in_use_by_step")
+    if not series or not all(series.values()):
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 2.8), dpi=110)
+    for (name, ys), style in zip(series.items(), ("-", "-")):
+        label = "vanilla vLLM" if name == "none" else f"{name} (budget {prefill_budget(d)})"
+        ax.step(range(len(ys)), ys, style, where="post", label=f"{label}: peak {max(ys)}")
+    a = d["args"]
+    ax.set_xlabel("scheduler step")
+    ax.set_ylabel("KV blocks in use")
+    ax.set_title(f"{a['num_requests']} image requests, tiny LLaVA, blocks of {a['block_size']} tokens", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, metadata={"Software": None})
+    plt.close(fig)
+    return True
+
+
 # ---------------------------------------------------------------------------- main
 def readme_with(text: str, block: str) -> str:
     a, b = text.index(BEGIN) + len(BEGIN), text.index(END)
@@ -292,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(text)
     throughput_plot(RESULTS / "throughput_vs_pool.png")
+    timeline_plot(RESULTS / "kv_blocks_over_time.png")
     print(f"wrote {', '.join(str(p.relative_to(REPO)) for p in rendered())}")
     return 0
 

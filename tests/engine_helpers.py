@@ -43,3 +43,15 @@ def assert_replays_on_oracle(replay, record, reqs):
         events = events_from_trace(r["evictions"] + r["decode_events"])
         ref = replay.generate(p["prompt"], imgs, len(r["token_ids"]), events)
         assert_matches(r, ref, f"request {i} ({len(events)} events)")
+
+
+
+def replay_agreements(replay, record, reqs, corrupt=None):
+    """Per request, the ``Agreement`` of the engine with the oracle (``replay``, a
+    ``MaskedReplay``) replaying its eviction events while following the engine's tokens, at
+    the tolerance of the dtype the engine ran in: the selfcheck's own replay.  ``corrupt``
+    rewrites each request's events first."""
+    from hae_vllm.selfcheck import check
+
+    report = check(record, [str(i) for i in range(len(reqs))], reqs, oracle=replay.o, corrupt=corrupt)
+    return [row.agreement for row in report.rows]

@@ -7,7 +7,8 @@ decoding continues at the true (logical) positions.  This module runs that refer
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -19,12 +20,17 @@ class OracleResult:
     token_ids: list[int]
     logprobs: list[float]  # log-prob of each generated token
     kv_len_after_eviction: int
+    # Each token's log-prob minus the best other token's: the lead of the oracle's choice
+    # (>= 0), or, for a token the oracle was made to follow, how far it trails (< 0).  Within
+    # a dtype's rounding noise another implementation may legitimately pick the other token.
+    margins: list[float] = field(default_factory=list)
 
 
 class HFOracle:
     """Greedy HF generation for a tiny VLM checkpoint, with optional KV eviction after prefill."""
 
-    def __init__(self, model_path: str, dtype: torch.dtype = torch.float32):
+    def __init__(self, model_path: str, dtype: torch.dtype | str = torch.float32,
+                 device: str | torch.device = "cpu"):
         from transformers import AutoConfig, AutoProcessor
 
         cfg = AutoConfig.from_pretrained(model_path)
@@ -32,7 +38,10 @@ class HFOracle:
         import transformers
 
         cls = getattr(transformers, arch)
-        self.model = cls.from_pretrained(model_path, dtype=dtype, attn_implementation="eager").eval()
+        self.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        self.device = torch.device(device)
+        self.model = cls.from_pretrained(model_path, dtype=self.dtype, attn_implementation="eager")
+        self.model = self.model.to(self.device).eval()
         self.processor = AutoProcessor.from_pretrained(model_path)
         self.is_mrope = "Qwen2VL" in arch or "Qwen2_5_VL" in arch
 
@@ -40,7 +49,7 @@ class HFOracle:
         kw = {"text": [prompt], "return_tensors": "pt"}
         if images:
             kw["images"] = list(images)
-        return dict(self.processor(**kw))
+        return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in self.processor(**kw).items()}
 
     @torch.no_grad()
     def generate(
@@ -67,28 +76,29 @@ class HFOracle:
             plan = {int(n): list(pos) for n, pos in events}
         tokens: list[int] = []
         logprobs: list[float] = []
+        margins: list[float] = []
         cache, logits = None, None
         while len(tokens) < max_new_tokens:
             n = L + len(tokens)  # tokens whose KV exists once this step's input is fed
             if cache is None or n in plan:
                 cache, logits = self._prefill(inputs, tokens)
                 if plan.get(n):
-                    keep = torch.ones(n, dtype=torch.bool)
-                    keep[torch.as_tensor(plan[n], dtype=torch.long)] = False
+                    keep = torch.ones(n, dtype=torch.bool, device=self.device)
+                    keep[torch.as_tensor(plan[n], dtype=torch.long, device=self.device)] = False
                     remove_positions(cache, keep)
                 kv_len = cache.get_seq_length()
-            tok = _greedy(logits, tokens, logprobs)
+            tok = _greedy(logits, tokens, logprobs, margins)
             if len(tokens) == max_new_tokens:
                 break
             if (L + len(tokens)) in plan:
                 continue  # recomputed from scratch at the top of the loop
             logits = self._decode(cache, tok, L + len(tokens) - 1)
-        return OracleResult(prompt_ids, tokens, logprobs, kv_len)
+        return OracleResult(prompt_ids, tokens, logprobs, kv_len, margins)
 
     def _prefill(self, inputs: dict, generated: list[int]):
         kw = dict(inputs)
         if generated:
-            extra = torch.tensor([generated], dtype=kw["input_ids"].dtype)
+            extra = torch.tensor([generated], dtype=kw["input_ids"].dtype, device=self.device)
             kw["input_ids"] = torch.cat([kw["input_ids"], extra], dim=1)
             if "attention_mask" in kw:
                 kw["attention_mask"] = torch.ones_like(kw["input_ids"])
@@ -104,21 +114,22 @@ class HFOracle:
     def _decode(self, cache, tok: int, pos: int, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Feed ``tok`` at logical position ``pos``; return the next logits.  Without a mask
         every cached entry is attended."""
+        dev = self.device
         kw = dict(
-            input_ids=torch.tensor([[tok]]),
+            input_ids=torch.tensor([[tok]], device=dev),
             past_key_values=cache,
             use_cache=True,
-            cache_position=torch.tensor([pos]),
+            cache_position=torch.tensor([pos], device=dev),
         )
         if self.is_mrope:
             # Text after the images continues M-RoPE from the model's rope delta.
             delta = self.model.model.rope_deltas
-            p = torch.tensor([[pos]]) + (delta if delta is not None else 0)
+            p = torch.tensor([[pos]], device=dev) + (delta if delta is not None else 0)
             kw["position_ids"] = p.view(1, 1, 1).expand(3, 1, 1)
         else:
-            kw["position_ids"] = torch.tensor([[pos]])
+            kw["position_ids"] = torch.tensor([[pos]], device=dev)
         if attention_mask is None:
-            attention_mask = torch.ones(1, cache.get_seq_length() + 1, dtype=torch.long)
+            attention_mask = torch.ones(1, cache.get_seq_length() + 1, dtype=torch.long, device=dev)
         kw["attention_mask"] = attention_mask
         out = self.model(**kw)
         return out.logits[0, -1].float()
@@ -141,25 +152,34 @@ class MaskedReplay:
         self.o = oracle
 
     @torch.no_grad()
-    def generate(self, prompt: str, images: Sequence, max_new_tokens: int, events) -> OracleResult:
+    def generate(self, prompt: str, images: Sequence, max_new_tokens: int, events,
+                 follow: Sequence[int] | None = None) -> OracleResult:
+        """Greedy generation under ``events``.  With ``follow`` (an engine's output tokens)
+        those tokens are fed instead of the oracle's own choices: the oracle then scores
+        every step of the engine's sequence, and ``margins`` say how far each followed token
+        is from the oracle's choice (negative: another token was preferred)."""
         o = self.o
+        if follow is not None:
+            max_new_tokens = len(follow)
         inputs = o.inputs(prompt, images)
         prompt_ids = inputs["input_ids"][0].tolist()
         L = len(prompt_ids)
         by_n: dict[int, list] = {}
         for n, kind, pos in events:
             by_n.setdefault(int(n), []).append((kind, list(pos)))
-        live = torch.ones(L + max_new_tokens, dtype=torch.bool)
+        live = torch.ones(L + max_new_tokens, dtype=torch.bool, device=o.device)
         cache, logits = o._prefill(inputs, [])
         tokens: list[int] = []
         logprobs: list[float] = []
+        margins: list[float] = []
         while True:
-            tok = _greedy(logits, tokens, logprobs)
+            tok = _greedy(logits, tokens, logprobs, margins,
+                          None if follow is None else follow[len(tokens)])
             if len(tokens) == max_new_tokens:
                 break
             p = L + len(tokens) - 1  # position of the token fed next
             for kind, pos in by_n.get(p, ()):
-                idx = torch.as_tensor(pos, dtype=torch.long)
+                idx = torch.as_tensor(pos, dtype=torch.long, device=o.device)
                 if kind == "prefill":
                     live[:p] = True
                     live[idx] = False
@@ -171,7 +191,7 @@ class MaskedReplay:
                     raise ValueError(f"unknown event kind {kind!r}")
             # DynamicCache grows in place, so the same object serves every step.
             logits = o._decode(cache, tok, p, attention_mask=live[: p + 1].long()[None, :])
-        return OracleResult(prompt_ids, tokens, logprobs, int(live[: L + len(tokens) - 1].sum()))
+        return OracleResult(prompt_ids, tokens, logprobs, int(live[: L + len(tokens) - 1].sum()), margins)
 
 
 def events_from_trace(records) -> list[tuple[int, str, list[int]]]:
@@ -184,11 +204,19 @@ def events_from_trace(records) -> list[tuple[int, str, list[int]]]:
     return out
 
 
-def _greedy(logits: torch.Tensor, tokens: list[int], logprobs: list[float]) -> int:
-    """Append the argmax token and its log-probability."""
-    tok = int(torch.argmax(logits))
+def _greedy(logits: torch.Tensor, tokens: list[int], logprobs: list[float],
+            margins: list[float] | None = None, forced: int | None = None) -> int:
+    """Append the argmax token (or ``forced``), its log-probability and, to ``margins``, its
+    log-prob minus the best other token's: the argmax's lead over the runner-up (>= 0), or
+    how far a forced token trails the argmax (< 0).  ``logits``: [vocab]."""
+    lp = torch.log_softmax(logits, dim=-1)
+    tok = int(torch.argmax(logits)) if forced is None else int(forced)
     tokens.append(tok)
-    logprobs.append(float(torch.log_softmax(logits, dim=-1)[tok]))
+    logprobs.append(float(lp[tok]))
+    if margins is not None:
+        others = lp.clone()
+        others[tok] = -math.inf
+        margins.append(float(lp[tok] - others.max()))
     return tok
 
 
@@ -197,3 +225,105 @@ def remove_positions(cache, keep: torch.Tensor) -> None:
     for layer in cache.layers:
         layer.keys = layer.keys[:, :, keep].contiguous()
         layer.values = layer.values[:, :, keep].contiguous()
+
+
+# ----------------------------------------------------------------------------------------
+# Engine against oracle, per dtype
+# ----------------------------------------------------------------------------------------
+
+# Rounding noise of one log-prob, engine against an oracle run in the same dtype.  The two
+# implementations round differently (kernel order, fused ops, what stays in float32), so in
+# 16-bit dtypes neither log-probs nor nearly tied argmaxes agree exactly.  Measured on the tiny
+# LLaVA and Qwen2-VL with vLLM on CPU (avx512_bf16, no AMX): eight requests per model (images,
+# text only, `none`, prefill eviction, decode parks and restores), every engine token scored
+# by the oracle, 384 positions per model; "worst" is the largest |log-prob difference| or the
+# largest amount by which the oracle preferred another token, whichever is larger:
+#   bfloat16  worst 0.31 (llava) / 0.29 (qwen2vl), 99th percentile 0.21.  HF bf16 against HF
+#             fp32 alone differs by 0.30 / 0.63 on the same tokens: the dtype's rounding.
+#   float16   worst 0.031 / 0.042 (HF fp16 against fp32: 0.046 / 0.039).
+# Replaying a wrong eviction set (every position shifted by one) gives a worst of at least 2.4
+# (bf16) / 1.7 (fp16) in every request that evicts.  Each level is ~1.6x the worst correct
+# case, for kernels that round differently elsewhere (AMX, GPUs: `--noise` overrides it), and
+# still far below what wrong evictions cause.
+DTYPE_NOISE = {"float32": 1e-3, "bfloat16": 0.5, "float16": 0.07}
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """How closely an engine must follow the oracle.
+
+    ``logprob``: largest |engine - oracle| log-prob of the same token in the same context.
+    ``near_tie``: an engine token the oracle ranks below its own choice by less than this is a
+    near-tie (rounding may flip it) and accepted; 0 means the tokens must be identical.
+    """
+
+    logprob: float
+    near_tie: float
+
+    @classmethod
+    def for_dtype(cls, dtype: str, noise: float | None = None) -> "Tolerance":
+        """float32 must match token for token; 16-bit dtypes within their noise (or ``noise``)."""
+        dtype = str(dtype).removeprefix("torch.")
+        if dtype not in DTYPE_NOISE:
+            raise ValueError(f"no noise level known for dtype {dtype!r}; pass one explicitly")
+        level = DTYPE_NOISE[dtype] if noise is None else noise
+        return cls(logprob=level, near_tie=0.0 if dtype == "float32" else level)
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """How one request's engine output compares with the oracle's, at a :class:`Tolerance`.
+
+    When the oracle followed the engine's tokens (``MaskedReplay.generate(follow=...)``) every
+    position is compared.  Otherwise the two sequences may part at a near-tie; positions after
+    it have different contexts and are not compared (``compared < num_tokens``).
+    """
+
+    num_tokens: int  # tokens the engine generated
+    compared: int  # positions whose token and log-prob were compared
+    equal: int  # compared positions where the engine's token is the oracle's choice
+    near_ties: int  # compared positions where it is not, within the near-tie margin
+    max_logprob_diff: float  # over compared positions
+    tolerance: Tolerance
+    problem: str | None  # the first disagreement beyond tolerance, None when there is none
+
+    @property
+    def ok(self) -> bool:
+        return self.problem is None
+
+
+def compare_with_oracle(engine: dict, ref: OracleResult, tolerance: Tolerance) -> Agreement:
+    """Compare an engine result (``prompt_token_ids``, ``token_ids``, ``logprobs``, as the
+    scenario records them) with an oracle replay of the same request."""
+    tokens, lps = list(engine["token_ids"]), list(engine["logprobs"])
+    n = len(tokens)
+    problems: list[str] = []
+    if list(engine["prompt_token_ids"]) != list(ref.prompt_token_ids):
+        problems.append("prompt tokens differ")
+    if len(lps) != n:
+        problems.append("the engine returned no log-probs")
+    compared = equal = near = 0
+    max_diff = 0.0
+    for i in range(min(n, len(ref.token_ids))):
+        margin = ref.margins[i]
+        if ref.token_ids[i] != tokens[i]:
+            # The oracle generated on its own and took the other branch of a tie: what follows
+            # has different contexts.
+            if margin >= tolerance.near_tie:
+                problems.append(f"token {i}: engine {tokens[i]}, oracle {ref.token_ids[i]} "
+                                f"(leading by {margin:.3g} > near-tie {tolerance.near_tie:g})")
+            break
+        compared += 1
+        if margin >= 0:
+            equal += 1
+        elif -margin < tolerance.near_tie:
+            near += 1
+        else:
+            problems.append(f"token {i}: the oracle prefers another token by {-margin:.3g} "
+                            f"(> near-tie {tolerance.near_tie:g})")
+        if i < len(lps):
+            diff = abs(lps[i] - ref.logprobs[i])
+            max_diff = max(max_diff, diff)
+            if diff > tolerance.logprob:
+                problems.append(f"log-prob {i} differs by {diff:.3g} (> {tolerance.logprob:g})")
+    return Agreement(n, compared, equal, near, max_diff, tolerance, problems[0] if problems else None)

@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from typing import Any
 @dataclass
 class RequestSpec:
     text: str
-    images: list[int] = field(default_factory=list)  # image seeds
+    images: list[int | str] = field(default_factory=list)  # image seeds, or image file paths
     image_size: int | None = None  # default: the model's native size
     max_tokens: int = 8
     extra_args: dict[str, Any] | None = None
@@ -66,20 +67,83 @@ def _model_kind_and_path(model: str) -> tuple[str, str]:
 
     if model in ("llava", "qwen2vl"):
         return model, str(tiny_model_path(model))
-    kind = "qwen2vl" if "qwen" in model.lower() else "llava"
-    return kind, model
+    return model_kind(model), model
 
 
-def build_prompt(kind: str, req: RequestSpec) -> dict:
+# Architectures whose positions are M-RoPE (three position streams); every other VLM is
+# treated like LLaVA (one position stream, image placeholders expanded in the prompt).
+_MROPE_ARCHITECTURES = ("Qwen2VL", "Qwen2_5_VL")
+
+
+def model_kind(model: str) -> str:
+    """``"qwen2vl"`` or ``"llava"`` for a checkpoint path or hub id, from its config's
+    ``architectures`` (a directory name says nothing reliable: "my-finetune" may be either).
+    The name is the last resort, when no config can be read."""
+    archs: list[str] = []
+    cfg = Path(model) / "config.json"
+    try:
+        if cfg.is_file():
+            archs = json.loads(cfg.read_text()).get("architectures") or []
+        else:
+            from transformers import AutoConfig
+
+            archs = AutoConfig.from_pretrained(model).architectures or []
+    except Exception:
+        archs = []
+    if archs:
+        return "qwen2vl" if any(a.startswith(_MROPE_ARCHITECTURES) for a in archs) else "llava"
+    return "qwen2vl" if "qwen" in model.lower() else "llava"
+
+
+def is_tiny_checkpoint(model_path: str) -> bool:
+    """A checkpoint built by :mod:`hae_vllm.testing.tiny_models` (raw prompt format known)."""
+    return (Path(model_path) / "tiny_model_info.json").is_file()
+
+
+@lru_cache(maxsize=4)
+def _processor(model_path: str):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(model_path)
+
+
+def chat_prompt(model_path: str, text: str, num_images: int) -> str:
+    """``text`` after ``num_images`` images, rendered by the checkpoint's own chat template,
+    with the generation prompt appended.  A leading BOS the template writes is dropped when
+    the tokenizer adds one itself (vLLM and the oracle both tokenize with special tokens)."""
+    proc = _processor(model_path)
+    content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": text}]
+    out = proc.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                   add_generation_prompt=True)
+    tok = getattr(proc, "tokenizer", proc)
+    bos = getattr(tok, "bos_token", None)
+    if bos and out.startswith(bos) and tok("x").input_ids[:1] == [tok.bos_token_id]:
+        out = out[len(bos):]
+    return out
+
+
+def build_prompt(kind: str, req: RequestSpec, model_path: str | None = None) -> dict:
+    """The ``LLM.generate`` prompt of ``req``.  Tiny checkpoints (or no ``model_path``) use
+    their raw prompt format; any other checkpoint its own chat template."""
     from hae_vllm.testing.tiny_models import llava_prompt, make_test_image, qwen2vl_prompt
 
-    fmt = qwen2vl_prompt if kind == "qwen2vl" else llava_prompt
+    if model_path is not None and not is_tiny_checkpoint(model_path):
+        text = chat_prompt(model_path, req.text, len(req.images))
+    else:
+        text = (qwen2vl_prompt if kind == "qwen2vl" else llava_prompt)(req.text, len(req.images))
     size = req.image_size or (448 if kind == "qwen2vl" else 224)
-    prompt: dict[str, Any] = {"prompt": fmt(req.text, len(req.images))}
+    prompt: dict[str, Any] = {"prompt": text}
     if req.images:
-        imgs = [make_test_image(s, size) for s in req.images]
+        imgs = [_load_image(s) if isinstance(s, str) else make_test_image(s, size) for s in req.images]
         prompt["multi_modal_data"] = {"image": imgs if len(imgs) > 1 else imgs[0]}
     return prompt
+
+
+def _load_image(path: str):
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.convert("RGB")
 
 
 def _engine(spec: ScenarioSpec, trace_path: str | None):
@@ -119,7 +183,7 @@ def _engine(spec: ScenarioSpec, trace_path: str | None):
         warm = [RequestSpec(text=r.text, images=[9000 + 16 * i + j for j in range(len(r.images))],
                             image_size=r.image_size, max_tokens=4)
                 for i, r in zip(range(spec.warmup_requests), spec.requests * spec.warmup_requests)]
-        llm.generate([build_prompt(kind, r) for r in warm],
+        llm.generate([build_prompt(kind, r, path) for r in warm],
                      SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True), use_tqdm=False)
     return llm, kind, path, t_start
 
@@ -199,7 +263,9 @@ class _Instruments:
             if self.first_schedule is None:
                 self.first_schedule = now
             out = orig_schedule(*a, **k)
-            self.peak_in_use = max(self.peak_in_use, total - pool.get_num_free_blocks())
+            in_use = total - pool.get_num_free_blocks()
+            self.in_use_by_step.append(in_use)
+            self.peak_in_use = max(self.peak_in_use, in_use)
             self.peak_running = max(self.peak_running, len(sched.running))
             return out
 
@@ -219,6 +285,7 @@ class _Instruments:
 
     def reset(self) -> None:
         self.peak_in_use = 0
+        self.in_use_by_step: list[int] = []  # blocks in use after each schedule()
         self.peak_running = 0
         self.first_schedule: float | None = None
         self.steps: list[tuple[float, int, int]] = []
@@ -238,6 +305,7 @@ class _Instruments:
                 1 for st in runtime.states.values() if st.decode is not None),
             total_blocks=self.pool.num_gpu_blocks - 1,
             peak_blocks_in_use=self.peak_in_use,
+            blocks_in_use_by_step=self.in_use_by_step,
             peak_running=self.peak_running,
             # From the first schedule() to the end of generate(): the engine's stepping time,
             # without the input processing LLM.generate does for every prompt before it steps
@@ -305,11 +373,11 @@ def _attach_trace(results: list[dict[str, Any]], trace: list[dict[str, Any]]) ->
 
 
 def _round(llm, kind: str, spec: ScenarioSpec, requests: list[RequestSpec], inst: "_Instruments | None",
-           trace: _TraceReader) -> dict[str, Any]:
+           trace: _TraceReader, model_path: str | None = None) -> dict[str, Any]:
     """Run ``requests`` once and record what happened."""
     if inst is not None:
         inst.reset()
-    prompts = [build_prompt(kind, r) for r in requests]
+    prompts = [build_prompt(kind, r, model_path) for r in requests]
     params = _sampling_params(spec)
     t0 = time.perf_counter()
     if spec.sequential:
@@ -329,8 +397,10 @@ def _round(llm, kind: str, spec: ScenarioSpec, requests: list[RequestSpec], inst
 def _run(spec: ScenarioSpec, trace_path: str | None) -> dict[str, Any]:
     llm, kind, path, t_start = _engine(spec, trace_path)
     inst = None if spec.multiprocessing else _Instruments(llm)
-    record = _round(llm, kind, spec, spec.requests, inst, _TraceReader(trace_path if spec.trace else None))
-    record.update(engine_start_s=t_start, model_path=path, model_kind=kind)
+    record = _round(llm, kind, spec, spec.requests, inst, _TraceReader(trace_path if spec.trace else None), path)
+    # The dtype vLLM resolved (``auto`` depends on the platform and the checkpoint).
+    dtype = str(llm.llm_engine.model_config.dtype).removeprefix("torch.")
+    record.update(engine_start_s=t_start, model_path=path, model_kind=kind, dtype=dtype)
     if spec.multiprocessing:
         from hae_vllm.testing.probes import probe_worker
 
@@ -408,7 +478,7 @@ def _serve_rounds(spec: ScenarioSpec, trace_path: str) -> None:
     ``{"image_offset": k, "subset": [i, ...]}``: the requests of ``spec`` at those indices (default
     all) with every image seed shifted by k, so the prefix cache never serves a round.  Each
     round's record (what :func:`run_in_subprocess` returns) goes to stdout as one marked line."""
-    llm, kind, _, _ = _engine(spec, trace_path)
+    llm, kind, path, _ = _engine(spec, trace_path)
     inst = None if spec.multiprocessing else _Instruments(llm)
     trace = _TraceReader(trace_path if spec.trace else None)
     trace.read()  # warm-up records
@@ -418,7 +488,7 @@ def _serve_rounds(spec: ScenarioSpec, trace_path: str) -> None:
         chosen = [spec.requests[i] for i in cmd.get("subset", range(len(spec.requests)))]
         reqs = [RequestSpec(r.text, [i + cmd["image_offset"] for i in r.images], r.image_size, r.max_tokens, r.extra_args)
                 for r in chosen]
-        print(_ROUND_DONE + json.dumps(_round(llm, kind, replace(spec, requests=reqs), reqs, inst, trace)), flush=True)
+        print(_ROUND_DONE + json.dumps(_round(llm, kind, replace(spec, requests=reqs), reqs, inst, trace, path)), flush=True)
 
 
 class LiveScenario:
