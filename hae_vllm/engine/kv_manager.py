@@ -6,9 +6,11 @@
   into the block pool (the same move vLLM makes for sliding-window attention).  The invariant
   ``len(req_to_blocks[r]) == cdiv(logical_tokens, block_size)`` is kept: holes are null
   placeholders, so every later allocation computes the right number of new blocks.
-* requests that may evict never register blocks in the prefix cache (a compacted block no
-  longer holds what its hash says).  They may still *read* the prefix cache: the hit blocks
-  are shared, and the worker never moves tokens inside them.
+* requests that may evict register in the prefix cache only the blocks before their first
+  eviction candidate (:mod:`hae_vllm.prefix`), which the worker never rewrites; a compacted
+  or parked block no longer holds what its hash says and is never registered.  They read the
+  prefix cache as usual: the hit blocks are shared, and the worker never moves tokens inside
+  them.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 
 MAY_EVICT_ATTR = "_hae_may_evict"
+UNTOUCHED_ATTR = "_hae_untouched_tokens"  # tokens before the request's first eviction candidate
 
 
 class EvictionAccountingError(RuntimeError):
@@ -28,7 +31,9 @@ class EvictableFullAttentionManager(FullAttentionManager):
 
     def cache_blocks(self, request, num_tokens, retention_interval=None, *, replay_boundaries):
         if getattr(request, MAY_EVICT_ATTR, False):
-            return
+            num_tokens = min(num_tokens, getattr(request, UNTOUCHED_ATTR, 0))
+            if num_tokens < self.block_size:
+                return
         super().cache_blocks(
             request, num_tokens, retention_interval, replay_boundaries=replay_boundaries
         )

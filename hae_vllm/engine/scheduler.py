@@ -14,7 +14,8 @@ from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
 from hae_vllm.config import EvictionConfigError, engine_config_from_additional, request_config
-from hae_vllm.engine.kv_manager import MAY_EVICT_ATTR, EvictableFullAttentionManager
+from hae_vllm.engine.kv_manager import MAY_EVICT_ATTR, UNTOUCHED_ATTR, EvictableFullAttentionManager
+from hae_vllm.prefix import untouched_prefix_tokens, visual_mask_from_features
 from hae_vllm.engine.recycle_bin import RecycleBin
 from hae_vllm.worker.trace import BIN_UPDATES_ATTR, PRESSURE_ATTR, REPORT_ATTR
 
@@ -67,17 +68,21 @@ class EvictionScheduler(Scheduler):
 
     # ------------------------------------------------------------------ admission
     def add_request(self, request) -> None:
-        setattr(request, MAY_EVICT_ATTR, self._may_evict(request))
+        cfg = self._request_config(request)
+        may_evict = cfg is not None and (cfg.decode_enabled or (cfg.enabled and bool(request.mm_features)))
+        setattr(request, MAY_EVICT_ATTR, may_evict)
+        if may_evict:
+            mask = visual_mask_from_features(request.mm_features, request.num_prompt_tokens)
+            setattr(request, UNTOUCHED_ATTR, untouched_prefix_tokens(cfg, mask, self.cache_config.block_size))
         super().add_request(request)
 
-    def _may_evict(self, request) -> bool:
+    def _request_config(self, request):
         if request.sampling_params is None:
-            return False
+            return None
         try:
-            cfg = request_config(self.eviction_config, request.sampling_params.extra_args)
+            return request_config(self.eviction_config, request.sampling_params.extra_args)
         except EvictionConfigError:
-            return False
-        return cfg.decode_enabled or (cfg.enabled and bool(request.mm_features))
+            return None
 
     def _free_request(self, request, *args, **kwargs):
         self.recycle_bin.drop_request(request.request_id)

@@ -32,6 +32,7 @@ class RequestSpec:
     image_size: int | None = None  # default: the model's native size
     max_tokens: int = 8
     extra_args: dict[str, Any] | None = None
+    prefix: str = ""  # text before the prompt (a system prompt), tiny checkpoints' raw format
 
 
 @dataclass
@@ -130,7 +131,7 @@ def build_prompt(kind: str, req: RequestSpec, model_path: str | None = None) -> 
     if model_path is not None and not is_tiny_checkpoint(model_path):
         text = chat_prompt(model_path, req.text, len(req.images))
     else:
-        text = (qwen2vl_prompt if kind == "qwen2vl" else llava_prompt)(req.text, len(req.images))
+        text = req.prefix + (qwen2vl_prompt if kind == "qwen2vl" else llava_prompt)(req.text, len(req.images))
     size = req.image_size or (448 if kind == "qwen2vl" else 224)
     prompt: dict[str, Any] = {"prompt": text}
     if req.images:
@@ -215,6 +216,7 @@ def _result(o) -> dict[str, Any]:
         "prompt_token_ids": list(o.prompt_token_ids),
         "token_ids": list(c.token_ids),
         "logprobs": lps,
+        "num_cached_tokens": getattr(o, "num_cached_tokens", None),
     }
     m = getattr(o, "metrics", None)
     if m is not None and getattr(m, "first_token_ts", 0):

@@ -24,6 +24,7 @@ from hae_vllm.plan import plan_compaction
 from hae_vllm.policies.attention import LayerAccumulator
 from hae_vllm.policies.base import AttentionStats, ScoringRequest
 from hae_vllm.policies.registry import get_policy
+from hae_vllm.prefix import untouched_prefix_tokens, visual_mask_from_features
 from hae_vllm.worker.decode import DecodeState
 from hae_vllm.worker.state import RequestState, ScoringTask
 from hae_vllm.worker.trace import EvictionReport
@@ -34,22 +35,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger("vllm.hae_vllm")  # under vLLM's logger: its handlers and level apply
 
 _QUERY_CHUNK = 256  # queries scored at once (bounds the [heads, q, T] logits buffer)
-
-
-def visual_mask_from_features(mm_features, num_tokens: int) -> np.ndarray:
-    """Positions of embedded multimodal tokens (is_embed honoured)."""
-    mask = np.zeros(num_tokens, dtype=bool)
-    for feat in mm_features or ():
-        pos = feat.mm_position
-        lo, hi = pos.offset, min(pos.offset + pos.length, num_tokens)
-        if hi <= lo:
-            continue
-        if pos.is_embed is None:
-            mask[lo:hi] = True
-        else:
-            emb = pos.is_embed.cpu().numpy().astype(bool)[: hi - lo]
-            mask[lo:hi] |= emb
-    return mask
 
 
 class PrefillStage:
@@ -91,7 +76,10 @@ class PrefillStage:
             policy=policy,
             scoring=scoring,
             visual_mask=mask,
-            protected_prefix=(req.num_computed_tokens // rt.block_size) * rt.block_size,
+            # Prefix-cache hits are shared blocks; blocks before the first eviction candidate
+            # are registered in the prefix cache by the scheduler: neither is ever rewritten.
+            protected_prefix=max((req.num_computed_tokens // rt.block_size) * rt.block_size,
+                                 untouched_prefix_tokens(cfg, mask, rt.block_size)),
         )
         rt.states[req.req_id] = st
         return st
