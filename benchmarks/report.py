@@ -114,6 +114,14 @@ def headline() -> str:
         lines.append(f"| Decode eviction (budget {de['args']['decode_budget']}, {de['args']['max_tokens']} new tokens) | peak KV "
                      f"blocks {ph['peak_kv_blocks_ratio']:.2f}x; time per output token {tm['tpot_ratio']:.2f}x vanilla "
                      f"(slower: see limits) | `python benchmarks/decode_eviction.py` |")
+    mt = load("multiturn_hae")
+    if mt:
+        a, r = mt["args"], mt["per_turn"]
+        lines.append(f"| Multi-turn image chat, prefix caching on ({a['conversations']} conversations x {a['turns']} "
+                     f"turns, shared system prompt) | turn-2 prompt served from the cache: {r['hae'][1]['cached_frac']:.2f} "
+                     f"with hae, {r['none'][1]['cached_frac']:.2f} vanilla; hae computes "
+                     f"{mt['prompt_tokens_computed_ratio']:.2f}x the prompt tokens (see limits) | "
+                     "`python benchmarks/multiturn.py` |")
     soaks = [d for _, d in soak_files() if d["args"]["requests"] >= 2000 and not d.get("vanilla")]
     vanilla = [d for _, d in soak_files() if d.get("vanilla")]
     if soaks:
@@ -208,6 +216,23 @@ def results_doc() -> str:
                 f"{sum(o['tokens_equal'] for o in de['oracle'])}/{len(de['oracle'])} requests checked "
                 f"({sum(o['events'] for o in de['oracle'])} events), max log-prob difference "
                 f"{max(o['max_logprob_diff'] for o in de['oracle']):.1e}", ""]
+    mt = load("multiturn_hae")
+    if mt:
+        a = mt["args"]
+        out += ["## Multi-turn image chat with prefix caching", "",
+                f"`python benchmarks/multiturn.py`: {a['conversations']} conversations, one image each, {a['turns']} turns, "
+                f"a shared system prompt; every turn resends the whole conversation; hae at budget {a['budget']}. "
+                "Cached: the share of prompt tokens served from the prefix cache.", "",
+                "| turn | cached, none | cached, hae | prompt tokens computed, none | computed, hae | median TTFT none / hae (ms) |",
+                "|---|---|---|---|---|---|"]
+        for t, (n, h) in enumerate(zip(mt["per_turn"]["none"], mt["per_turn"]["hae"])):
+            out.append(f"| {t + 1} | {n['cached_frac']:.2f} | {h['cached_frac']:.2f} | {n['computed_tokens']} | "
+                       f"{h['computed_tokens']} | {n['median_ttft_s'] * 1e3:.0f} / {h['median_ttft_s'] * 1e3:.0f} |")
+        pk = mt["peak_blocks_in_use"]
+        out += ["", f"Peak KV blocks: none {pk['none']}, hae {pk['hae']} ({mt['peak_kv_blocks_ratio']:.2f}x). HF oracle "
+                f"match of turn 2 with the engine's evictions: {str(mt['hf_oracle_match']).lower()}. An evicting request "
+                "registers only the blocks before its image (the system prompt), so later turns recompute the "
+                "conversation from the image on.", ""]
     soaks = soak_files()
     if soaks:
         out += ["## Soak", "", "`python benchmarks/soak.py [--requests N] [--concurrency C] [--seed S]`: `vllm serve "
