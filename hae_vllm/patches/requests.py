@@ -17,7 +17,6 @@ request (the response has not started yet) instead of an error event inside a 20
 
 from __future__ import annotations
 
-from http import HTTPStatus
 from typing import Any
 
 from hae_vllm.config import check_request_knobs, engine_config_from_additional
@@ -61,14 +60,11 @@ def patch__check_model(cls) -> None:
         if error is not None:
             return error
         xargs = getattr(request, "vllm_xargs", None)
-        bad = knob_error(_serving_additional_config(self), xargs) if xargs else None
-        if bad is None:
-            return None
-        knob, msg = bad
-        return self.create_error_response(
-            message=_message(knob, msg), err_type="BadRequestError", status_code=HTTPStatus.BAD_REQUEST,
-            param=f"vllm_xargs.{knob}",
-        )
+        if xargs:
+            # Raised, not returned: vLLM's handlers log a returned error as "Error with model";
+            # its exception handler answers a VLLMValidationError with a 400 naming the param.
+            _raise_knob_error(_serving_additional_config(self), xargs)
+        return None
 
     cls._check_model = _check_model
 
