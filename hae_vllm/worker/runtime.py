@@ -33,7 +33,7 @@ from hae_vllm.config import EvictionConfig, engine_config_from_additional
 from hae_vllm.layout import SlotLayout
 from hae_vllm.worker.decode import DecodeBank
 from hae_vllm.worker.decode_stage import DecodeStage
-from hae_vllm.worker.holes import HoleTable, drop_hole_blocks  # noqa: F401  (drop_hole_blocks: re-export)
+from hae_vllm.worker.holes import HoleTable
 from hae_vllm.worker.prefill import PrefillStage
 from hae_vllm.worker.state import DecodeTask, RequestState, ScoringTask
 from hae_vllm.worker.trace import BIN_UPDATES_ATTR, PRESSURE_ATTR, EvictionReport, TraceWriter
