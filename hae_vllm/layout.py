@@ -12,16 +12,19 @@ we know), through a per-element offset table otherwise.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 from hae_vllm.kernels.compaction import SlotGeometry, move_slots
+from hae_vllm.kv_format import ROUNDINGS, KVFormat
 
-# Digits of 6 bits are exact in every floating KV dtype we accept (fp32, fp16, bf16).
+# Digits of 6 bits are exact in every floating KV dtype we accept (fp32, fp16, bf16); fp8
+# caches get digits of 3 bits (0..7 are exact in e4m3 and e5m2).
 _DIGIT_BITS = 6
 _BASE = 1 << _DIGIT_BITS
+_FP8_BASE = 8
 
 WriteFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
 """write(key [n, H, D], value [n, H, D], kv_cache, slot_mapping [n]) -> None"""
@@ -45,6 +48,8 @@ class SlotLayout:
     num_kv_heads: int
     head_size: int
     index: torch.Tensor
+    # What an element holds (fp8 bytes and their scales, or the model dtype itself).
+    kv_format: KVFormat = field(default_factory=KVFormat)
 
     # -------------------------------------------------------------- construction
     @classmethod
@@ -58,9 +63,14 @@ class SlotLayout:
         num_kv_heads: int,
         head_size: int,
         device: torch.device | str = "cpu",
+        kv_format: KVFormat | None = None,
+        write_scales: tuple[float, float] = (1.0, 1.0),
     ) -> "SlotLayout":
-        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise LayoutProbeError(f"KV cache dtype {dtype} is not supported for eviction")
+        """``write(k, v, scratch, slots)`` stores through the backend's op; for an fp8 cache
+        (``kv_format`` quantised, ``dtype`` uint8) it scales by ``write_scales`` (the probing
+        layer's ``(k_scale, v_scale)``) and the probe also measures how the op rounds."""
+        fmt = kv_format or KVFormat()
+        codec = _Codec(dtype, fmt, write_scales)
         candidates = [d for d, s in enumerate(cache_shape) if s == num_blocks]
         if not candidates:
             raise LayoutProbeError(f"no dimension of {cache_shape} has num_blocks={num_blocks}")
@@ -70,25 +80,26 @@ class SlotLayout:
         H, D, bs = num_kv_heads, head_size, block_size
         n_elem = 2 * bs * H * D
         ids = torch.arange(n_elem, device=device).view(2, bs, H, D)
+        base = codec.base
         n_digits = 1
-        while _BASE**n_digits < n_elem:
+        while base**n_digits < n_elem:
             n_digits += 1
         slots = torch.arange(bs, 2 * bs, device=device, dtype=torch.int64)
         decoded = None
         written = None
         for p in range(n_digits):
-            digit = (ids // _BASE**p) % _BASE
-            scratch = torch.full(scratch_shape, -1.0, dtype=dtype, device=device)
-            write(digit[0].to(dtype), digit[1].to(dtype), scratch, slots)
-            blk = scratch.movedim(block_dim, 0)[1].float()
+            digit = (ids // base**p) % base
+            scratch = codec.scratch(scratch_shape, device)
+            write(codec.written(digit[0], 0), codec.written(digit[1], 1), scratch, slots)
+            blk = codec.read(scratch.movedim(block_dim, 0)[1])
             if decoded is None:
                 decoded = torch.zeros(blk.shape, dtype=torch.int64, device=device)
                 written = torch.ones(blk.shape, dtype=torch.bool, device=device)
             written &= blk >= 0
-            decoded += blk.clamp(min=0).long() * _BASE**p
+            decoded += blk.clamp(min=0).floor().long() * base**p
         assert decoded is not None and written is not None
         # Nothing may land outside block 1.
-        other = scratch.movedim(block_dim, 0)[0]
+        other = codec.read(scratch.movedim(block_dim, 0)[0])
         if bool((other != -1).any()):
             raise LayoutProbeError("probe writes landed outside the probed block")
         coords = written.nonzero()  # [n_written, ndim-1]
@@ -100,7 +111,32 @@ class SlotLayout:
         order = torch.argsort(codes)
         coords = coords[order]  # now in id order: (plane, offset, head, dim)
         index = coords.view(2, bs, H * D, -1).permute(1, 0, 2, 3).reshape(bs, 2 * H * D, -1)
-        return cls(block_dim, bs, H, D, index.contiguous())
+        layout = cls(block_dim, bs, H, D, index.contiguous(), fmt)
+        if fmt.quantized:
+            layout.kv_format = fmt.with_rounding(layout._probe_rounding(write, codec, scratch_shape, device))
+        return layout
+
+    def _probe_rounding(self, write: WriteFn, codec: "_Codec", scratch_shape, device) -> str:
+        """How the backend's op rounds to fp8, from values spread over the format's range
+        (normal, subnormal, beyond the largest finite value): the first of
+        :data:`~hae_vllm.kv_format.ROUNDINGS` that reproduces every stored byte."""
+        H, D, bs = self.num_kv_heads, self.head_size, self.block_size
+        gen = torch.Generator().manual_seed(0)
+        spread = torch.logspace(-18, 13, bs, base=2.0)[:, None, None, None]
+        x = (torch.randn(2, bs, H, D, generator=gen).permute(1, 0, 2, 3) * spread).permute(1, 0, 2, 3)
+        x = x.to(codec.fmt.input_dtype).to(device)
+        scratch = codec.scratch(scratch_shape, device)
+        slots = torch.arange(bs, 2 * bs, device=device, dtype=torch.int64)
+        k_scale, v_scale = codec.scales
+        xk, xv = x[0] * k_scale, x[1] * v_scale
+        write(xk, xv, scratch, slots)
+        stored = self.gather(scratch, slots)  # [bs, 2, H, D] uint8
+        for rounding in ROUNDINGS:
+            fmt = codec.fmt.with_rounding(rounding)
+            want = torch.stack([fmt.encode(xk, k_scale), fmt.encode(xv, v_scale)], dim=1)
+            if torch.equal(stored.cpu(), want.cpu()):
+                return rounding
+        raise LayoutProbeError(f"the backend's {codec.fmt.cache_dtype} rounding is none of {ROUNDINGS}")
 
     # -------------------------------------------------------------- access
     def _flat(self, kv_cache: torch.Tensor, slots: torch.Tensor, keys_only: bool) -> torch.Tensor | None:
@@ -180,7 +216,8 @@ class SlotLayout:
         CPU the same copy the in-place path makes (the scoring kernel's torch reference gathers
         the keys from the plane view too)."""
         geom = self.geometry(kv_cache)
-        if geom is None or not geom.plain(0):
+        if geom is None or not geom.plain(0) or self.kv_format.quantized:
+            # fp8 bytes cannot be read in place as keys: gather_keys decodes them.
             return None
         return geom.views(kv_cache)[0]
 
@@ -207,7 +244,22 @@ class SlotLayout:
         return view[coords].view(-1, 2, self.num_kv_heads, self.head_size)
 
     def gather_keys(self, kv_cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """[n] slots -> keys [n, H, D] as stored (post-RoPE)."""
+        """[n] slots -> keys [n, H, D] (post-RoPE) as attention reads them: an fp8 cache's
+        bytes decoded with the layer's key scale, in the model's dtype."""
+        keys = self._gather_stored_keys(kv_cache, slots)
+        if self.kv_format.quantized:
+            return self.kv_format.decode(keys, self.kv_format.scales_of(kv_cache)[0])
+        return keys
+
+    def as_stored_keys(self, keys: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
+        """Keys from a layer's input (``[n, H, D]``, any shape) as :meth:`gather_keys` will
+        return them once the backend has stored them in ``kv_cache`` (rounded through an fp8
+        cache's format and scale; unchanged otherwise)."""
+        if not self.kv_format.quantized:
+            return keys
+        return self.kv_format.round_trip(keys, self.kv_format.scales_of(kv_cache)[0])
+
+    def _gather_stored_keys(self, kv_cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         geom = self.geometry(kv_cache)
         if geom is not None:
             return geom.gather(kv_cache, slots, 0)
@@ -278,6 +330,44 @@ class SlotLayout:
             if swap:
                 view[a] = view[b]
             view[b] = va
+
+
+class _Codec:
+    """What the probe writes for a digit and how it reads a stored element back.
+
+    Unquantised caches hold the digit itself.  An fp8 cache stores ``written / scale``, rounded
+    the backend's way (unknown yet), so digit ``d`` is written as ``(d + 1/4) * scale``: it is
+    stored as a value in ``[d, d + 1/2)`` under truncation and round-to-nearest alike (fp8
+    steps are at most 1 below 8), and ``floor`` gives ``d`` back.  Unwritten elements read
+    as -1."""
+
+    def __init__(self, dtype: torch.dtype, fmt: KVFormat, scales: tuple[float, float]) -> None:
+        self.dtype, self.fmt, self.scales = dtype, fmt, scales
+        if fmt.quantized:
+            if dtype != torch.uint8 or fmt.input_dtype is None:
+                raise LayoutProbeError(f"an {fmt.cache_dtype} KV cache must be uint8 with a known model dtype, "
+                                       f"got {dtype} / {fmt.input_dtype}")
+            self.base = _FP8_BASE
+        elif dtype in (torch.float32, torch.float16, torch.bfloat16):
+            self.base = _BASE
+        else:
+            raise LayoutProbeError(f"KV cache dtype {dtype} is not supported for eviction")
+
+    def scratch(self, shape, device) -> torch.Tensor:
+        if not self.fmt.quantized:
+            return torch.full(shape, -1.0, dtype=self.dtype, device=device)
+        minus_one = torch.tensor(-1.0).to(self.fmt.element).view(torch.uint8)
+        return torch.full(shape, int(minus_one), dtype=torch.uint8, device=device)
+
+    def written(self, digits: torch.Tensor, plane: int) -> torch.Tensor:
+        if not self.fmt.quantized:
+            return digits.to(self.dtype)
+        return ((digits.double() + 0.25) * self.scales[plane]).to(self.fmt.input_dtype)
+
+    def read(self, stored: torch.Tensor) -> torch.Tensor:
+        if not self.fmt.quantized:
+            return stored.float()
+        return stored.contiguous().view(self.fmt.element).float()
 
 
 def _offsets(index: torch.Tensor, strides: list[int]) -> torch.Tensor:

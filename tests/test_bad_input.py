@@ -26,9 +26,19 @@ def test_speculative_decoding_refused(llava_path):
 
 
 def test_quantised_kv_cache_refused(llava_path):
-    ea = _engine_args(llava_path, additional_config=hae_vllm.kv_eviction("hae"), kv_cache_dtype="fp8")
-    with pytest.raises(EvictionConfigError, match="unquantised KV"):
+    """fp8 with per-token-head scales keeps scales beside the bytes: refused (plain fp8 is
+    accepted, tests/test_fp8.py)."""
+    ea = _engine_args(llava_path, additional_config=hae_vllm.kv_eviction("hae"), kv_cache_dtype="fp8_per_token_head")
+    with pytest.raises(EvictionConfigError, match="per-layer-scaled fp8"):
         ea.create_engine_config()
+
+
+@pytest.mark.parametrize("kv_dtype", ["fp8", "fp8_e5m2"])
+def test_fp8_kv_cache_allowed(llava_path, kv_dtype):
+    cfg = _engine_args(llava_path, additional_config=hae_vllm.kv_eviction("hae"),
+                       kv_cache_dtype=kv_dtype).create_engine_config()
+    assert cfg.cache_config.cache_dtype == kv_dtype
+    assert cfg.scheduler_config.scheduler_cls == "hae_vllm.engine.scheduler.EvictionScheduler"
 
 
 def test_pipeline_parallel_refused(llava_path):

@@ -51,4 +51,7 @@ def maybe_score(impl, layer, query: torch.Tensor, key: torch.Tensor, kv_cache: t
     qsl = getattr(attn_metadata, "query_start_loc_cpu", None)
     if qsl is None:
         qsl = attn_metadata.query_start_loc
+    # Scoring reads what attention reads: with an fp8 cache, this step's keys as stored
+    # (rounded through the format and the layer's scale), like every earlier key it gathers.
+    key = rt.layout().as_stored_keys(key, kv_cache)
     rt.score(impl, name, query, key, kv_cache, qsl.cpu())

@@ -15,7 +15,10 @@ from hae_vllm.patches import is_patched, wraps_patch
 logger = logging.getLogger("vllm.hae_vllm")  # under vLLM's logger: its handlers and level apply
 
 SCHEDULER_CLS = "hae_vllm.engine.scheduler.EvictionScheduler"
-_UNQUANTISED_KV = {"None", "auto", "bfloat16", "float16"}
+# KV cache dtypes eviction can move and read: the model's own, or one fp8 byte per element
+# with a per-layer scale (hae_vllm.kv_format).  Per-token-head scales, fp4 and MLA packings
+# keep metadata beside the bytes that compaction would have to move too.
+_SUPPORTED_KV = {"None", "auto", "bfloat16", "float16", "fp8", "fp8_e4m3", "fp8_e5m2"}
 
 def _help_method() -> str:
     return "KV-cache token eviction method (hae_vllm; `python -m hae_vllm.policies` lists them). " + "; ".join(
@@ -95,10 +98,10 @@ def enforce_eviction_settings(engine_args) -> None:
             f"--kv-eviction needs its own scheduler class; drop --scheduler-cls "
             f"{engine_args.scheduler_cls!r}"
         )
-    if str(engine_args.kv_cache_dtype) not in _UNQUANTISED_KV:
+    if str(engine_args.kv_cache_dtype) not in _SUPPORTED_KV:
         raise EvictionConfigError(
-            f"--kv-eviction supports unquantised KV caches only; drop --kv-cache-dtype "
-            f"{engine_args.kv_cache_dtype}"
+            f"--kv-eviction supports unquantised and per-layer-scaled fp8 KV caches only (--kv-cache-dtype "
+            f"fp8, fp8_e4m3 or fp8_e5m2); drop --kv-cache-dtype {engine_args.kv_cache_dtype}"
         )
     if (engine_args.pipeline_parallel_size or 1) > 1:
         raise EvictionConfigError(

@@ -306,6 +306,10 @@ class _Instruments:
             decode_states=None if runtime is None else sum(
                 1 for st in runtime.states.values() if st.decode is not None),
             total_blocks=self.pool.num_gpu_blocks - 1,
+            # Bytes one block holds over all layers (K and V): what a block in use costs, so
+            # runs with different KV dtypes compare in bytes.
+            kv_bytes_per_block=sum(g.kv_cache_spec.page_size_bytes * len(g.layer_names)
+                                   for g in sched.kv_cache_config.kv_cache_groups),
             peak_blocks_in_use=self.peak_in_use,
             blocks_in_use_by_step=self.in_use_by_step,
             peak_running=self.peak_running,

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from hae_vllm.config import EvictionConfig, engine_config_from_additional
+from hae_vllm.kv_format import KVFormat
 from hae_vllm.layout import SlotLayout
 from hae_vllm.worker.decode import DecodeBank
 from hae_vllm.worker.decode_stage import DecodeStage
@@ -122,6 +123,7 @@ class EvictionRuntime:
             def write(k, v, cache, slots):
                 impl.do_kv_cache_update(layer, k, v, cache, slots)
 
+            fmt = KVFormat.of_layers(impl, [self.layer(n) for n in self.attention_layers()], self.runner.dtype)
             self._layout = SlotLayout.probe(
                 write,
                 tuple(kv.shape),
@@ -131,6 +133,8 @@ class EvictionRuntime:
                 spec.num_kv_heads,
                 spec.head_size,
                 device=kv.device,
+                kv_format=fmt,
+                write_scales=fmt.scales_of(kv),
             )
         return self._layout
 
