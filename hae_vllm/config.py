@@ -75,6 +75,10 @@ class EvictionConfig:
     decode_budget_tokens: int | None = None
     # Scores of live and binned tokens: s <- decode_decay * s + attention of the new query.
     decode_decay: float = 0.9
+    # Decode scoring runs every score_interval steps, over the queries of the steps since, in
+    # one pass (the same decayed scores as scoring every step); budgets, parking and restores
+    # are decided when a request is scored.
+    score_interval: int = 1
     # Recent tokens never parked during decode.
     decode_recent_tokens: int = 16
     # Recycle bin: at most bin_capacity parked blocks per request (lowest value released first).
@@ -94,6 +98,10 @@ class EvictionConfig:
     theta: float = 0.9
     # Random: seed of the permutation.
     seed: int = 0
+    # Conversation reuse (needs prefix caching): a request whose prompt extends an earlier
+    # evicting request's tokens continues from the cache that request left (holes and all)
+    # instead of recomputing it.  Requests with a decode budget never do.
+    session_reuse: bool = True
     # Block size chosen when eviction is on and the user set none.
     default_block_size: int = 32
 
@@ -129,12 +137,14 @@ class EvictionConfig:
             ("sink_tokens", 0, False), ("recent_tokens", 0, False), ("window", 0, False),
             ("pool_kernel", 0, False), ("fastv_layer", 0, False), ("seed", 0, False),
             ("decode_recent_tokens", 0, False), ("bin_capacity", 0, False),
-            ("rescore_interval", 1, False), ("decode_budget_tokens", 1, True),
+            ("rescore_interval", 1, False), ("score_interval", 1, False), ("decode_budget_tokens", 1, True),
             ("default_block_size", 16, False),
         ):
             _check_int(name, getattr(self, name), minimum, optional)
         if self.default_block_size % 16 != 0:
             raise EvictionConfigError("default_block_size must be a positive multiple of 16")
+        if not isinstance(self.session_reuse, bool):
+            raise EvictionConfigError(f"session_reuse must be true or false, got {self.session_reuse!r}")
         if self.pooling not in ("max", "avg"):
             raise EvictionConfigError(f"pooling must be 'max' or 'avg', got {self.pooling!r}")
         if self.budget is None and self.method not in ("none", "hae"):

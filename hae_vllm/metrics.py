@@ -53,6 +53,16 @@ def _create() -> dict[str, Any]:
             "(otherwise at the start of the request's first decode step).",
             labelnames=["engine"],
         ),
+        "session_hits": Counter(
+            "vllm:hae_session_hits",
+            "Requests that continued from an earlier request's evicted cache (conversation reuse).",
+            labelnames=["engine"],
+        ),
+        "session_tokens": Counter(
+            "vllm:hae_session_hit_tokens",
+            "Prompt tokens served from an earlier request's evicted cache (not recomputed).",
+            labelnames=["engine"],
+        ),
         "peak": Gauge(
             "vllm:hae_peak_kv_blocks_in_use",
             "Largest number of KV blocks in use seen after any schedule() step.",
@@ -90,6 +100,8 @@ def observe(scheduler_stats, engine_idx: int) -> None:
         _metrics["blocks"].labels(eng).inc(delta("freed_blocks"))
         _metrics["requests"].labels(eng).inc(delta("evicted_requests"))
         _metrics["pressure"].labels(eng).inc(delta("pressure_steps"))
+        _metrics["session_hits"].labels(eng).inc(delta("session_hits"))
+        _metrics["session_tokens"].labels(eng).inc(delta("session_hit_tokens"))
         _metrics["peak"].labels(eng).set(int(stats.get("peak_blocks_in_use", 0)))
         for event in ("parked", "restored", "released", "lost"):
             _metrics["bin_events"].labels(eng, event).inc(delta(f"{event}_blocks"))

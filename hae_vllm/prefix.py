@@ -34,24 +34,40 @@ def visual_mask_from_features(mm_features, num_tokens: int) -> np.ndarray:
     return mask
 
 
-def untouched_prefix_tokens(cfg: "EvictionConfig", visual_mask: np.ndarray, block_size: int) -> int:
-    """Whole-block prefix (in tokens) before the first position the method may evict.
-
-    ``visual_mask``: [num_prompt_tokens] bool.  Sinks are never candidates; a prompt with no
-    candidate at all is untouched up to its last full block.  The decode stage may park text
-    and visual tokens alike, so with a decode budget only the sinks are untouched."""
+def candidate_mask(cfg: "EvictionConfig", visual_mask: np.ndarray) -> np.ndarray:
+    """Positions the method may ever evict: [len(visual_mask)] bool.  Sinks never are; the
+    decode stage may park text and visual tokens alike."""
     import torch
 
     from hae_vllm.policies.registry import get_policy
 
-    if not cfg.enabled:
-        return 0
     mask = np.asarray(visual_mask, dtype=bool)
     if cfg.decode_enabled:
         cand = np.ones_like(mask)
     else:
         cand = get_policy(cfg.method).candidates(torch.from_numpy(mask), cfg).numpy().copy()
     cand[: cfg.sink_tokens] = False
-    idx = np.flatnonzero(cand)
-    first = int(idx[0]) if len(idx) else len(cand)
+    return cand
+
+
+def untouched_prefix_tokens(cfg: "EvictionConfig", visual_mask: np.ndarray, block_size: int) -> int:
+    """Whole-block prefix (in tokens) before the first position the method may evict.
+
+    ``visual_mask``: [num_prompt_tokens] bool.  A prompt with no candidate at all is untouched
+    up to its last full block.  With a decode budget only the sinks are untouched."""
+    if not cfg.enabled:
+        return 0
+    idx = np.flatnonzero(candidate_mask(cfg, visual_mask))
+    first = int(idx[0]) if len(idx) else len(visual_mask)
     return first // block_size * block_size
+
+
+def has_candidates_after(cfg: "EvictionConfig", visual_mask: np.ndarray, start: int) -> bool:
+    """Whether the method may evict a position ``>= start`` (a request whose prefix-cache or
+    conversation hit covers every candidate has nothing to decide).  Both the scheduler and
+    the worker ask this with the same inputs."""
+    if not cfg.enabled:
+        return False
+    if cfg.decode_enabled:
+        return True
+    return bool(candidate_mask(cfg, visual_mask)[start:].any())

@@ -15,9 +15,16 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec
 
 from hae_vllm.config import EvictionConfigError, engine_config_from_additional, request_config
 from hae_vllm.engine.kv_manager import MAY_EVICT_ATTR, UNTOUCHED_ATTR, EvictableFullAttentionManager
-from hae_vllm.prefix import untouched_prefix_tokens, visual_mask_from_features
 from hae_vllm.engine.recycle_bin import RecycleBin
-from hae_vllm.worker.trace import BIN_UPDATES_ATTR, PRESSURE_ATTR, REPORT_ATTR
+from hae_vllm.engine.sessions import SessionCache, settings_signature
+from hae_vllm.prefix import has_candidates_after, untouched_prefix_tokens, visual_mask_from_features
+from hae_vllm.worker.trace import BIN_UPDATES_ATTR, PRESSURE_ATTR, REPORT_ATTR, SESSION_ATTR
+
+# Per-request records of the scheduler (attributes of vLLM's Request).
+_CFG_ATTR = "_hae_config"  # the request's EvictionConfig (None: eviction refused for it)
+_HIT_ATTR = "_hae_hit"  # (tokens served at the last (re)start, SessionHit or None)
+_NEEDS_DECISION_ATTR = "_hae_needs_decision"  # candidates after that hit: the worker decides
+_DECIDED_ATTR = "_hae_decided_tokens"  # prompt tokens the worker's eviction decision saw (0: none)
 
 logger = logging.getLogger("vllm.hae_vllm")  # under vLLM's logger: its handlers and level apply
 
@@ -37,6 +44,8 @@ class EvictionStats:
         self.lost_blocks = 0
         self.bin_occupancy = 0
         self.pressure_steps = 0  # steps whose evicted blocks were freed at once (pool short)
+        self.session_hits = 0  # requests that continued from an earlier request's evicted cache
+        self.session_hit_tokens = 0  # prompt tokens they were served from it
 
     def as_dict(self) -> dict[str, int]:
         return dict(vars(self))
@@ -65,12 +74,19 @@ class EvictionScheduler(Scheduler):
         if self._evict_manager is None:
             raise EvictionConfigError("no full-attention KV cache manager found; eviction unsupported")
         self.recycle_bin = RecycleBin(self.kv_cache_manager.block_pool, self._evict_manager._null_block)
+        # Conversation reuse (hae_vllm.engine.sessions) rides on prefix caching.
+        self.sessions: SessionCache | None = None
+        if self.cache_config.enable_prefix_caching:
+            self.sessions = SessionCache(self.kv_cache_manager.block_pool, self.cache_config.block_size)
+            self._content_hit = self.kv_cache_manager.get_computed_blocks
+            self.kv_cache_manager.get_computed_blocks = self._computed_blocks
 
     # ------------------------------------------------------------------ admission
     def add_request(self, request) -> None:
         cfg = self._request_config(request)
         may_evict = cfg is not None and (cfg.decode_enabled or (cfg.enabled and bool(request.mm_features)))
         setattr(request, MAY_EVICT_ATTR, may_evict)
+        setattr(request, _CFG_ATTR, cfg)
         if may_evict:
             mask = visual_mask_from_features(request.mm_features, request.num_prompt_tokens)
             setattr(request, UNTOUCHED_ATTR, untouched_prefix_tokens(cfg, mask, self.cache_config.block_size))
@@ -89,9 +105,57 @@ class EvictionScheduler(Scheduler):
         return super()._free_request(request, *args, **kwargs)
 
     def _preempt_request(self, request, *args, **kwargs):
-        # Recompute from scratch: parked blocks are already free; forget them.
+        # Parked blocks are already free; forget them.  The request resumes from the session
+        # its blocks leave (when it keeps one), else recomputes from scratch.
         self.recycle_bin.drop_request(request.request_id)
-        return super()._preempt_request(request, *args, **kwargs)
+        out = super()._preempt_request(request, *args, **kwargs)
+        setattr(request, _HIT_ATTR, (0, None))
+        setattr(request, _DECIDED_ATTR, 0)
+        return out
+
+    # ------------------------------------------------------------------ conversation reuse
+    def _computed_blocks(self, request):
+        """``KVCacheManager.get_computed_blocks``: vLLM's content hit, or a longer hit on a
+        session an earlier evicting request left (:mod:`hae_vllm.engine.sessions`)."""
+        blocks, num_tokens, boundary = self._content_hit(request)
+        hit = None
+        cfg = getattr(request, _CFG_ATTR, None)
+        if (getattr(request, MAY_EVICT_ATTR, False) and cfg.session_reuse and not cfg.decode_enabled
+                and self.kv_cache_manager.prefix_cache_lookup_enabled(request)):
+            found = self.sessions.lookup(request, settings_signature(cfg), request.num_tokens - 1)
+            bs = self.cache_config.block_size
+            if found is not None and found.num_blocks * bs > num_tokens:
+                hit = found
+                num_tokens = found.num_blocks * bs
+                blocks = self.kv_cache_manager.create_kv_cache_blocks((list(found.session.blocks[: found.num_blocks]),))
+        setattr(request, _HIT_ATTR, (num_tokens, hit))
+        if getattr(request, MAY_EVICT_ATTR, False):
+            mask = visual_mask_from_features(request.mm_features, request.num_tokens)
+            start = max(num_tokens, getattr(request, UNTOUCHED_ATTR, 0))
+            setattr(request, _NEEDS_DECISION_ATTR, has_candidates_after(cfg, mask, start))
+        return blocks, num_tokens, boundary
+
+    def _free_request_blocks(self, request) -> None:
+        if self.sessions is not None:
+            self._keep_session(request)
+        super()._free_request_blocks(request)
+
+    def _keep_session(self, request) -> None:
+        """Keep a finished or preempted request's blocks as a session when its eviction is
+        final: the worker decided (or had nothing to decide) and no decode stage runs."""
+        cfg = getattr(request, _CFG_ATTR, None)
+        if not getattr(request, MAY_EVICT_ATTR, False) or not cfg.session_reuse or cfg.decode_enabled:
+            return
+        if request.num_computed_tokens < request.num_prompt_tokens:
+            return  # prefill unfinished: nothing was decided
+        _, hit = getattr(request, _HIT_ATTR, (0, None))
+        decided = getattr(request, _DECIDED_ATTR, 0)
+        if getattr(request, _NEEDS_DECISION_ATTR, True) and not decided:
+            return  # selection still pending in the worker (e.g. finished at its first token)
+        horizon = max(hit.horizon if hit is not None else 0, decided)
+        blocks = self._evict_manager.req_to_blocks.get(request.request_id)
+        if horizon and blocks:
+            self.sessions.register(request, blocks, request.num_computed_tokens, horizon, settings_signature(cfg))
 
     # ------------------------------------------------------------------ step output
     def update_from_output(self, scheduler_output, model_runner_output):
@@ -108,6 +172,8 @@ class EvictionScheduler(Scheduler):
         for req_id, rep in reports.items():
             if req_id not in self.requests:
                 continue  # finished and freed meanwhile
+            if rep.num_prompt_tokens:
+                setattr(self.requests[req_id], _DECIDED_ATTR, rep.num_prompt_tokens)
             if rep.hole_blocks:
                 freed = mgr.release_blocks(req_id, rep.hole_blocks)
                 stats.freed_blocks += freed
@@ -130,6 +196,22 @@ class EvictionScheduler(Scheduler):
         stats.lost_blocks = bin_.num_lost
         stats.bin_occupancy = bin_.occupancy()
 
+    def _announce_sessions(self, out) -> None:
+        """Tell the workers which requests started this step from a session (the trace
+        records it: the oracle replays the conversation)."""
+        started = [r.req_id for r in out.scheduled_new_reqs]
+        started += list(getattr(out.scheduled_cached_reqs, "resumed_req_ids", ()) or ())
+        announced = {}
+        for req_id in started:
+            req = self.requests.get(req_id)
+            num_tokens, hit = getattr(req, _HIT_ATTR, (0, None)) if req is not None else (0, None)
+            if hit is not None:
+                announced[req_id] = (hit.source, num_tokens)
+                self.eviction_stats.session_hits += 1
+                self.eviction_stats.session_hit_tokens += num_tokens
+        if announced:
+            setattr(out, SESSION_ATTR, announced)
+
     def make_stats(self, *args, **kwargs):
         stats = super().make_stats(*args, **kwargs)
         if stats is not None and stats.kv_connector_stats is None:
@@ -145,6 +227,8 @@ class EvictionScheduler(Scheduler):
         updates = self.recycle_bin.take_updates()
         if updates:
             setattr(out, BIN_UPDATES_ATTR, updates)
+        if self.sessions is not None:
+            self._announce_sessions(out)
         pool = self.kv_cache_manager.block_pool
         # Memory pressure: this step preempted, or the next waiting request does not fit.  The
         # worker then frees evicted blocks at the end of this step instead of at the start of

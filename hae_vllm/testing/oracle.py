@@ -46,9 +46,16 @@ class HFOracle:
         self.is_mrope = "Qwen2VL" in arch or "Qwen2_5_VL" in arch
 
     def inputs(self, prompt: str, images: Sequence) -> dict:
+        """Processor outputs for ``prompt`` and its media: PIL images, and videos as
+        ``[frames, H, W, 3]`` uint8 arrays (the form vLLM takes offline), in prompt order
+        within each kind."""
         kw = {"text": [prompt], "return_tensors": "pt"}
+        videos = [m for m in images if getattr(m, "ndim", 0) == 4]
+        images = [m for m in images if getattr(m, "ndim", 0) != 4]
         if images:
             kw["images"] = list(images)
+        if videos:
+            kw["videos"] = videos
         return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in self.processor(**kw).items()}
 
     @torch.no_grad()
@@ -96,6 +103,14 @@ class HFOracle:
         return OracleResult(prompt_ids, tokens, logprobs, kv_len, margins)
 
     def _prefill(self, inputs: dict, generated: list[int]):
+        kw = self._extended(inputs, generated)
+        if self.is_mrope:
+            self.model.model.rope_deltas = None  # HF caches it on the module across calls
+        out = self.model(**kw, use_cache=True)
+        return out.past_key_values, out.logits[0, -1].float()
+
+    def _extended(self, inputs: dict, generated: list[int]) -> dict:
+        """Model inputs of the prompt followed by ``generated`` tokens."""
         kw = dict(inputs)
         if generated:
             extra = torch.tensor([generated], dtype=kw["input_ids"].dtype, device=self.device)
@@ -106,10 +121,35 @@ class HFOracle:
                 kw["mm_token_type_ids"] = torch.cat(
                     [kw["mm_token_type_ids"], torch.zeros_like(extra)], dim=1
                 )
-        if self.is_mrope:
-            self.model.model.rope_deltas = None  # HF caches it on the module across calls
-        out = self.model(**kw, use_cache=True)
-        return out.past_key_values, out.logits[0, -1].float()
+        return kw
+
+    @torch.no_grad()
+    def embed(self, inputs: dict, generated: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input embeddings [1, n, hidden], position ids) of the prompt plus ``generated``, as
+        the language model receives them (image features merged, M-RoPE positions computed)."""
+        kw = self._extended(inputs, generated)
+        captured: dict = {}
+
+        def grab(module, args, kwargs):
+            captured.update(kwargs)
+            raise _Captured
+
+        lm = self.model.model.language_model
+        handle = lm.register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            if self.is_mrope:
+                self.model.model.rope_deltas = None
+            self.model(**kw, use_cache=False)
+        except _Captured:
+            pass
+        finally:
+            handle.remove()
+        embeds = captured["inputs_embeds"]
+        n = embeds.shape[1]
+        positions = captured.get("position_ids")
+        if positions is None:
+            positions = torch.arange(n, device=self.device)[None, :]
+        return embeds, positions
 
     def _decode(self, cache, tok: int, pos: int, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Feed ``tok`` at logical position ``pos``; return the next logits.  Without a mask
@@ -133,6 +173,10 @@ class HFOracle:
         kw["attention_mask"] = attention_mask
         out = self.model(**kw)
         return out.logits[0, -1].float()
+
+
+class _Captured(Exception):
+    """Stops a forward once the language model's inputs are known (:meth:`HFOracle.embed`)."""
 
 
 class MaskedReplay:
@@ -194,11 +238,104 @@ class MaskedReplay:
         return OracleResult(prompt_ids, tokens, logprobs, int(live[: L + len(tokens) - 1].sum()), margins)
 
 
+class SessionReplay:
+    """Replays a conversation whose turns continue from the cache earlier turns kept
+    (``hae_vllm.engine.sessions``), on one HF cache with an attention mask.
+
+    Each :meth:`generate` is one request.  Its events are ``(num_tokens, kind, payload)``,
+    applied when the request holds ``num_tokens`` tokens (prompt + outputs so far):
+
+    * ``("prefill", positions)``: the tokens were computed from scratch (full attention), then
+      ``positions`` evicted (a first turn, or a recompute after preemption);
+    * ``("session", hit_tokens)``: the KV of the first ``hit_tokens`` tokens is the cache the
+      previous request of this replay (or this request before it was preempted) kept - its
+      evicted positions stay masked - and the tokens from ``hit_tokens`` on are computed in one
+      chunk attending to it.
+
+    A request with no event at its prompt length starts from scratch without eviction."""
+
+    def __init__(self, oracle: HFOracle):
+        self.o = oracle
+        self.ids: list[int] = []  # tokens whose KV the cache holds, by position
+        self.cache = None
+        self.live: torch.Tensor | None = None  # [len(ids)] bool: attended positions
+
+    @torch.no_grad()
+    def generate(self, prompt: str, images: Sequence, events, follow: Sequence[int]) -> OracleResult:
+        o = self.o
+        inputs = o.inputs(prompt, images)
+        prompt_ids = inputs["input_ids"][0].tolist()
+        L = len(prompt_ids)
+        by_n = {int(n): (kind, payload) for n, kind, payload in events}
+        tokens: list[int] = []
+        logprobs: list[float] = []
+        margins: list[float] = []
+        logits = None
+        while True:
+            n = L + len(tokens)  # tokens whose KV exists once this step's input is fed
+            kind, payload = by_n.get(n, (None, None))
+            if kind == "session":
+                logits = self._resume(inputs, tokens, int(payload))
+            elif kind == "prefill" or logits is None:
+                self.cache, logits = o._prefill(inputs, tokens)
+                self.ids = prompt_ids + tokens
+                self.live = torch.ones(n, dtype=torch.bool, device=o.device)
+                if kind == "prefill" and len(payload):
+                    self.live[torch.as_tensor(list(payload), dtype=torch.long, device=o.device)] = False
+            tok = _greedy(logits, tokens, logprobs, margins, follow[len(tokens)])
+            if len(tokens) == len(follow):
+                break
+            if L + len(tokens) in by_n:
+                continue  # the next event recomputes this token's KV
+            p = L + len(tokens) - 1
+            self.ids.append(tok)
+            self.live = torch.cat([self.live, self.live.new_ones(1)])
+            logits = o._decode(self.cache, tok, p, attention_mask=self.live.long()[None, :])
+        return OracleResult(prompt_ids, tokens, logprobs, int(self.live.sum()), margins)
+
+    def _resume(self, inputs: dict, generated: list[int], hit: int) -> torch.Tensor:
+        """Keep the first ``hit`` positions of the cache (and their mask), compute the rest of
+        the request's tokens (prompt ``inputs`` + ``generated``) attending to them; the
+        next-token logits.  The chunk may start inside an image: its embeddings and positions
+        are those of the whole sequence (what the engine's encoder gives the chunk)."""
+        o = self.o
+        seq = inputs["input_ids"][0].tolist() + list(generated)
+        if self.cache is None or len(self.ids) < hit or self.ids[:hit] != seq[:hit]:
+            raise AssertionError("the session's tokens are not a prefix of the request's: the engine "
+                                 "served a hit the conversation does not support")
+        embeds, positions = o.embed(inputs, generated)
+        if self.cache.get_seq_length() > hit:
+            self.cache.crop(hit - self.cache.get_seq_length())
+        m = len(seq) - hit
+        self.live = torch.cat([self.live[:hit], self.live.new_ones(m)])
+        pos = torch.arange(hit, hit + m, device=o.device)
+        out = o.model(inputs_embeds=embeds[:, hit:], past_key_values=self.cache, use_cache=True, cache_position=pos,
+                      position_ids=positions[..., hit:], attention_mask=self.live.long()[None, :])
+        self.ids = seq
+        return out.logits[0, -1].float()
+
+
+def session_events(records) -> list[tuple[int, str, object]]:
+    """:class:`SessionReplay` events from a request's trace records (rank 0)."""
+    out = []
+    for r in records:
+        kind = r.get("kind", "prefill")
+        if kind == "prefill":
+            out.append((r["num_tokens"], "prefill", r["evicted_positions"]))
+        elif kind == "session":
+            out.append((r["num_tokens"], "session", r["hit_tokens"]))
+        else:
+            raise ValueError(f"SessionReplay does not replay {kind!r} events (no decode stage in sessions)")
+    return out
+
+
 def events_from_trace(records) -> list[tuple[int, str, list[int]]]:
     """(num_tokens, kind, positions) from a request's trace records (prefill and decode)."""
     out = []
     for r in records:
         kind = r.get("kind", "prefill")
+        if kind == "session":
+            raise ValueError("a request that continued a session is replayed by SessionReplay")
         pos = r["evicted_positions"] if kind == "prefill" else r["positions"]
         out.append((r["num_tokens"], kind, pos))
     return out

@@ -360,6 +360,8 @@ def blocks_freed_at_end(trace: list[dict[str, Any]]) -> dict[str, int]:
         kind = t.get("kind", "prefill")
         if kind == "prefill":
             out[rid] = len(t["hole_blocks"])
+        elif kind == "session":
+            out.setdefault(rid, 0)  # its holes were freed by the request that left them
         else:
             out[rid] = out.get(rid, 0) + (t["blocks"] if kind == "park" else -t["blocks"])
     return out
@@ -373,7 +375,8 @@ def _attach_trace(results: list[dict[str, Any]], trace: list[dict[str, Any]]) ->
         mine = [t for t in trace if t["request_id"] == rid or _base_id(t["request_id"]) == rid]
         rank0 = [t for t in mine if t.get("tp_rank", 0) == 0]
         res["evictions"] = [t for t in rank0 if t.get("kind", "prefill") == "prefill"]
-        res["decode_events"] = [t for t in rank0 if t.get("kind", "prefill") != "prefill"]
+        res["decode_events"] = [t for t in rank0 if t.get("kind", "prefill") in ("park", "restore")]
+        res["sessions"] = [t for t in rank0 if t.get("kind") == "session"]
         res["evictions_other_ranks"] = [t for t in mine if t.get("tp_rank", 0) != 0 and t.get("kind", "prefill") == "prefill"]
         res["eviction"] = res["evictions"][-1] if res["evictions"] else None
 

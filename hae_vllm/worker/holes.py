@@ -40,14 +40,9 @@ class HoleTable:
         """A table entry of ours turned into a hole or back (a restore): recompute next step."""
         self.version += 1
 
-    def set(self, req_id: str, num_holes: int) -> None:
-        """Prefill compaction made ``num_holes`` holes in a request without any."""
-        self.per_request[req_id] = num_holes
-        self.num_requests += 1
-        self.version += 1
-
     def add(self, req_id: str, num_holes: int) -> None:
-        """Decode parking made ``num_holes`` more holes."""
+        """``num_holes`` more holes in a request's table: prefill compaction, decode parking,
+        or a conversation hit served with null placeholders."""
         if req_id not in self.per_request:
             self.per_request[req_id] = 0
             self.num_requests += 1

@@ -24,7 +24,7 @@ from hae_vllm.plan import plan_compaction
 from hae_vllm.policies.attention import LayerAccumulator
 from hae_vllm.policies.base import AttentionStats, ScoringRequest
 from hae_vllm.policies.registry import get_policy
-from hae_vllm.prefix import untouched_prefix_tokens, visual_mask_from_features
+from hae_vllm.prefix import has_candidates_after, untouched_prefix_tokens, visual_mask_from_features
 from hae_vllm.worker.decode import DecodeState
 from hae_vllm.worker.state import RequestState, ScoringTask
 from hae_vllm.worker.trace import EvictionReport
@@ -63,6 +63,13 @@ class PrefillStage:
         mask = visual_mask_from_features(req.mm_features, req.num_tokens)
         if not mask.any() and not cfg.decode_enabled:
             return None
+        # Prefix-cache hits are shared blocks; blocks before the first eviction candidate
+        # are registered in the prefix cache by the scheduler: neither is ever rewritten.  A
+        # conversation hit (hae_vllm.engine.sessions) counts as a prefix-cache hit.
+        protected = max((req.num_computed_tokens // rt.block_size) * rt.block_size,
+                        untouched_prefix_tokens(cfg, mask, rt.block_size))
+        if not has_candidates_after(cfg, mask, protected):
+            return None  # every candidate is in the hit: nothing to decide (the scheduler agrees)
         policy = get_policy(cfg.method)
         scoring = policy.scoring(req.num_tokens, mask, cfg) if policy.uses_attention else None
         num_layers = len(rt.attention_layers())
@@ -76,10 +83,7 @@ class PrefillStage:
             policy=policy,
             scoring=scoring,
             visual_mask=mask,
-            # Prefix-cache hits are shared blocks; blocks before the first eviction candidate
-            # are registered in the prefix cache by the scheduler: neither is ever rewritten.
-            protected_prefix=max((req.num_computed_tokens // rt.block_size) * rt.block_size,
-                                 untouched_prefix_tokens(cfg, mask, rt.block_size)),
+            protected_prefix=protected,
         )
         rt.states[req.req_id] = st
         return st
@@ -140,13 +144,16 @@ class PrefillStage:
                     self.accumulate(acc, q, qpos, task.end, task.block_ids, kv_cache, impl.scale, per_head, keys)
 
     def _keys(self, task, key: torch.Tensor, q0: int, kv_cache, layout) -> torch.Tensor:
-        """Keys of positions 0..end-1: this chunk's straight from the layer input, earlier
-        chunks' gathered from the paged cache.  [T, num_kv_heads, head_dim]."""
+        """Keys of positions 0..end-1 (after :func:`live_key_view`'s shift when the table has
+        holes): this chunk's straight from the layer input, earlier chunks' gathered from the
+        paged cache.  [T, num_kv_heads, head_dim]."""
         n = task.end - task.start
         current = key[q0 : q0 + n].view(n, -1, key.shape[-1]) if key.dim() == 3 else key[q0 : q0 + n]
         if task.start == 0:
             return current
-        past = layout.gather_keys(kv_cache, self.rt.slots(task.block_ids, np.arange(task.start)))
+        view = live_key_view(task.block_ids, task.end, self.rt.block_size)
+        table = task.block_ids if view is None else view.table
+        past = layout.gather_keys(kv_cache, self.rt.slots(table, np.arange(task.start - (view.shift if view else 0))))
         return torch.cat([past.to(current.dtype), current], dim=0)
 
     def accumulate(self, acc: LayerAccumulator, q: torch.Tensor, qpos: torch.Tensor, T: int, block_ids,
@@ -158,6 +165,9 @@ class PrefillStage:
         rt = self.rt
         layout = rt.layout()
         plane = layout.key_plane(kv_cache)
+        view = live_key_view(block_ids, T, rt.block_size)
+        if view is not None:  # a conversation hit with holes: score over the live keys
+            block_ids, T, qpos = view.table, T - view.shift, qpos - view.shift
         if plane is not None:
             table = torch.as_tensor(block_ids[: -(-T // rt.block_size)], dtype=torch.int64)
             rows, head_sum = attention_stats(q, plane, table, qpos, T, scale, per_head)
@@ -165,6 +175,9 @@ class PrefillStage:
             if keys is None:
                 keys = layout.gather_keys(kv_cache, rt.slots(block_ids, np.arange(T)))
             rows, head_sum = dense_attention_stats(q, keys, qpos, scale, per_head)
+        if view is not None:
+            rows, head_sum = view.expand(rows), (None if head_sum is None else view.expand(head_sum))
+            qpos = qpos + view.shift
         if rt.tp_group is not None:
             # Gathered, then summed in rank order on every rank: all ranks get the same bits
             # (an all-reduce need not), so they select the same victims.
@@ -183,6 +196,12 @@ class PrefillStage:
             layer = rt.layer(names[ordinal])
             self.accumulate(st.accs[ordinal], q, qpos, T, block_ids, layer.kv_cache, layer.impl.scale,
                             st.scoring.per_head)
+
+    def keeps_session(self, cfg) -> bool:
+        """Whether a request may leave its cache to a follow-up request (the scheduler keeps
+        sessions under the same conditions)."""
+        cache = getattr(self.rt.runner, "cache_config", None)
+        return bool(getattr(cache, "enable_prefix_caching", False)) and cfg.session_reuse and not cfg.decode_enabled
 
     # ------------------------------------------------------------------ selection, compaction
     def end_of_step(self, tasks: list[ScoringTask], pressure: bool) -> None:
@@ -240,6 +259,12 @@ class PrefillStage:
         if cfg.recent_tokens:
             protected[max(0, T - cfg.recent_tokens) :] = True
         protected[: st.protected_prefix] = True
+        if self.keeps_session(cfg):
+            # The prompt's last, partly filled block stays as it is (never swapped with earlier
+            # blocks), so the blocks before it hold exactly the tokens of their positions that
+            # survive: a follow-up turn can continue from them even when the answer it re-sends
+            # does not re-tokenize into the generated tokens (hae_vllm.engine.sessions).
+            protected[(T // bs) * bs :] = True
         if st.saved_queries:
             self.score_saved(st, T, task.block_ids)
         stats = AttentionStats({k: a.stats(T) for k, a in st.accs.items()})
@@ -250,6 +275,8 @@ class PrefillStage:
             st.decode = DecodeState.after_prefill(plan, T, bs, rt.decode_bank)
             st.decode.by_position = st.policy.decode_by_position
         if plan.is_empty:
+            # Reported all the same: the scheduler learns the request's eviction is final.
+            rt.reports[st.req_id] = EvictionReport(num_prompt_tokens=T)
             return None
         src = rt.slots(task.block_ids, plan.move_src)
         dst = rt.slots(task.block_ids, plan.move_dst)
@@ -261,7 +288,7 @@ class PrefillStage:
         for h in plan.hole_blocks:
             req.block_ids[0][h] = 0
             table.block_table.np[row, h] = 0
-        rt.holes.set(st.req_id, len(plan.hole_blocks))
+        rt.holes.add(st.req_id, len(plan.hole_blocks))
         num_visual = int(visual[np.asarray(plan.victims, dtype=np.int64)].sum())
         rt.reports[st.req_id] = EvictionReport(
             hole_blocks=plan.hole_blocks,
@@ -273,3 +300,33 @@ class PrefillStage:
             kernels = "triton" if use_triton(rt.layer(rt.scoring_layer).kv_cache) else "torch"
             rt.trace.prefill(st, plan, T, num_visual, sel.diagnostics, deferred, kernels)
         return src, dst
+
+
+class LiveKeyView:
+    """How a request whose table holds null holes from a conversation hit is scored.
+
+    The holes (and the hit's compacted blocks) all lie before the request's own tokens, which
+    are the only candidates (the hit is protected).  Keys are read through the table without
+    its holes, so key index ``i`` is position ``i + shift`` from ``boundary`` on (the end of
+    the last hole); the attention the queries pay to the hit's keys before ``boundary`` counts
+    in the softmax but is not attributed to a position (those tokens are never candidates)."""
+
+    def __init__(self, table: list[int], shift: int, boundary: int, num_tokens: int):
+        self.table, self.shift, self.boundary, self.num_tokens = table, shift, boundary, num_tokens
+
+    def expand(self, cols: torch.Tensor) -> torch.Tensor:
+        """[..., T - shift] statistics -> [..., T] by position (zero before ``boundary``)."""
+        out = cols.new_zeros(*cols.shape[:-1], self.num_tokens)
+        out[..., self.boundary:] = cols[..., self.boundary - self.shift:]
+        return out
+
+
+def live_key_view(block_ids, T: int, block_size: int) -> LiveKeyView | None:
+    """A :class:`LiveKeyView` of the first ``T`` positions, or None when they hold no hole."""
+    n = -(-T // block_size)
+    table = list(block_ids[:n])
+    holes = [i for i, b in enumerate(table) if b == 0]
+    if not holes:
+        return None
+    return LiveKeyView([b for b in table if b != 0] + list(block_ids[n:]), len(holes) * block_size,
+                       (holes[-1] + 1) * block_size, T)

@@ -22,6 +22,7 @@ their own modules.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from typing import TYPE_CHECKING
@@ -37,7 +38,7 @@ from hae_vllm.worker.decode_stage import DecodeStage
 from hae_vllm.worker.holes import HoleTable
 from hae_vllm.worker.prefill import PrefillStage
 from hae_vllm.worker.state import DecodeTask, RequestState, ScoringTask
-from hae_vllm.worker.trace import BIN_UPDATES_ATTR, PRESSURE_ATTR, EvictionReport, TraceWriter
+from hae_vllm.worker.trace import BIN_UPDATES_ATTR, PRESSURE_ATTR, SESSION_ATTR, EvictionReport, TraceWriter
 
 if TYPE_CHECKING:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
@@ -187,10 +188,14 @@ class EvictionRuntime:
             self._drop(req_id)
         cached = scheduler_output.scheduled_cached_reqs
         for req_id in getattr(cached, "resumed_req_ids", ()) or ():
-            # Preempted: every block was freed and the request recomputes from scratch.
+            # Preempted: every block was freed; the request recomputes from scratch, or from
+            # the session its blocks left (hae_vllm.engine.sessions).
             self._drop(req_id)
         for new in scheduler_output.scheduled_new_reqs:
             self._drop(new.req_id)
+        started = getattr(scheduler_output, SESSION_ATTR, None)
+        if started:
+            self._start_sessions(started)
         self.decode.apply_bin_updates(getattr(scheduler_output, BIN_UPDATES_ATTR, None))
         self._pressure = getattr(scheduler_output, PRESSURE_ATTR, True)
         self.prefill.run_pending(scheduler_output.num_scheduled_tokens)
@@ -210,7 +215,7 @@ class EvictionRuntime:
             if req is None:
                 continue
             if st is None:
-                if req_id in self.holes or req.num_computed_tokens >= req.num_tokens:
+                if (req_id in self.holes and req_id not in (started or ())) or req.num_computed_tokens >= req.num_tokens:
                     continue
                 st = self.prefill.start(req)
                 if st is None:
@@ -251,6 +256,19 @@ class EvictionRuntime:
             if sc is not None:
                 self._scoring_ordinals.update(range(num_layers) if sc.layers is None else sc.layers)
 
+    def _start_sessions(self, started: dict) -> None:
+        """Requests served a conversation hit (hae_vllm.engine.sessions): their tables hold
+        null placeholders where the earlier request had holes."""
+        for req_id, (source, num_tokens) in started.items():
+            req = self.runner.requests.get(req_id)
+            if req is None:
+                continue
+            num_holes = sum(1 for b in req.block_ids[0][: num_tokens // self.block_size] if b == 0)
+            if num_holes:
+                self.holes.add(req_id, num_holes)
+            if self.trace:
+                self.trace.session(req_id, source, num_tokens, req.num_tokens)
+
     # ------------------------------------------------------------------ 2. scoring layers
     def score(self, impl, layer_name: str, query: torch.Tensor, key: torch.Tensor, kv_cache: torch.Tensor,
               query_start_loc: torch.Tensor) -> None:
@@ -263,12 +281,21 @@ class EvictionRuntime:
         qsl = query_start_loc.tolist()
         if ordinal == 0 and self.decode_tasks:
             self.decode.score(self.decode_tasks, impl, query, key, kv_cache, qsl, layout)
-        self.prefill.score(impl, ordinal, query, key, kv_cache, qsl, layout)
+        if self.tasks:
+            self.prefill.score(impl, ordinal, query, key, kv_cache, qsl, layout)
 
     # ------------------------------------------------------------------ 3. after forward
     def after_forward(self) -> None:
         dtasks, self.decode_tasks = self.decode_tasks, []
+        # A request compacted at the start of this step (its first decode step) may also park
+        # now: both reports reach the scheduler, in one.
+        early, self.reports = self.reports, {}
         self.decode.end_of_step(dtasks)
+        for req_id, rep in early.items():
+            later = self.reports.get(req_id)
+            self.reports[req_id] = rep if later is None else dataclasses.replace(
+                later, hole_blocks=rep.hole_blocks, num_visual=rep.num_visual, num_text=rep.num_text,
+                num_prompt_tokens=rep.num_prompt_tokens)
         tasks, self.tasks = self.tasks, []
         self.prefill.end_of_step(tasks, self._pressure)
 

@@ -21,12 +21,18 @@ PRESSURE_ATTR = "hae_memory_pressure"
 BIN_UPDATES_ATTR = "hae_bin_updates"
 """Attribute of SchedulerOutput carrying {req_id: BinUpdates} (restores confirmed, blocks lost)."""
 
+SESSION_ATTR = "hae_sessions"
+"""Attribute of SchedulerOutput: {req_id: (source req_id, tokens)} for requests that start this
+step from the cache an earlier request left (``hae_vllm.engine.sessions``)."""
+
 
 @dataclass(frozen=True)
 class EvictionReport:
     """Worker -> scheduler, per request and step.
 
     hole_blocks: logical blocks that are now null holes (prefill eviction: free them);
+    num_prompt_tokens: the tokens a prefill decision saw (set by every decision, one that
+    evicts nothing included: the scheduler then knows the request's eviction is final);
     parked: (logical index, block id) moved to the recycle bin (decode eviction);
     released: parked block ids released for good; restore: (index, block id) to take back.
     """
@@ -79,6 +85,12 @@ class TraceWriter:
             # Which implementation of the scoring and compaction kernels ran.
             "kernels": kernels,
         })
+
+    def session(self, req_id: str, source: str, hit_tokens: int, num_tokens: int) -> None:
+        """A request with ``num_tokens`` tokens (re)starts from the cache ``source`` kept: the
+        first ``hit_tokens`` come from it, the rest are computed attending to it."""
+        self.write({"request_id": req_id, "kind": "session", "source": source, "hit_tokens": int(hit_tokens),
+                    "num_tokens": int(num_tokens), "tp_rank": self.tp_rank})
 
     def event(self, st, kind: str, num_tokens: int, positions: list[int], blocks: int) -> None:
         """A decode-stage event: ``park`` or ``restore`` of ``blocks`` blocks holding ``positions``."""
