@@ -33,6 +33,8 @@ class RequestSpec:
     max_tokens: int = 8
     extra_args: dict[str, Any] | None = None
     prefix: str = ""  # text before the prompt (a system prompt), tiny checkpoints' raw format
+    videos: list[int] = field(default_factory=list)  # video seeds (after the images; Qwen2-VL)
+    video_frames: int = 8
 
 
 @dataclass
@@ -126,17 +128,25 @@ def chat_prompt(model_path: str, text: str, num_images: int) -> str:
 def build_prompt(kind: str, req: RequestSpec, model_path: str | None = None) -> dict:
     """The ``LLM.generate`` prompt of ``req``.  Tiny checkpoints (or no ``model_path``) use
     their raw prompt format; any other checkpoint its own chat template."""
-    from hae_vllm.testing.tiny_models import llava_prompt, make_test_image, qwen2vl_prompt
+    from hae_vllm.testing.tiny_models import llava_prompt, make_test_image, make_test_video, qwen2vl_prompt
 
+    if req.videos and (kind != "qwen2vl" or (model_path is not None and not is_tiny_checkpoint(model_path))):
+        raise ValueError("video requests are built for the tiny Qwen2-VL only")
     if model_path is not None and not is_tiny_checkpoint(model_path):
         text = chat_prompt(model_path, req.text, len(req.images))
+    elif kind == "qwen2vl":
+        text = req.prefix + qwen2vl_prompt(req.text, len(req.images), len(req.videos))
     else:
-        text = req.prefix + (qwen2vl_prompt if kind == "qwen2vl" else llava_prompt)(req.text, len(req.images))
+        text = req.prefix + llava_prompt(req.text, len(req.images))
     size = req.image_size or (448 if kind == "qwen2vl" else 224)
     prompt: dict[str, Any] = {"prompt": text}
     if req.images:
         imgs = [_load_image(s) if isinstance(s, str) else make_test_image(s, size) for s in req.images]
         prompt["multi_modal_data"] = {"image": imgs if len(imgs) > 1 else imgs[0]}
+    if req.videos:
+        # Frames of 224 x 224: 64 tokens per pair of frames on the tiny Qwen2-VL.
+        vids = [make_test_video(s, req.video_frames, 224) for s in req.videos]
+        prompt.setdefault("multi_modal_data", {})["video"] = vids if len(vids) > 1 else vids[0]
     return prompt
 
 
@@ -162,7 +172,9 @@ def _engine(spec: ScenarioSpec, trace_path: str | None):
         dtype=spec.dtype,
         max_model_len=spec.max_model_len,
         enforce_eager=True,
-        limit_mm_per_prompt={"image": max([len(r.images) for r in spec.requests] + [1])},
+        limit_mm_per_prompt={"image": max([len(r.images) for r in spec.requests] + [1]),
+                             **({"video": max(len(r.videos) for r in spec.requests)}
+                                if any(r.videos for r in spec.requests) else {})},
         seed=0,
         disable_log_stats=not spec.log_stats,
     )

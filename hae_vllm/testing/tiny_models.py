@@ -160,9 +160,10 @@ def llava_prompt(text: str, num_images: int = 1) -> str:
     return "USER: " + "<image>\n" * num_images + text + " ASSISTANT:"
 
 
-def qwen2vl_prompt(text: str, num_images: int = 1) -> str:
-    """Raw Qwen2-VL prompt (what the chat template renders)."""
+def qwen2vl_prompt(text: str, num_images: int = 1, num_videos: int = 0) -> str:
+    """Raw Qwen2-VL prompt (what the chat template renders): images first, then videos."""
     vision = "<|vision_start|><|image_pad|><|vision_end|>" * num_images
+    vision += "<|vision_start|><|video_pad|><|vision_end|>" * num_videos
     return f"<|im_start|>user\n{vision}{text}<|im_end|>\n<|im_start|>assistant\n"
 
 
@@ -186,6 +187,16 @@ def make_test_image(seed: int, size: int = 224):
     noise = rs.randint(-8, 9, size=img.shape)
     img = np.clip(img.astype(np.int16) + noise, 0, 255).astype(np.uint8)
     return Image.fromarray(img, mode="RGB")
+
+
+def make_test_video(seed: int, num_frames: int = 8, size: int = 224) -> np.ndarray:
+    """A deterministic video, ``[num_frames, size, size, 3]`` uint8: a test image panning
+    right by ``size // 16`` pixels a frame, with fresh noise in every frame (frames differ,
+    and consecutive ones share most of their content, as in a real clip)."""
+    base = np.asarray(make_test_image(seed, size), dtype=np.int16)
+    rs = np.random.RandomState(seed + 7919)
+    frames = [np.roll(base, t * (size // 16), axis=1) + rs.randint(-4, 5, size=base.shape) for t in range(num_frames)]
+    return np.clip(np.stack(frames), 0, 255).astype(np.uint8)
 
 
 # --------------------------------------------------------------------------------------
