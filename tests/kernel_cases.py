@@ -77,15 +77,22 @@ def test_attention_stats_checks_shapes():
         attention_stats(torch.zeros(1, 4, 16), torch.zeros(2, 16, 2, 16), torch.zeros(1), torch.zeros(1), 40, 1.0)
 
 
+def _random(g, dtype, *shape):
+    """Random cache contents: normal values, or every byte value for a uint8 (fp8) cache."""
+    if dtype == torch.uint8:
+        return torch.randint(0, 256, shape, generator=g, dtype=torch.uint8).to(DEVICE)
+    return torch.randn(*shape, generator=g).to(dtype).to(DEVICE)
+
+
 def _caches(L, nb, bs, H, D, dtype, layout, g):
     """L separately allocated layer caches and their geometry: FlashAttention's
     [2, nb, bs, H, D], a CPU-like [nb, 2, ...] block with the key plane transposed, or the CPU
     backend's AMX tiling (plane digits as vLLM 0.32 writes bf16; needs bs % 16 == 0, D % 16 == 0)."""
     if layout == "flash":
-        caches = [torch.randn(2, nb, bs, H, D, generator=g).to(dtype).to(DEVICE) for _ in range(L)]
+        caches = [_random(g, dtype, 2, nb, bs, H, D) for _ in range(L)]
         return caches, SlotGeometry.flash(nb, bs, H, D)
     per = bs * H * D
-    caches = [torch.randn(nb, 2 * per, generator=g).to(dtype).to(DEVICE) for _ in range(L)]
+    caches = [_random(g, dtype, nb, 2 * per) for _ in range(L)]
     if layout == "cpu":
         # Per block: K as [H, D, bs] (element (h, d, o) at h*D*bs + d*bs + o), then V as [bs, H, D].
         return caches, SlotGeometry(nb, bs, H, D, 2 * per, ((0, 1, D * bs, bs), (per, H * D, D, 1)))
@@ -127,7 +134,8 @@ def _naive_move(caches, geom, src, dst, swap):
                             flat[a] = vb
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+# uint8: an fp8 KV cache (vLLM allocates it as bytes).
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.uint8])
 @pytest.mark.parametrize("swap", [False, True])
 @pytest.mark.parametrize("layout", ["flash", "cpu"])
 @pytest.mark.parametrize("L,nb,bs,H,D,n", [(3, 6, 16, 2, 32, 7), (1, 4, 16, 1, 24, 1), (4, 5, 32, 3, 40, 0)])
