@@ -91,6 +91,21 @@ def headline() -> str:
         lines.append(f"| KV memory (prefill eviction, budget {prefill_budget(pe)}) | {pct(ph['kv_blocks_saved_frac'])} fewer "
                      f"peak KV blocks ({ph['peak_blocks_none']} -> {ph['peak_blocks_method']}); HF oracle match: "
                      f"{str(pe['checks']['hf_oracle_match']).lower()} | `python benchmarks/prefill_eviction.py` |")
+    fp8 = load("prefill_eviction_hae_fp8_e5m2")
+    if fp8:
+        ph = fp8["physical"]
+        lines.append(f"| KV memory with an fp8 cache (`fp8_e5m2`, prefill eviction, budget {prefill_budget(fp8)}) | "
+                     f"{pct(ph['kv_bytes_saved_vs_vanilla_bf16'])} fewer peak KV bytes than vanilla bf16, "
+                     f"{pct(ph['kv_bytes_saved_vs_vanilla_fp8'])} fewer than vanilla fp8; HF oracle (fp8-rounded K/V) "
+                     f"match: {str(fp8['checks']['hf_oracle_match']).lower()} | "
+                     "`python benchmarks/prefill_eviction.py --kv-cache-dtype fp8_e5m2` |")
+    vid = load("prefill_eviction_hae_video")
+    if vid:
+        ph = vid["physical"]
+        lines.append(f"| KV memory, video requests (Qwen2-VL, {vid['args']['video_frames']} frames, budget "
+                     f"{prefill_budget(vid)}) | {pct(ph['kv_blocks_saved_frac'])} fewer peak KV blocks "
+                     f"({ph['peak_blocks_none']} -> {ph['peak_blocks_method']}); HF oracle match: "
+                     f"{str(vid['checks']['hf_oracle_match']).lower()} | `python benchmarks/prefill_eviction.py --video` |")
     acc = load("accuracy_quick")
     if acc:
         a = accuracy_summary(acc)
