@@ -70,8 +70,8 @@ def workload(n: int, max_tokens: int, multi_image_every: int) -> list[RequestSpe
 
 def oracle_check(record: dict, reqs: list[RequestSpec], max_checks: int, atol: float,
                  cache_dtype: str = "auto") -> tuple[bool, list[dict]]:
-    if cache_dtype != "auto":
-        return fp8_oracle_check(record, reqs, max_checks, cache_dtype)
+    if cache_dtype != "auto" or record["dtype"] != "float32":
+        return replay_oracle_check(record, reqs, max_checks, cache_dtype)
     from hae_vllm.testing.oracle import HFOracle
     from hae_vllm.testing.scenario import build_prompt
 
@@ -91,15 +91,24 @@ def oracle_check(record: dict, reqs: list[RequestSpec], max_checks: int, atol: f
     return bool(checks) and all(c["ok"] for c in checks), checks
 
 
-def fp8_oracle_check(record: dict, reqs: list[RequestSpec], max_checks: int, cache_dtype: str) -> tuple[bool, list[dict]]:
-    """The oracle for an fp8 KV cache: HF with K and V rounded as vLLM stores them, the same
-    positions removed, following the engine's tokens; each token must be the oracle's choice
-    or a near-tie and log-probs within fp8's noise (``hae_vllm.testing.fp8``)."""
+def replay_oracle_check(record: dict, reqs: list[RequestSpec], max_checks: int,
+                        cache_dtype: str) -> tuple[bool, list[dict]]:
+    """The oracle in the run's model dtype, following the engine's tokens: each token must be
+    the oracle's choice or a near-tie, log-probs within the noise of the dtype or, for an fp8
+    KV cache, of fp8 (whichever is larger).  For fp8 the oracle rounds K and V as vLLM stores
+    them (``hae_vllm.testing.fp8``)."""
     from hae_vllm.testing.fp8 import RoundedKVOracle, fp8_tolerance
-    from hae_vllm.testing.oracle import MaskedReplay, compare_with_oracle, events_from_trace
+    from hae_vllm.testing.oracle import HFOracle, MaskedReplay, Tolerance, compare_with_oracle, events_from_trace
     from hae_vllm.testing.scenario import build_prompt
 
-    replay = MaskedReplay(RoundedKVOracle(record["model_path"], cache_dtype))
+    dtype = record["dtype"]
+    tol = Tolerance.for_dtype(dtype)
+    if cache_dtype != "auto":
+        oracle = RoundedKVOracle(record["model_path"], cache_dtype, dtype=dtype)
+        tol = max(tol, fp8_tolerance(), key=lambda t: t.logprob)
+    else:
+        oracle = HFOracle(record["model_path"], dtype)
+    replay = MaskedReplay(oracle)
     checks = []
     for idx, res in enumerate(record["results"]):
         if len(checks) >= max_checks:
@@ -110,7 +119,7 @@ def fp8_oracle_check(record: dict, reqs: list[RequestSpec], max_checks: int, cac
         media = media_of(p)
         events = events_from_trace(res["evictions"] + res["decode_events"])
         ref = replay.generate(p["prompt"], media, len(res["token_ids"]), events, follow=res["token_ids"])
-        a = compare_with_oracle(res, ref, fp8_tolerance())
+        a = compare_with_oracle(res, ref, tol)
         checks.append({"request_id": res["request_id"], "evicted": len(res["eviction"]["evicted_positions"]),
                        "ok": a.ok, "max_logprob_diff": a.max_logprob_diff, "near_ties": a.near_ties,
                        "problem": a.problem})
