@@ -17,8 +17,10 @@ from hae_vllm.testing.scenario import RequestSpec, ScenarioSpec, run_in_subproce
 pytestmark = pytest.mark.engine
 
 GOLDEN = Path(__file__).parent / "data" / "worker_golden.json"
+# score_interval 1: the golden record was made when decode scoring ran every step (the default
+# is 8 since issue 20; k = 1 must still behave exactly as before).
 EVICTION = {"method": "hae", "budget": 0.5, "decode_budget": 0.5, "bin_capacity": 2,
-            "rescore_interval": 4, "restore_margin": 0.5}
+            "rescore_interval": 4, "restore_margin": 0.5, "score_interval": 1}
 REQS = [
     RequestSpec(text="Tell me a long story about this picture.", images=[191], max_tokens=96),
     RequestSpec(text="Describe both pictures at length.", images=[192, 193], max_tokens=64,

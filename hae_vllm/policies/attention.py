@@ -116,6 +116,37 @@ def decode_mass(queries: torch.Tensor, keys: torch.Tensor, scale: float, visible
     return torch.softmax(logits, dim=2).sum(1)
 
 
+def decode_mass_queued(queries: torch.Tensor, keys: torch.Tensor, scale: float, visible,
+                       weights: torch.Tensor) -> torch.Tensor:
+    """:func:`decode_mass` of several queries per request, weighted and summed: the queries of
+    the last decode steps scored in one pass over the keys.
+
+    Args:
+        queries: [B, N, num_heads, head_dim], request b's queries in step order.
+        keys: [B, num_kv_heads, L, head_dim] (as in :func:`decode_mass`).
+        visible: [B, N, L] bool (numpy or torch): the positions each query attends to (at
+            least one per query, padding queries included).
+        weights: [B, N] float32: each query's weight (0 for padding).
+
+    Returns:
+        [B, L] float32: ``sum_n weights[b, n] * decode_mass(queries[:, n], ...)[b]``.
+    """
+    B, N, num_heads, head_dim = queries.shape
+    num_kv_heads, L = keys.shape[1], keys.shape[2]
+    group = num_heads // num_kv_heads
+    keys = keys.float().reshape(B * num_kv_heads, L, head_dim)
+    if isinstance(visible, np.ndarray):
+        visible = torch.from_numpy(visible)
+    hidden = (~visible.to(keys.device, torch.bool))[:, None, :, None, :]  # [B, 1, N, 1, L]
+    # Head h = kv_head * group + g: one batched product per (request, KV head) for all N queries.
+    q = (queries.float() * scale).view(B, N, num_kv_heads, group, head_dim).transpose(1, 2)
+    logits = torch.bmm(q.reshape(B * num_kv_heads, N * group, head_dim), keys.transpose(1, 2))
+    logits = logits.view(B, num_kv_heads, N, group, L).masked_fill_(hidden, float("-inf"))
+    probs = torch.softmax(logits, dim=-1).sum(3)  # [B, Hkv, N, L]
+    w = weights.to(keys.device, torch.float32)
+    return torch.bmm(w.view(B, 1, N), probs.sum(1)).view(B, L)
+
+
 def attention_rows(queries, keys, query_positions, scale) -> torch.Tensor:
     """[nq, T]: probabilities summed over the (local) heads."""
     return attention_probs(queries, keys, query_positions, scale).sum(0)

@@ -62,6 +62,10 @@ class ScenarioSpec:
     # Requests run (and discarded) before the measured ones: one-time costs of a fresh engine
     # (first calls into torch kernels, lazy initialisation) stay out of the timings.
     warmup_requests: int = 0
+    # Time vLLM's own attention (the backend's forward, without eviction's scoring hook) in
+    # every layer: ``attention_s`` in the record, the share of the step a faster attention
+    # kernel (a GPU) could change.
+    time_attention: bool = False
     engine_kwargs: dict[str, Any] = field(default_factory=dict)  # more vllm.LLM(...) arguments
 
 
@@ -260,7 +264,7 @@ class _Instruments:
     decode-only steps and steps that prefill: where the engine's time goes (eviction can
     shorten the first kind, never the prefill work)."""
 
-    def __init__(self, llm) -> None:
+    def __init__(self, llm, time_attention: bool = False) -> None:
         core = llm.llm_engine.engine_core.engine_core
         self.sched = sched = core.scheduler
         self.pool = pool = sched.kv_cache_manager.block_pool
@@ -296,6 +300,30 @@ class _Instruments:
             return out
 
         executor.execute_model = execute_model
+        self.attention_s = 0.0
+        if time_attention and self.runner is not None:
+            self._time_attention()
+
+    def _time_attention(self) -> None:
+        """Accumulate the time of every attention layer's upstream ``forward`` (vLLM's kernel
+        and KV write; an eviction backend's own ``forward`` adds scoring around it)."""
+        layers = self.runner.compilation_config.static_forward_context.values()
+        impls = {type(layer.impl) for layer in layers if hasattr(layer, "impl")}
+        for cls in impls:
+            base = next(c for c in cls.__mro__ if not getattr(c, "hae_eviction", False))
+            if getattr(base.forward, "_hae_timed", False):
+                continue
+            orig = base.forward
+
+            def forward(impl, *a, _orig=orig, **k):
+                t = time.perf_counter()
+                try:
+                    return _orig(impl, *a, **k)
+                finally:
+                    self.attention_s += time.perf_counter() - t
+
+            forward._hae_timed = True
+            base.forward = forward
 
     def reset(self) -> None:
         self.peak_in_use = 0
@@ -304,6 +332,7 @@ class _Instruments:
         self.first_schedule: float | None = None
         self.steps: list[tuple[float, int, int]] = []
         self.free_before = self.pool.get_num_free_blocks()
+        self.attention_s = 0.0
 
     def readings(self, t_end: float) -> dict[str, Any]:
         sched = self.sched
@@ -329,6 +358,7 @@ class _Instruments:
             # without the input processing LLM.generate does for every prompt before it steps
             # (a server overlaps that with the engine in its API process).
             engine_busy_s=t_end - (self.first_schedule or t_end),
+            attention_s=self.attention_s,
             scheduler_cls=type(sched).__name__,
             eviction_stats=sched.eviction_stats.as_dict() if hasattr(sched, "eviction_stats") else None,
             step_profile=_step_profile(self.steps),
@@ -400,14 +430,16 @@ def _round(llm, kind: str, spec: ScenarioSpec, requests: list[RequestSpec], inst
         inst.reset()
     prompts = [build_prompt(kind, r, model_path) for r in requests]
     params = _sampling_params(spec)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     if spec.sequential:
         outs = [llm.generate([p], sp, use_tqdm=False)[0] for p, sp in zip(prompts, params)]
     else:
         outs = llm.generate(prompts, params, use_tqdm=False)
     t_end = time.perf_counter()
     results = [_result(o) for o in outs]
-    record: dict[str, Any] = {"results": results, "generate_s": t_end - t0}
+    # CPU time of this process (the engine core and worker run here): less sensitive than
+    # the wall clock to other processes on a shared machine.
+    record: dict[str, Any] = {"results": results, "generate_s": t_end - t0, "generate_cpu_s": time.process_time() - c0}
     if inst is not None:
         record.update(inst.readings(t_end))
     record["trace"] = trace.read()
@@ -417,7 +449,7 @@ def _round(llm, kind: str, spec: ScenarioSpec, requests: list[RequestSpec], inst
 
 def _run(spec: ScenarioSpec, trace_path: str | None) -> dict[str, Any]:
     llm, kind, path, t_start = _engine(spec, trace_path)
-    inst = None if spec.multiprocessing else _Instruments(llm)
+    inst = None if spec.multiprocessing else _Instruments(llm, spec.time_attention)
     record = _round(llm, kind, spec, spec.requests, inst, _TraceReader(trace_path if spec.trace else None), path)
     # The dtype vLLM resolved (``auto`` depends on the platform and the checkpoint).
     dtype = str(llm.llm_engine.model_config.dtype).removeprefix("torch.")
@@ -500,7 +532,7 @@ def _serve_rounds(spec: ScenarioSpec, trace_path: str) -> None:
     all) with every image seed shifted by k, so the prefix cache never serves a round.  Each
     round's record (what :func:`run_in_subprocess` returns) goes to stdout as one marked line."""
     llm, kind, path, _ = _engine(spec, trace_path)
-    inst = None if spec.multiprocessing else _Instruments(llm)
+    inst = None if spec.multiprocessing else _Instruments(llm, spec.time_attention)
     trace = _TraceReader(trace_path if spec.trace else None)
     trace.read()  # warm-up records
     print(_ROUND_DONE + "{}", flush=True)  # ready

@@ -54,7 +54,13 @@ class DecodeBank:
     * ``keys`` [rows, kv_heads, capacity, head_dim] (torch, the cache's device and dtype):
       layer-0 keys by position, what decode scoring reads instead of the paged cache (head
       major: a KV head's keys of a request are one strided matrix, so all requests and heads
-      are scored by one batched product).
+      are scored by one batched product);
+    * with ``score_interval`` k > 1 (a row's last k queries scored in one pass), the
+      layer-0 queries and keys of the steps not scored yet: each step copies the batch's rows
+      into a staging area (two slice copies, whatever the batch), moved to per-row queues
+      ``queued_q`` [rows, queue, num_heads, head_dim], ``queued_k`` [rows, queue, kv_heads,
+      head_dim], ``queued_pos`` [rows, queue] (step order) when some row is scored; the keys
+      reach ``keys`` when their row is.  ``interval`` [rows]: each row's ``score_interval``.
 
     Rows are recycled when a request's state is dropped; both dimensions grow by doubling
     (capacity up to ``max_len``), and a :class:`DecodeState` reads its row through the bank,
@@ -67,6 +73,15 @@ class DecodeBank:
         self.score = np.zeros((0, 0), dtype=np.float32)
         self.scored = np.zeros((0, 0), dtype=bool)
         self.keys: torch.Tensor | None = None
+        self.interval = np.ones(0, dtype=np.int64)
+        self.num_queued = np.zeros(0, dtype=np.int64)
+        self.num_staging_rows = 0  # rows in use with interval > 1
+        self.queued_pos = np.zeros((0, 1), dtype=np.int64)
+        self.queued_q: torch.Tensor | None = None
+        self.queued_k: torch.Tensor | None = None
+        self._stage_q: torch.Tensor | None = None  # [steps, batch, num_heads, head_dim]
+        self._stage_k: torch.Tensor | None = None  # [steps, batch, kv_heads, head_dim]
+        self._staged: list[tuple[np.ndarray, np.ndarray]] = []  # (rows, positions) per step
         self._free: list[int] = []
         self.in_use = 0
 
@@ -83,9 +98,13 @@ class DecodeBank:
         return heapq.heappop(self._free)
 
     def release(self, row: int) -> None:
+        if self._staged:
+            self.unstage()  # staged steps name rows, and this one may be handed out again
         self.slot_pos[row] = -1
         self.score[row] = 0.0
         self.scored[row] = False
+        self.set_interval(row, 1)
+        self.num_queued[row] = 0
         heapq.heappush(self._free, row)
         self.in_use -= 1
 
@@ -103,6 +122,88 @@ class DecodeBank:
             self.keys = like.new_zeros((self.num_rows, like.shape[1], self.capacity, like.shape[2]))
         return self.keys
 
+    def set_interval(self, row: int, k: int) -> None:
+        self.num_staging_rows += int(k > 1) - int(self.interval[row] > 1)
+        self.interval[row] = k
+
+    def stage(self, rows: np.ndarray, positions: np.ndarray, q: torch.Tensor, k: torch.Tensor) -> None:
+        """One decode step of ``rows`` (distinct): queries ``q`` [B, num_heads, head_dim] and
+        keys ``k`` [B, kv_heads, head_dim] at ``positions`` [B].  The caller scores a row
+        when it has ``interval`` steps pending (staged or queued; more are kept, not lost)."""
+        B, s = len(rows), len(self._staged)
+        sq = self._stage_q
+        steps = int(self.interval.max(initial=1))
+        if sq is None or s == sq.shape[0] or B > sq.shape[1] or steps > sq.shape[0] or sq.shape[2:] != q.shape[1:]:
+            self.unstage()  # full, or too small: make room
+            s = 0
+            if sq is None or B > sq.shape[1] or steps > sq.shape[0] or sq.shape[2:] != q.shape[1:]:
+                steps = max(steps, 0 if sq is None else sq.shape[0])
+                batch = max(B, 0 if sq is None else sq.shape[1])
+                self._stage_q = sq = q.new_empty((steps, batch) + tuple(q.shape[1:]))
+                self._stage_k = k.new_empty((steps, batch) + tuple(k.shape[1:]))
+        sq[s, :B].copy_(q)
+        self._stage_k[s, :B].copy_(k)
+        self._staged.append((rows, positions))
+
+    def unstage(self) -> None:
+        """Move every staged step to the per-row queues (one copy per plane)."""
+        if not self._staged:
+            return
+        rows = np.concatenate([r for r, _ in self._staged])
+        pos = np.concatenate([p for _, p in self._staged])
+        lens = [len(r) for r, _ in self._staged]
+        step = np.repeat(np.arange(len(lens)), lens)
+        col = np.concatenate([np.arange(n) for n in lens])
+        # Slot of each entry in its row's queue: after what is queued, in step order.
+        order = np.argsort(rows, kind="stable")
+        r_sorted = rows[order]
+        first = np.ones(len(rows), dtype=bool)
+        first[1:] = r_sorted[1:] != r_sorted[:-1]
+        run = np.arange(len(rows))
+        within = run - np.maximum.accumulate(np.where(first, run, 0))
+        slot = np.empty(len(rows), dtype=np.int64)
+        slot[order] = self.num_queued[r_sorted] + within
+        sq, sk = self._stage_q, self._stage_k
+        if self.queued_q is None or self.queued_q.shape[1] <= int(slot.max()) or self.queued_q.shape[2:] != sq.shape[2:]:
+            self._resize_queue(int(slot.max()) + 1, sq, sk)
+        dev = sq.device
+        r_t, s_t = torch.from_numpy(rows).to(dev), torch.from_numpy(slot).to(dev)
+        st_t, c_t = torch.from_numpy(step).to(dev), torch.from_numpy(col).to(dev)
+        self.queued_q[r_t, s_t] = sq[st_t, c_t]
+        self.queued_k[r_t, s_t] = sk[st_t, c_t]
+        self.queued_pos[rows, slot] = pos
+        np.add.at(self.num_queued, rows, 1)
+        self._staged.clear()
+
+    def take_queued(self, rows: np.ndarray):
+        """Empty the rows' queues (after :meth:`unstage`): their keys go to ``keys`` (by
+        position); returns (queries [len(rows), N, num_heads, head_dim], positions
+        [len(rows), N], counts [len(rows)]), N the longest queue (shorter rows padded)."""
+        n = self.num_queued[rows]
+        N = int(n.max())
+        dev = self.queued_q.device
+        rows_t = torch.from_numpy(rows).to(dev)
+        q = self.queued_q[rows_t, :N]
+        pos = self.queued_pos[rows, :N].copy()
+        b, j = np.nonzero(np.arange(N)[None, :] < n[:, None])
+        self.keys[torch.from_numpy(rows[b]).to(dev), :, torch.from_numpy(pos[b, j]).to(dev)] = \
+            self.queued_k[torch.from_numpy(rows[b]).to(dev), torch.from_numpy(j).to(dev)].to(self.keys.dtype)
+        self.num_queued[rows] = 0
+        return q, pos, n
+
+    def _resize_queue(self, length: int, like_q: torch.Tensor, like_k: torch.Tensor) -> None:
+        length = max(length, self.queued_pos.shape[1])
+        old = (self.queued_q, self.queued_k)
+        keep = old[0] is not None and old[0].shape[2:] == like_q.shape[2:]
+        self.queued_q, self.queued_k = (
+            t.new_zeros((self.num_rows, length) + tuple(t.shape[2:])) for t in (like_q, like_k))
+        if keep:
+            self.queued_q[:, : old[0].shape[1]] = old[0]
+            self.queued_k[:, : old[1].shape[1]] = old[1]
+        pos = np.zeros((self.num_rows, length), dtype=np.int64)
+        pos[:, : self.queued_pos.shape[1]] = self.queued_pos
+        self.queued_pos = pos
+
     def _resize(self, rows: int, cap: int) -> None:
         old_rows, old_cap = self.slot_pos.shape
 
@@ -119,6 +220,19 @@ class DecodeBank:
             keys = self.keys.new_zeros((rows, H, cap, D))
             keys[:old_rows, :, :old_cap] = self.keys
             self.keys = keys
+        if rows != old_rows:
+            self.interval = np.concatenate([self.interval, np.ones(rows - old_rows, dtype=np.int64)])
+            self.num_queued = np.concatenate([self.num_queued, np.zeros(rows - old_rows, dtype=np.int64)])
+            pos = np.zeros((rows, self.queued_pos.shape[1]), dtype=np.int64)
+            pos[:old_rows] = self.queued_pos
+            self.queued_pos = pos
+            if self.queued_q is not None:
+                grown = []
+                for t in (self.queued_q, self.queued_k):
+                    g = t.new_zeros((rows,) + tuple(t.shape[1:]))
+                    g[:old_rows] = t
+                    grown.append(g)
+                self.queued_q, self.queued_k = grown
         for row in range(old_rows, rows):
             heapq.heappush(self._free, row)
         self.capacity = cap

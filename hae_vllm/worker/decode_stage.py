@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from hae_vllm.policies.attention import attention_probs, decode_mass
+from hae_vllm.policies.attention import attention_probs, decode_mass, decode_mass_queued
 from hae_vllm.worker.decode import BinEntry, DecodeActions, choose_parking, decode_limit, weakest_live_value
 from hae_vllm.worker.state import DecodeTask
 from hae_vllm.worker.trace import EvictionReport
@@ -35,27 +35,40 @@ def rows_of(t: torch.Tensor, index: np.ndarray) -> torch.Tensor:
 
 
 def decode_mass_rows(q: torch.Tensor, rows: np.ndarray, keys: torch.Tensor, L: int, scale: float,
-                     visible: np.ndarray) -> torch.Tensor:
-    """:func:`decode_mass` of queries ``q`` over the bank's key ``rows`` (one per query).
+                     visible: np.ndarray, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`decode_mass` of queries ``q`` [B, H, D] over the bank's key ``rows`` (one per
+    query); with ``weights`` [B, N], :func:`decode_mass_queued` of ``q`` [B, N, H, D]
+    (``visible`` [B, N, L]).
 
     When the rows lie in a span at most twice their number (the bank hands out its lowest
     free row, so rows in use stay packed), the span is read as one strided view instead of
     copying every row's keys: rows of the span without a query this step get a zero query
-    that sees only position 0, and their output is dropped.  Otherwise the rows are
-    gathered."""
+    that sees only position 0 (zero weight), and their output is dropped.  Otherwise the rows
+    are gathered."""
     B = len(rows)
     r0, r1 = int(rows.min()), int(rows.max()) + 1
     if r1 - r0 > 2 * B:
         rows_t = torch.from_numpy(rows).to(keys.device)
-        return decode_mass(q, keys[:, :, :L].index_select(0, rows_t), scale, visible)
+        sub = keys[:, :, :L].index_select(0, rows_t)
+        if weights is None:
+            return decode_mass(q, sub, scale, visible)
+        return decode_mass_queued(q, sub, scale, visible, weights)
     local = rows - r0
     local_t = torch.from_numpy(local).to(q.device)
     q_all = q.new_zeros((r1 - r0,) + tuple(q.shape[1:]))
     q_all[local_t] = q
-    vis_all = np.zeros((r1 - r0, L), dtype=bool)
-    vis_all[:, 0] = True
+    vis_all = np.zeros((r1 - r0,) + visible.shape[1:], dtype=bool)
+    vis_all[..., 0] = True
     vis_all[local] = visible
-    return decode_mass(q_all, keys[r0:r1, :, :L], scale, vis_all)[local_t]
+    if weights is None:
+        return decode_mass(q_all, keys[r0:r1, :, :L], scale, vis_all)[local_t]
+    w_all = weights.new_zeros((r1 - r0, weights.shape[1]))
+    w_all[local_t] = weights
+    return decode_mass_queued(q_all, keys[r0:r1, :, :L], scale, vis_all, w_all)[local_t]
+
+
+def _decay(tasks: list[DecodeTask]) -> np.ndarray:
+    return np.fromiter((dt.state.cfg.decode_decay for dt in tasks), dtype=np.float32, count=len(tasks))
 
 
 class DecodeStage:
@@ -64,40 +77,72 @@ class DecodeStage:
         # HAE_VLLM_CHECK_DECODE=1 (the tests): every decode step checks the bank's incremental
         # bookkeeping (scored positions, live counts) against a recomputation per request.
         self.check = check
+        # Decode steps seen (the shared cadence of score_interval), and the next step at which
+        # some request is due for scoring.
+        self.num_steps = 0
+        self.next_scoring = 0
 
     # ------------------------------------------------------------------ layer 0, every step
     def score(self, tasks: list[DecodeTask], impl, query, key, kv_cache, qsl, layout) -> None:
-        """Decayed layer-0 attention of each request's new query over its live and binned
-        tokens, and each request's live count against its budget.  One decode token per
-        request (the usual case): all requests at once from the bank's key rows, masked to each
-        row's scored positions; otherwise request by request."""
+        """Decayed layer-0 attention of each request's new queries over its live and binned
+        tokens, and each request's live count against its budget.
+
+        One decode token per request (the usual case): with ``score_interval`` k = 1 the new
+        key goes to the bank's row and the new query is scored at once; with k > 1 both go to
+        the row's queue (one copy per step), and every k steps the row's queued queries are
+        scored in one pass.  Either way all due rows at once, masked to each row's scored
+        positions.
+        Only the requests scored this step are due for :meth:`step` (``DecodeTask.due``).
+        Otherwise (several tokens per request) queued queries are scored first, then request by
+        request."""
         rt = self.rt
         bank = rt.decode_bank
+        rows_l, starts_l, at = [], [], []
+        single = True
         for dt in tasks:
-            if not dt.state.decode.has_keys:
+            ds = dt.state.decode
+            if not ds.has_keys:
                 self.fill_keys(dt, kv_cache, layout)
-        rows = np.fromiter((dt.state.decode.row for dt in tasks), dtype=np.int64, count=len(tasks))
-        starts = np.fromiter((dt.start for dt in tasks), dtype=np.int64, count=len(tasks))
-        ends = np.fromiter((dt.end for dt in tasks), dtype=np.int64, count=len(tasks))
-        L = int(ends.max())
+                k = dt.state.cfg.score_interval
+                bank.set_interval(ds.row, k)
+                # Scored at the next multiple of k (the shared cadence), or every step.
+                self.next_scoring = min(self.next_scoring, -(-self.num_steps // k) * k)
+            rows_l.append(ds.row)
+            starts_l.append(dt.start)
+            at.append(qsl[dt.row])
+            single = single and dt.end - dt.start == 1
+        rows = np.array(rows_l, dtype=np.int64)
+        starts = np.array(starts_l, dtype=np.int64)
         keys = bank.keys
-        if bool((ends - starts == 1).all()):
+        num_heads = query.shape[1]
+        due = tasks
+        if single:
             dev = keys.device
-            rows_t = torch.from_numpy(rows).to(dev)
-            qrows = torch.as_tensor([qsl[dt.row] for dt in tasks], device=query.device)
-            new = key[qrows].reshape(len(tasks), keys.shape[1], keys.shape[3]).to(keys.dtype)
-            keys[rows_t, :, torch.from_numpy(starts).to(dev)] = new  # [B, kv_heads, head_dim]
-            visible = bank.scored[rows, :L] & (np.arange(L)[None, :] <= starts[:, None])
-            mass = decode_mass_rows(query[qrows], rows, keys, L, impl.scale, visible)
-            num_heads = query.shape[1]
-            if rt.tp_group is not None:
-                # Summed in rank order on every rank: the same bits everywhere.
-                mass = rt.tp_group.all_gather(mass[None].contiguous(), dim=0).sum(0)
-                num_heads *= rt.tp_group.world_size
-            decay = np.fromiter((dt.state.cfg.decode_decay for dt in tasks), dtype=np.float32, count=len(tasks))
-            # Unscored columns get zero mass: their scores only decay, as before.
-            bank.score[rows, :L] = bank.score[rows, :L] * decay[:, None] + (mass / num_heads).cpu().numpy()
+            if at == list(range(at[0], at[0] + len(at))):
+                q, k = query[at[0] : at[0] + len(at)], key[at[0] : at[0] + len(at)]  # the batch in order
+            else:
+                qrows = torch.as_tensor(at, device=query.device)
+                q, k = query[qrows], key[qrows]
+            new = k.reshape(len(tasks), keys.shape[1], keys.shape[3])  # [B, kv_heads, head_dim]
+            if not bank.num_staging_rows:
+                # Every request scores every step (k = 1): the new query alone, nothing staged.
+                keys[torch.from_numpy(rows).to(dev), :, torch.from_numpy(starts).to(dev)] = new.to(keys.dtype)
+                self._score_rows(rows, q[:, None], starts[:, None], _decay(tasks), impl, num_heads)
+            else:
+                bank.stage(rows, starts, q, new)
+                if self.num_steps < self.next_scoring:
+                    for dt in tasks:
+                        dt.due = False
+                    due = []
+                else:
+                    due = self._score_due(tasks, rows, impl, num_heads)
         else:
+            bank.unstage()
+            queued = np.flatnonzero(bank.num_queued[rows] > 0)
+            if len(queued):
+                self._score_queued([tasks[i] for i in queued], rows[queued], impl, num_heads)
+                for i in queued:
+                    tasks[i].num_scored += 1  # and this step's tokens, below
             for dt in tasks:
                 ds, n, q0 = dt.state.decode, dt.end - dt.start, qsl[dt.row]
                 ds.keys[dt.start : dt.end] = key[q0 : q0 + n].reshape(n, keys.shape[1], keys.shape[3]).to(keys.dtype)
@@ -107,12 +152,80 @@ class DecodeStage:
                 score = ds.score  # the bank's row (a view)
                 score *= dt.state.cfg.decode_decay
                 score[pos] += probs.mean(0).sum(0).numpy()  # positions are distinct
-        slots = max(len(dt.block_ids) for dt in tasks) * rt.block_size
-        live = (bank.slot_pos[rows, :slots] >= 0).sum(1)
-        for dt, n_live in zip(tasks, live.tolist()):
+        self.num_steps += 1
+        if not due:
+            return
+        due_rows = np.fromiter((dt.state.decode.row for dt in due), dtype=np.int64, count=len(due))
+        slots = max(len(dt.block_ids) for dt in due) * rt.block_size
+        live = (bank.slot_pos[due_rows, :slots] >= 0).sum(1)
+        for dt, n_live in zip(due, live.tolist()):
             dt.num_live = n_live
         if self.check:
-            self.check_state(tasks)
+            self.check_state(due)
+
+    def _score_due(self, tasks: list[DecodeTask], rows: np.ndarray, impl, num_heads: int) -> list[DecodeTask]:
+        """Score the rows due at this step of the shared cadence (a multiple of their k, or k
+        steps pending) and set when the next one is; returns the tasks scored."""
+        bank, now = self.rt.decode_bank, self.num_steps
+        bank.unstage()
+        interval = bank.interval[rows]
+        hit = (now % interval == 0) | (bank.num_queued[rows] >= interval)
+        if hit.all():
+            due = tasks
+            self._score_queued(tasks, rows, impl, num_heads)
+        else:
+            for i in np.flatnonzero(~hit):
+                tasks[i].due = False
+            sel = np.flatnonzero(hit)
+            due = [tasks[i] for i in sel]
+            if len(sel):
+                self._score_queued(due, rows[sel], impl, num_heads)
+        # Steps counted from the next one: a row is next due at its next multiple, or when k
+        # steps are pending.
+        nxt = np.minimum((now // interval + 1) * interval, now + 1 + interval - 1 - bank.num_queued[rows])
+        self.next_scoring = int(nxt.min())
+        return due
+
+    def _score_queued(self, tasks: list[DecodeTask], rows: np.ndarray, impl, num_heads: int) -> None:
+        """Score the queued queries of ``rows`` (the rows of ``tasks``, unstaged) and empty
+        their queues."""
+        q, pos, n = self.rt.decode_bank.take_queued(rows)  # q: [B, N, H, D]
+        for dt, k in zip(tasks, n.tolist()):
+            dt.num_scored = k
+        self._score_rows(rows, q, pos, _decay(tasks), impl, num_heads, n)
+
+    def _score_rows(self, rows: np.ndarray, q: torch.Tensor, qpos: np.ndarray, decay: np.ndarray, impl,
+                    num_heads: int, n: np.ndarray | None = None) -> None:
+        """``score <- decay^n * score + sum_j decay^(n-1-j) * mass_j`` for the rows' queries
+        ``q`` [B, N, H, D] at positions ``qpos`` [B, N] in step order (row b's first ``n[b]``,
+        default all): exactly the per-step update applied n times, the scored set being the
+        same at every step in between (parking and releases happen only when a row is scored;
+        a parked block the pool reuses in between leaves the set early)."""
+        rt, bank = self.rt, self.rt.decode_bank
+        B, N = qpos.shape
+        last = qpos[:, N - 1] if n is None else qpos[np.arange(B), n - 1]
+        L = int(last.max()) + 1
+        ar = np.arange(L)
+        if N == 1:
+            visible = bank.scored[rows, :L] & (ar[None, :] <= qpos)
+            mass = decode_mass_rows(q[:, 0], rows, bank.keys, L, impl.scale, visible)
+            factor = decay
+        else:
+            steps = np.arange(N)
+            n = np.full(B, N) if n is None else n
+            valid = steps[None, :] < n[:, None]  # [B, N]: padding after a row's queries
+            visible = bank.scored[rows, None, :L] & (ar[None, None, :] <= qpos[:, :, None]) & valid[:, :, None]
+            visible[:, :, 0] |= ~valid  # padding attends to position 0 only, with weight 0
+            age = np.maximum(n[:, None] - 1 - steps[None, :], 0)
+            weights = np.where(valid, decay[:, None] ** age, 0).astype(np.float32)
+            mass = decode_mass_rows(q, rows, bank.keys, L, impl.scale, visible, torch.from_numpy(weights))
+            factor = (decay ** n).astype(np.float32)
+        if rt.tp_group is not None:
+            # Summed in rank order on every rank: the same bits everywhere.
+            mass = rt.tp_group.all_gather(mass[None].contiguous(), dim=0).sum(0)
+            num_heads *= rt.tp_group.world_size
+        # Unscored columns get zero mass: their scores only decay, as before.
+        bank.score[rows, :L] = bank.score[rows, :L] * factor[:, None] + (mass / num_heads).cpu().numpy()
 
     def _gather_probs(self, q: torch.Tensor, keys: torch.Tensor, qpos: torch.Tensor, key_pos, impl) -> torch.Tensor:
         probs = attention_probs(q, keys, qpos, impl.scale, key_pos)
@@ -192,7 +305,10 @@ class DecodeStage:
         """Budgets, bin and restore proposals of every decode request, then the parking swaps of
         all of them in one call per layer (disjoint slots: each request swaps within its own
         blocks)."""
-        swaps = [m for m in (self.step(dt) for dt in tasks) if m is not None]
+        due = [dt for dt in tasks if dt.due]
+        if not due:
+            return  # score_interval > 1: most steps
+        swaps = [m for m in map(self.step, due) if m is not None]
         if swaps:
             rt = self.rt
             rt.layout().swap_many(rt.caches(), torch.cat([m[0] for m in swaps]), torch.cat([m[1] for m in swaps]))
@@ -204,11 +320,13 @@ class DecodeStage:
         rt = self.rt
         st, cfg, bs = dt.state, dt.state.cfg, rt.block_size
         ds = st.decode
-        ds.steps += 1
+        before = ds.steps
+        ds.steps += dt.num_scored
         num_live = dt.num_live if dt.num_live is not None else len(ds.live_slots(dt.block_ids, bs))
         # Only a request a whole block over its budget has anything to park.
         over = num_live - decode_limit(cfg, dt.end) >= bs
-        rescore = not ds.by_position and ds.steps % cfg.rescore_interval == 0
+        # Every rescore_interval steps (a multiple crossed since the last scoring, k > 1).
+        rescore = not ds.by_position and ds.steps // cfg.rescore_interval > before // cfg.rescore_interval
         if not over and not (rescore and ds.bin) and len(ds.bin) <= cfg.bin_capacity:
             return None  # most requests, most steps: nothing to park, release or restore
         acts = DecodeActions()

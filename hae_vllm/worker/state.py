@@ -42,6 +42,9 @@ class DecodeTask:
     end: int
     block_ids: list[int]
     num_live: int | None = None  # live tokens this step (counted by scoring, before any parking)
+    # Scored this step (score_interval > 1: only every k steps), and how many queries were.
+    due: bool = True
+    num_scored: int = 1
 
 
 @dataclass
