@@ -64,9 +64,11 @@ PREEMPT_REQS = [RequestSpec(text=f"Tell me about picture number {i}.", images=[3
 def preempt_record():
     # 20 blocks of 32 tokens cannot hold four 270-token prompts growing by 96 tokens each:
     # the scheduler preempts and recomputes, and eviction is planned again on recompute.
+    # Without prefix caching: a preempted request cannot resume from the cache it kept
+    # (tests/test_engine_sessions.py covers that path).
     return run_in_subprocess(
         ScenarioSpec(model="llava", requests=PREEMPT_REQS, eviction="hae", num_gpu_blocks_override=20, max_model_len=512,
-                     max_num_seqs=4, logprobs=True)
+                     max_num_seqs=4, logprobs=True, enable_prefix_caching=False)
     )
 
 

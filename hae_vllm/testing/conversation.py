@@ -41,10 +41,15 @@ class ConversationSpec:
     num_gpu_blocks_override: int | None = None
     max_num_batched_tokens: int | None = None
     max_num_seqs: int | None = None
+    max_model_len: int = 4096
     eviction: dict = field(default_factory=dict)  # more engine-wide eviction settings
     extra_args: dict = field(default_factory=dict)  # per-request knobs (vllm_xargs)
     # Unrelated requests (fresh images) run between turns: they reuse free blocks.
     filler_between_turns: int = 0
+    # Staggered arrivals: conversation c starts at round c, so each round's batch holds
+    # conversations at different turns (a chat service's steady state); otherwise turn t of
+    # every conversation is one batch.
+    stagger: bool = False
     image_base: int = 7000
 
 
@@ -77,7 +82,7 @@ def run(spec: ConversationSpec, trace_path: str | None) -> dict[str, Any]:
         if trace_path:
             eviction["trace_path"] = trace_path
     kwargs: dict[str, Any] = dict(
-        model=str(tiny_model_path("llava")), dtype=spec.dtype, max_model_len=4096, enforce_eager=True,
+        model=str(tiny_model_path("llava")), dtype=spec.dtype, max_model_len=spec.max_model_len, enforce_eager=True,
         block_size=spec.block_size, enable_prefix_caching=spec.enable_prefix_caching, seed=0,
         disable_log_stats=False, limit_mm_per_prompt={"image": max(spec.images, 1)},
         additional_config={"kv_eviction": eviction})
@@ -91,35 +96,36 @@ def run(spec: ConversationSpec, trace_path: str | None) -> dict[str, Any]:
                         extra_args=dict(spec.extra_args) or None)
     images = [[make_test_image(s, 224) for s in image_seeds(spec, c)] for c in range(spec.conversations)]
     history: list[list[tuple[str, str]]] = [[] for _ in range(spec.conversations)]
-    turns = []
+    done: dict[tuple[int, int], dict] = {}
     filler_seed = spec.image_base + 5000
-    for t in range(spec.turns):
-        q = QUESTIONS[t % len(QUESTIONS)]
-        prompts = [{"prompt": conversation_prompt(history[c], q, spec.images),
+    offset = (lambda c: c) if spec.stagger else (lambda c: 0)
+    rounds = spec.turns + (spec.conversations - 1 if spec.stagger else 0)
+    for rnd in range(rounds):
+        batch = [(c, rnd - offset(c)) for c in range(spec.conversations) if 0 <= rnd - offset(c) < spec.turns]
+        prompts = [{"prompt": conversation_prompt(history[c], QUESTIONS[t % len(QUESTIONS)], spec.images),
                     "multi_modal_data": {"image": images[c] if spec.images > 1 else images[c][0]}}
-                   for c in range(spec.conversations)]
+                   for c, t in batch]
         outs = llm.generate(prompts, sp, use_tqdm=False)
-        reqs = []
-        for c, o in enumerate(outs):
+        for (c, t), prompt, o in zip(batch, prompts, outs):
             out = o.outputs[0]
-            history[c].append((q, out.text.strip()))
+            history[c].append((QUESTIONS[t % len(QUESTIONS)], out.text.strip()))
             m = o.metrics
-            reqs.append({
-                "request_id": o.request_id, "conversation": c, "turn": t, "prompt": prompts[c]["prompt"],
+            done[(c, t)] = {
+                "request_id": o.request_id, "conversation": c, "turn": t, "round": rnd, "prompt": prompt["prompt"],
                 "image_seeds": image_seeds(spec, c), "prompt_token_ids": list(o.prompt_token_ids),
                 "prompt_tokens": len(o.prompt_token_ids), "cached_tokens": o.num_cached_tokens or 0,
                 "token_ids": list(out.token_ids),
                 "logprobs": [float(lp[tok].logprob) for tok, lp in zip(out.token_ids, out.logprobs or [])],
                 "ttft_s": float(m.first_token_latency) if m is not None else None,
-            })
-        turns.append(reqs)
-        if spec.filler_between_turns and t + 1 < spec.turns:
+            }
+        if spec.filler_between_turns and rnd + 1 < rounds:
             filler = [{"prompt": conversation_prompt([], "Tell me a story about it.", 1),
                        "multi_modal_data": {"image": make_test_image(filler_seed + i, 224)}}
                       for i in range(spec.filler_between_turns)]
             filler_seed += spec.filler_between_turns
             llm.generate(filler, SamplingParams(max_tokens=spec.max_tokens, temperature=0.0, ignore_eos=True,
                                                 extra_args={"kv_eviction": "none"}), use_tqdm=False)
+    turns = [[done[(c, t)] for c in range(spec.conversations)] for t in range(spec.turns)]
     readings = inst.readings(time.perf_counter())
     sched = inst.sched
     for reqs in turns:
