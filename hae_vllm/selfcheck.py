@@ -103,6 +103,7 @@ def scenario(args: argparse.Namespace, reqs: list[RequestSpec]) -> ScenarioSpec:
         # The plugin's own default block size: what a user gets without choosing one.
         block_size=args.block_size, max_model_len=args.max_model_len,
         tensor_parallel_size=tp, distributed_executor_backend="mp" if tp > 1 else None,
+        engine_kwargs={"kv_cache_dtype": args.kv_cache_dtype} if args.kv_cache_dtype != "auto" else {},
     )
 
 
@@ -177,17 +178,27 @@ def oracle_device() -> str:
 
 
 def check(record: dict, labels: Sequence[str], reqs: Sequence[RequestSpec], *, noise: float | None = None,
-          device: str | None = None, corrupt: Callable[[Events], Events] | None = None, oracle=None) -> Report:
+          device: str | None = None, corrupt: Callable[[Events], Events] | None = None, oracle=None,
+          kv_cache_dtype: str = "auto") -> Report:
     """Replay every request of ``record`` (a scenario record) on the oracle and judge it.
     ``corrupt`` rewrites each request's events before the replay (tests: a wrong eviction set
-    must fail).  ``oracle``: a ready :class:`HFOracle` in the record's dtype (else one is loaded)."""
+    must fail).  ``oracle``: a ready :class:`HFOracle` in the record's dtype (else one is loaded;
+    for an fp8 ``kv_cache_dtype`` one whose K and V are rounded as vLLM stores them, judged at
+    the larger of the dtype's and fp8's noise)."""
+    from hae_vllm.testing.fp8 import RoundedKVOracle, fp8_tolerance
     from hae_vllm.testing.oracle import HFOracle, MaskedReplay, Tolerance, compare_with_oracle, events_from_trace
     from hae_vllm.testing.scenario import blocks_freed_at_end, build_prompt
 
     dtype = record["dtype"]
     tol = Tolerance.for_dtype(dtype, noise)
+    fp8 = kv_cache_dtype not in ("auto", None)
+    if fp8 and noise is None:
+        tol = max(tol, fp8_tolerance(), key=lambda t: t.logprob)
     device = device or oracle_device()
-    replay = MaskedReplay(oracle or HFOracle(record["model_path"], dtype, device))
+    if oracle is None:
+        oracle = (RoundedKVOracle(record["model_path"], kv_cache_dtype, dtype, device=device) if fp8
+                  else HFOracle(record["model_path"], dtype, device))
+    replay = MaskedReplay(oracle)
     freed = blocks_freed_at_end(record["trace"])
     rows = []
     for label, req, res in zip(labels, reqs, record["results"]):
@@ -237,6 +248,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--decode-budget", type=float, default=None,
                     help="engine-wide decode keep ratio (default: off; one request sets 0.5 for itself)")
     ap.add_argument("--dtype", default="auto", help="vLLM dtype (default: auto, what vLLM picks); the oracle uses the same")
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3", "fp8_e5m2"],
+                    help="vLLM's KV cache dtype; with fp8 the oracle rounds K and V the same way")
     ap.add_argument("--tensor-parallel-size", type=int, default=1)
     ap.add_argument("--images", default=None, help="directory of images to use instead of generated ones")
     ap.add_argument("--max-tokens", type=int, default=32, help="tokens per request (the decode request: twice this)")
@@ -277,7 +290,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         Path(args.save_record).write_text(json.dumps(
             {"record": record, "labels": labels, "requests": [asdict(r) for r in reqs]}))
     print(f"replaying on the HF oracle in {record['dtype']} ...", flush=True)
-    report = check(record, labels, reqs, noise=args.noise, device=args.oracle_device)
+    report = check(record, labels, reqs, noise=args.noise, device=args.oracle_device,
+                   kv_cache_dtype=args.kv_cache_dtype)
     print("\n".join(report.lines()))
     return 0 if report.ok else 1
 

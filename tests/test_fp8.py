@@ -147,3 +147,12 @@ def test_unquantised_layout_reads_keys_unchanged():
     assert fmt.round_trip(x, 1.0) is x
     with pytest.raises(ValueError, match="not supported"):
         KVFormat.named("fp8_per_token_head")
+
+
+def test_selfcheck_runs_the_fp8_cache_it_is_given():
+    from hae_vllm import selfcheck
+
+    args = selfcheck.parser().parse_args(["--model", "m", "--kv-cache-dtype", "fp8_e5m2"])
+    assert selfcheck.scenario(args, []).engine_kwargs == {"kv_cache_dtype": "fp8_e5m2"}
+    plain = selfcheck.parser().parse_args(["--model", "m"])
+    assert selfcheck.scenario(plain, []).engine_kwargs == {}
