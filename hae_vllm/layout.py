@@ -122,9 +122,8 @@ class SlotLayout:
         :data:`~hae_vllm.kv_format.ROUNDINGS` that reproduces every stored byte."""
         H, D, bs = self.num_kv_heads, self.head_size, self.block_size
         gen = torch.Generator().manual_seed(0)
-        spread = torch.logspace(-18, 13, bs, base=2.0)[:, None, None, None]
-        x = (torch.randn(2, bs, H, D, generator=gen).permute(1, 0, 2, 3) * spread).permute(1, 0, 2, 3)
-        x = x.to(codec.fmt.input_dtype).to(device)
+        spread = torch.logspace(-18, 13, bs, base=2.0)[None, :, None, None]  # one magnitude per slot
+        x = (torch.randn(2, bs, H, D, generator=gen) * spread).to(codec.fmt.input_dtype).to(device)
         scratch = codec.scratch(scratch_shape, device)
         slots = torch.arange(bs, 2 * bs, device=device, dtype=torch.int64)
         k_scale, v_scale = codec.scales
