@@ -52,9 +52,10 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=1, help="images per conversation (1 or 2)")
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--dtype", default="float32", help="float32: the oracle check is exact")
-    ap.add_argument("--arrivals", choices=("together", "staggered"), default="together",
-                    help="together: turn t of every conversation is one batch; staggered: conversation c "
-                         "starts at round c, so batches mix turns (a chat service's steady state)")
+    ap.add_argument("--arrivals", choices=("together", "staggered"), default="staggered",
+                    help="together: turn t of every conversation is one batch (every first prompt prefilled at "
+                         "once); staggered: conversation c starts at round c %% turns, so batches mix "
+                         "conversations at every turn (a chat service's steady state)")
     ap.add_argument("--no-reuse", action="store_true", help="the method without conversation reuse (session_reuse off)")
     ap.add_argument("--tag", default="", help="suffix of the result file name")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))

@@ -104,3 +104,15 @@ def test_preempted_request_resumes_from_its_kept_cache(oracle):
     assert resumed, [(r["engine_request_id"], r["trace"]) for r in record["turns"][0]]
     _assert_oracle(record, oracle)
     assert record["free_blocks_after"] == record["free_blocks_before"]
+
+
+def test_tensor_parallel_conversation(conv_record, oracle):
+    # Both ranks register the hit's holes and score alike; the conversation matches TP=1's.
+    record = run_in_subprocess(ConversationSpec(method="hae", budget=0.4, conversations=2, turns=3, max_tokens=12,
+                                                tensor_parallel_size=2))
+    for reqs, ref in zip(record["turns"], conv_record["turns"]):
+        for r, x in zip(reqs, ref):
+            assert r["token_ids"] == x["token_ids"] and r["cached_tokens"] == x["cached_tokens"]
+            assert r["blocks_at_start"] == x["blocks_at_start"]
+    assert record["eviction_stats"]["session_hits"] == 4
+    assert record["free_blocks_after"] == record["free_blocks_before"]

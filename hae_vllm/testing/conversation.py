@@ -42,13 +42,15 @@ class ConversationSpec:
     max_num_batched_tokens: int | None = None
     max_num_seqs: int | None = None
     max_model_len: int = 4096
+    tensor_parallel_size: int = 1
     eviction: dict = field(default_factory=dict)  # more engine-wide eviction settings
     extra_args: dict = field(default_factory=dict)  # per-request knobs (vllm_xargs)
     # Unrelated requests (fresh images) run between turns: they reuse free blocks.
     filler_between_turns: int = 0
-    # Staggered arrivals: conversation c starts at round c, so each round's batch holds
-    # conversations at different turns (a chat service's steady state); otherwise turn t of
-    # every conversation is one batch.
+    # Staggered arrivals: conversation c starts at round c % turns, so from round turns - 1
+    # on every batch mixes conversations at every turn (a chat service's steady state: new
+    # conversations arrive while others continue); otherwise turn t of every conversation is
+    # one batch (every prompt's prefill at once: the worst case for eviction's peak).
     stagger: bool = False
     image_base: int = 7000
 
@@ -86,6 +88,9 @@ def run(spec: ConversationSpec, trace_path: str | None) -> dict[str, Any]:
         block_size=spec.block_size, enable_prefix_caching=spec.enable_prefix_caching, seed=0,
         disable_log_stats=False, limit_mm_per_prompt={"image": max(spec.images, 1)},
         additional_config={"kv_eviction": eviction})
+    if spec.tensor_parallel_size > 1:
+        kwargs["tensor_parallel_size"] = spec.tensor_parallel_size
+        kwargs["distributed_executor_backend"] = "mp"
     for name in ("num_gpu_blocks_override", "max_num_batched_tokens", "max_num_seqs"):
         if getattr(spec, name) is not None:
             kwargs[name] = getattr(spec, name)
@@ -98,8 +103,8 @@ def run(spec: ConversationSpec, trace_path: str | None) -> dict[str, Any]:
     history: list[list[tuple[str, str]]] = [[] for _ in range(spec.conversations)]
     done: dict[tuple[int, int], dict] = {}
     filler_seed = spec.image_base + 5000
-    offset = (lambda c: c) if spec.stagger else (lambda c: 0)
-    rounds = spec.turns + (spec.conversations - 1 if spec.stagger else 0)
+    offset = (lambda c: c % spec.turns) if spec.stagger else (lambda c: 0)
+    rounds = spec.turns + max(offset(c) for c in range(spec.conversations))
     for rnd in range(rounds):
         batch = [(c, rnd - offset(c)) for c in range(spec.conversations) if 0 <= rnd - offset(c) < spec.turns]
         prompts = [{"prompt": conversation_prompt(history[c], QUESTIONS[t % len(QUESTIONS)], spec.images),
@@ -192,6 +197,8 @@ def run_in_subprocess(spec: ConversationSpec, timeout: float = 1200) -> dict[str
         (Path(tmp) / "spec.json").write_text(json.dumps(asdict(spec)))
         env = dict(os.environ)
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        if spec.tensor_parallel_size > 1:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"  # one core per CPU worker
         proc = subprocess.run([sys.executable, "-m", "hae_vllm.testing.conversation", str(Path(tmp) / "spec.json"),
                                str(out), str(trace_path)], env=env, capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0 or not out.exists():
