@@ -90,6 +90,24 @@ def test_fp8_replays_on_rounded_oracle(run, rounded):
         assert row.agreement.tolerance == fp8_tolerance()
 
 
+def test_fp8_scoring_reads_keys_as_stored(run):
+    """Prefill scoring at the forward (``HAE_VLLM_DEFER_SCORING_BYTES=0``: the chunk's keys from
+    the layer's input, rounded as the cache stores them) decides exactly what scoring at
+    selection decides (every key read back from the fp8 cache).  Without the rounding the
+    evictions differ (tried).  On the LLaVA run only: one more engine."""
+    cache_dtype, record = run
+    if record["model_kind"] != "llava":
+        pytest.skip("checked on the LLaVA run")
+    now = run_in_subprocess(ScenarioSpec(model="llava", requests=REQS, eviction={"method": "hae", "budget": 0.5},
+                                         engine_kwargs={"kv_cache_dtype": cache_dtype}, max_num_batched_tokens=96,
+                                         env={"HAE_VLLM_DEFER_SCORING_BYTES": "0"}))
+    for a, b in zip(now["results"], record["results"]):
+        assert a["eviction"]["evicted_positions"] == b["eviction"]["evicted_positions"]
+        assert [(e["kind"], e["positions"]) for e in a["decode_events"]] == \
+            [(e["kind"], e["positions"]) for e in b["decode_events"]]
+        assert a["token_ids"] == b["token_ids"]
+
+
 def test_fp8_wrong_evictions_fail(run, rounded):
     _, record = run
     assert [i for i, a in enumerate(agreements(rounded, record, corrupt=shift_positions)) if a.ok] == []
