@@ -126,9 +126,19 @@ def headline() -> str:
     de = load("decode_eviction_hae")
     if de:
         ph, tm = de["physical"], de["timing"]
+        slower = " (slower: see limits)" if tm["tpot_ratio"] > 1.0 else ""
         lines.append(f"| Decode eviction (budget {de['args']['decode_budget']}, {de['args']['max_tokens']} new tokens) | peak KV "
-                     f"blocks {ph['peak_kv_blocks_ratio']:.2f}x; time per output token {tm['tpot_ratio']:.2f}x vanilla "
-                     f"(slower: see limits) | `python benchmarks/decode_eviction.py` |")
+                     f"blocks {ph['peak_kv_blocks_ratio']:.2f}x; time per output token {tm['tpot_ratio']:.2f}x vanilla"
+                     f"{slower} | `python benchmarks/decode_eviction.py` |")
+    lg = load("long_generation")
+    if lg:
+        b1, sat = lg["batch1"], lg["saturation"]
+        ok = all(c["tokens_equal"] for c in lg["oracle"])
+        lines.append(f"| Long generation ({lg['args']['max_tokens']} new tokens, 2 images; prefill budget {lg['args']['budget']}, "
+                     f"decode budget {lg['args']['decode_budget']}) | batch 1: time per token {b1['tpot_ratio']['median']:.2f}x "
+                     f"vanilla; saturation ({lg['args']['num_blocks']}-block pool): {sat['throughput_vs_none']['median']:.2f}x "
+                     f"vanilla, {sat['throughput_vs_prefill_only']['median']:.2f}x prefill eviction alone; HF oracle match: "
+                     f"{str(ok).lower()} | `python benchmarks/long_generation.py` |")
     mt = load("multiturn_hae")
     if mt:
         a, r = mt["args"], mt["per_turn"]
@@ -231,6 +241,35 @@ def results_doc() -> str:
                 f"{sum(o['tokens_equal'] for o in de['oracle'])}/{len(de['oracle'])} requests checked "
                 f"({sum(o['events'] for o in de['oracle'])} events), max log-prob difference "
                 f"{max(o['max_logprob_diff'] for o in de['oracle']):.1e}", ""]
+    lg = load("long_generation")
+    if lg:
+        a, b1, sat = lg["args"], lg["batch1"], lg["saturation"]
+
+        def sp(x):
+            return f"{x['median']:.3f} (quartiles {x['q1']:.3f}-{x['q3']:.3f}, min-max {x['min']:.3f}-{x['max']:.3f})"
+
+        out += ["## Long generation: prefill and decode eviction", "",
+                f"`python benchmarks/long_generation.py`: story generation from two-image prompts, {a['max_tokens']} new "
+                f"tokens; none, prefill eviction (budget {a['budget']}) and prefill+decode eviction (decode budget "
+                f"{a['decode_budget']}, scoring every `score_interval` steps) in three live engines, paired rounds "
+                f"(order rotating): {a['rounds_b1']} at batch 1, {a['rounds']} at saturation ({a['num_requests']} requests "
+                f"at once on {a['num_blocks']} blocks of 32 tokens). One OpenMP thread per engine. Attention share: "
+                "vLLM's attention (kernel and KV write, every layer) over the forward time, what a GPU kernel changes.", "",
+                "| engine | batch 1: ms per token | attention share | saturation: tok/s | peak running | preemptions | "
+                "ms per decode step (mean batch) | attention share |",
+                "|---|---|---|---|---|---|---|---|"]
+        for n in ("none", "prefill", "prefill+decode"):
+            e1, es = b1["per_engine"][n], sat["per_engine"][n]
+            out.append(f"| {n} | {e1['tpot_s'] * 1e3:.3f} | {e1['attention_share']:.1%} | {es['output_tok_s']:.1f} | "
+                       f"{es['peak_running']:g} | {es['preemptions']:g} | {es['forward_ms_per_decode_step']:.2f} "
+                       f"({es['decode_mean_batch']:.1f}) | {es['attention_share']:.1%} |")
+        out += ["", f"- batch 1, time per token prefill+decode / none: {sp(b1['tpot_ratio'])}; prefill / none: "
+                f"{sp(b1['tpot_ratio_prefill_only'])}; CPU time per token prefill+decode / none: {sp(b1['cpu_per_token_ratio'])}",
+                f"- saturation, throughput prefill+decode / none: {sp(sat['throughput_vs_none'])}; / prefill: "
+                f"{sp(sat['throughput_vs_prefill_only'])}; prefill / none: {sp(sat['prefill_only_vs_none'])}",
+                "- HF oracle replay (prefill evictions, parks, restores): " + "; ".join(
+                    f"{c['regime']}: {c['events']} events, tokens equal {str(c['tokens_equal']).lower()}, max log-prob "
+                    f"difference {c['max_logprob_diff']:.1e}" for c in lg["oracle"]) + f"; leaked blocks {lg['leaked_blocks']}", ""]
     mt = load("multiturn_hae")
     if mt:
         a = mt["args"]

@@ -84,8 +84,11 @@ class EvictionConfig:
     # Recycle bin: at most bin_capacity parked blocks per request (lowest value released first).
     bin_capacity: int = 4
     # Every rescore_interval decode steps the best binned block is restored when its mean score
-    # beats restore_margin x the mean score of the weakest live block's worth of tokens.
-    rescore_interval: int = 8
+    # beats restore_margin x the mean score of the weakest live block's worth of tokens.  (A
+    # parked block's mean drifts up from the low it was parked at while the weakest live block
+    # is always the current low: checked often, most checks restore a block that is parked
+    # again soon after.  32: about once per block of new tokens.)
+    rescore_interval: int = 32
     restore_margin: float = 1.0
     # Observation window (SnapKV) / proxy tokens (MadaKV): the last `window` prompt tokens.
     window: int = 32
