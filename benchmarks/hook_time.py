@@ -4,8 +4,9 @@
     python benchmarks/hook_time.py --decode-budget 0.4 --budget 0.3 --max-tokens 256   # decode hooks too
 
 With ``--decode-budget`` (HAE's decode stage: parking into the recycle bin) the decode hooks are
-timed as well, and the result goes to ``hook_time_decode.json``: decode scoring (layer-0 mass of
-every request's new query, key copies included), the first fill of each request's key row
+timed as well, and the result goes to ``hook_time_decode.json``: decode scoring (staging every
+request's layer-0 query and key, and every ``score_interval`` steps the mass of the queued
+queries), the first fill of each request's key row
 from the paged cache alone, the per-request decode step (budget check, parking choice, bin, restore proposal) and ``after_forward`` (decode steps,
 the parking swaps of all requests, and prefill compaction under memory pressure).  Per
 request-step figures divide by the decode steps' request count.
@@ -84,6 +85,8 @@ def main() -> None:
             finally:
                 spent[key] += time.perf_counter() - t
                 calls[key] += 1
+                if key == "decode_scoring":
+                    calls["decode_request_steps"] += len(a[1])  # the step's decode tasks
 
         setattr(cls, name, wrapper)
 
@@ -121,7 +124,9 @@ def main() -> None:
     name = "hook_time" if args.decode_budget is None else "hook_time_decode"
     extra = {}
     if args.decode_budget is not None:
-        steps = calls.get("decode_step", 0)
+        # Request-steps from the scoring calls' tasks (with score_interval k > 1 the per-request
+        # decode step runs only when a request is scored).
+        steps = calls.get("decode_request_steps", 0)
         extra["us_per_request_step"] = {
             k: round(med.get(k, 0.0) * 1e6 / max(steps, 1), 2)
             for k in ("decode_scoring", "decode_key_fill", "decode_step")}
@@ -131,7 +136,7 @@ def main() -> None:
         "machine": environment_info()}, indent=2))
     if extra:
         per = extra["us_per_request_step"]
-        print(f"decode hooks over {calls.get('decode_step', 0)} request-steps: decode_scoring_ms={ms.get('decode_scoring', 0.0)} "
+        print(f"decode hooks over {steps} request-steps: decode_scoring_ms={ms.get('decode_scoring', 0.0)} "
               f"(first key fill {ms.get('decode_key_fill', 0.0)}) decode_step_ms={ms.get('decode_step', 0.0)} "
               f"after_forward_ms={ms.get('after_forward', 0.0)} bin_updates_ms={ms.get('bin_updates', 0.0)}; "
               f"per request-step: scoring {per['decode_scoring']} us, decode step {per['decode_step']} us")
