@@ -63,6 +63,26 @@ def test_image_request_evicts_and_metrics_show_it(server):
     assert "vllm:kv_cache_usage_perc" in m
 
 
+def test_second_chat_turn_continues_from_the_kept_cache(server):
+    """A chat client re-sends the conversation: the second turn is served from the cache the
+    first turn's eviction left (vllm:hae_session_hits_total), not recomputed."""
+    base, model, _ = server
+    before = _metric(requests.get(base + "/metrics").text, "vllm:hae_session_hit_tokens_total")
+    first = [{"type": "image_url", "image_url": {"url": image_data_url(41)}}, {"type": "text", "text": "What do you see?"}]
+    messages = [{"role": "user", "content": first}]
+    r = requests.post(base + "/v1/chat/completions", timeout=120, json={
+        "model": model, "messages": messages, "max_tokens": 8, "temperature": 0})
+    assert r.status_code == 200, r.text
+    messages += [{"role": "assistant", "content": r.json()["choices"][0]["message"]["content"]},
+                 {"role": "user", "content": "And what colour is it?"}]
+    r = requests.post(base + "/v1/chat/completions", timeout=120, json={
+        "model": model, "messages": messages, "max_tokens": 8, "temperature": 0})
+    assert r.status_code == 200, r.text
+    time.sleep(1.5)
+    after = _metric(requests.get(base + "/metrics").text, "vllm:hae_session_hit_tokens_total")
+    assert after - before >= 256, "the second turn recomputed the image instead of continuing"
+
+
 @pytest.mark.parametrize(
     "knobs,needle",
     [
