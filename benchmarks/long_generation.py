@@ -40,6 +40,7 @@ Last line (stable format):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -84,6 +85,12 @@ def saturation_reading(rec: dict) -> dict:
             "decode_steps": prof["decode_steps"], "decode_mean_batch": prof["decode_mean_batch"],
             "forward_ms_per_decode_step": prof["decode_s"] / max(prof["decode_steps"], 1) * 1e3,
             "attention_share": rec["attention_s"] / max(prof["decode_s"] + prof["prefill_s"], 1e-9)}
+
+
+def resolved_config(eviction: dict) -> dict:
+    from hae_vllm.config import EvictionConfig
+
+    return dataclasses.asdict(EvictionConfig(**eviction).validate())
 
 
 def oracle_check(rec: dict, req: RequestSpec, image_offset: int, replay) -> dict:
@@ -191,6 +198,8 @@ def main() -> None:
         "benchmark": "long_generation",
         "args": vars(args),
         "evictions": evictions,
+        # Every setting the evicting engines ran with, defaults included.
+        "resolved_configs": {n: resolved_config(e) for n, e in evictions.items() if e != "none"},
         "workload": {"requests": [asdict(r) for r in reqs], "omp_num_threads": 1},
         "batch1": {
             "tpot_ratio": spread(tpot_b1), "tpot_ratio_prefill_only": spread(tpot_b1_prefill),
