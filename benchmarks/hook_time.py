@@ -90,7 +90,7 @@ def main() -> None:
 
         setattr(cls, name, wrapper)
 
-    hooks = dict(HOOKS, **(DECODE_HOOKS if args.decode_budget is not None else {}))
+    hooks = {**HOOKS, **(DECODE_HOOKS if args.decode_budget is not None else {})}
     for (module, cls, name), key in hooks.items():
         timed(getattr(importlib.import_module(f"hae_vllm.worker.{module}"), cls), name, key)
     eviction = {"method": "hae", "budget": args.budget}
