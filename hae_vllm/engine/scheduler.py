@@ -23,7 +23,7 @@ from hae_vllm.worker.trace import BIN_UPDATES_ATTR, PRESSURE_ATTR, REPORT_ATTR, 
 # Per-request records of the scheduler (attributes of vLLM's Request).
 _CFG_ATTR = "_hae_config"  # the request's EvictionConfig (None: eviction refused for it)
 _HIT_ATTR = "_hae_hit"  # (tokens served at the last (re)start, SessionHit or None)
-_NEEDS_DECISION_ATTR = "_hae_needs_decision"  # candidates after that hit: the worker decides
+_SIGNATURE_ATTR = "_hae_settings_signature"  # what its sessions are bound to (sessions.py)
 _DECIDED_ATTR = "_hae_decided_tokens"  # prompt tokens the worker's eviction decision saw (0: none)
 
 logger = logging.getLogger("vllm.hae_vllm")  # under vLLM's logger: its handlers and level apply
@@ -90,6 +90,8 @@ class EvictionScheduler(Scheduler):
         if may_evict:
             mask = visual_mask_from_features(request.mm_features, request.num_prompt_tokens)
             setattr(request, UNTOUCHED_ATTR, untouched_prefix_tokens(cfg, mask, self.cache_config.block_size))
+            if self.sessions is not None and cfg.session_reuse and not cfg.decode_enabled:
+                setattr(request, _SIGNATURE_ATTR, settings_signature(cfg))
         super().add_request(request)
 
     def _request_config(self, request):
@@ -119,20 +121,15 @@ class EvictionScheduler(Scheduler):
         session an earlier evicting request left (:mod:`hae_vllm.engine.sessions`)."""
         blocks, num_tokens, boundary = self._content_hit(request)
         hit = None
-        cfg = getattr(request, _CFG_ATTR, None)
-        if (getattr(request, MAY_EVICT_ATTR, False) and cfg.session_reuse and not cfg.decode_enabled
-                and self.kv_cache_manager.prefix_cache_lookup_enabled(request)):
-            found = self.sessions.lookup(request, settings_signature(cfg), request.num_tokens - 1)
+        signature = getattr(request, _SIGNATURE_ATTR, None)
+        if signature is not None and self.kv_cache_manager.prefix_cache_lookup_enabled(request):
+            found = self.sessions.lookup(request, signature, request.num_tokens - 1)
             bs = self.cache_config.block_size
             if found is not None and found.num_blocks * bs > num_tokens:
                 hit = found
                 num_tokens = found.num_blocks * bs
                 blocks = self.kv_cache_manager.create_kv_cache_blocks((list(found.session.blocks[: found.num_blocks]),))
         setattr(request, _HIT_ATTR, (num_tokens, hit))
-        if getattr(request, MAY_EVICT_ATTR, False):
-            mask = visual_mask_from_features(request.mm_features, request.num_tokens)
-            start = max(num_tokens, getattr(request, UNTOUCHED_ATTR, 0))
-            setattr(request, _NEEDS_DECISION_ATTR, has_candidates_after(cfg, mask, start))
         return blocks, num_tokens, boundary
 
     def _free_request_blocks(self, request) -> None:
@@ -143,19 +140,23 @@ class EvictionScheduler(Scheduler):
     def _keep_session(self, request) -> None:
         """Keep a finished or preempted request's blocks as a session when its eviction is
         final: the worker decided (or had nothing to decide) and no decode stage runs."""
-        cfg = getattr(request, _CFG_ATTR, None)
-        if not getattr(request, MAY_EVICT_ATTR, False) or not cfg.session_reuse or cfg.decode_enabled:
-            return
-        if request.num_computed_tokens < request.num_prompt_tokens:
-            return  # prefill unfinished: nothing was decided
-        _, hit = getattr(request, _HIT_ATTR, (0, None))
+        signature = getattr(request, _SIGNATURE_ATTR, None)
+        if signature is None or request.num_computed_tokens < request.num_prompt_tokens:
+            return  # no sessions for it, or prefill unfinished: nothing was decided
+        hit_tokens, hit = getattr(request, _HIT_ATTR, (0, None))
         decided = getattr(request, _DECIDED_ATTR, 0)
-        if getattr(request, _NEEDS_DECISION_ATTR, True) and not decided:
-            return  # selection still pending in the worker (e.g. finished at its first token)
+        if not decided:
+            # Did the worker have anything to decide after the hit it started from?  (The same
+            # question PrefillStage.start asks; positions past the prompt are never visual, so
+            # the longer token count now gives the same answer.)
+            mask = visual_mask_from_features(request.mm_features, request.num_tokens)
+            start = max(hit_tokens, getattr(request, UNTOUCHED_ATTR, 0))
+            if has_candidates_after(getattr(request, _CFG_ATTR), mask, start):
+                return  # selection still pending in the worker (e.g. finished at its first token)
         horizon = max(hit.horizon if hit is not None else 0, decided)
         blocks = self._evict_manager.req_to_blocks.get(request.request_id)
         if horizon and blocks:
-            self.sessions.register(request, blocks, request.num_computed_tokens, horizon, settings_signature(cfg))
+            self.sessions.register(request, blocks, request.num_computed_tokens, horizon, signature)
 
     # ------------------------------------------------------------------ step output
     def update_from_output(self, scheduler_output, model_runner_output):

@@ -164,8 +164,6 @@ class SessionCache:
                               if f.mm_position.offset < sess.horizon and f.mm_position.offset + f.mm_position.length > lo))
             if mm != sess.tail_mm:
                 return None
-        if list(request.block_hashes[:k]) != sess.hashes[:k]:
-            return None
         cached = self.pool.cached_block_hash_to_block
         for blk, key in zip(sess.blocks[:k], sess.keys[:k]):
             if key is not None and not cached.contain(key, blk.block_id):
