@@ -16,6 +16,20 @@ method) to --out.
 
 Last line (stable format), at --default-budget:
     full_acc=<x> hae_acc=<y> best_baseline_acc=<z> budget=<b> kv_kept_frac=<k>
+
+``--suite hard``: the tasks that need the right tokens among look-alikes - ``cell`` (a cell
+named by row and column among the other filled cells), ``needle`` (one cell of one of three
+images, plus a number given in the text) and ``describe`` (the whole grid, cell by cell, scored
+per cell) - on models/grid-llava-v2.  Last line:
+    full_acc=<x> hae_acc=<y> best_baseline_acc=<z> best_baseline=<name> budget=<b> kv_kept_frac=<k>
+
+``--decode``: the decode stage on ``describe`` (long grounded generation): full cache, greedy
+decode eviction (bin capacity 0: parked blocks are released at once) and the recycle bin at
+``--bin-capacities``, all at ``--decode-budget`` (so at the same peak of live KV blocks) with
+no prefill eviction.  Restores are counted from each request's trace.  Last line:
+    describe_full=<x> greedy=<y> bin=<z> kv_kept_frac=<k>
+(``bin`` at ``--bin-capacity``; ``kv_kept_frac``: its live KV blocks at the end of generation over
+the full cache's.  The peak is the prompt for every setting: all of it is held during the prefill.)
 """
 
 from __future__ import annotations
@@ -33,6 +47,8 @@ from hae_vllm.accuracy import harness as H  # noqa: E402
 from hae_vllm.testing.scenario import environment_info  # noqa: E402
 
 DEFAULT_MODEL = REPO / "models" / "grid-llava-v1"
+HARD_MODEL = REPO / "models" / "grid-llava-v2"
+HARD_TASKS = "cell,needle,describe"
 BASELINES = ["madakv", "snapkv", "h2o", "fastv", "streamingllm", "random"]
 
 
@@ -42,11 +58,20 @@ def _floats(s: str) -> list[float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=str(DEFAULT_MODEL), help="local HF VLM directory")
+    ap.add_argument("--model", default=None,
+                    help=f"local HF VLM directory (default: {DEFAULT_MODEL.name}; {HARD_MODEL.name} for --suite hard and --decode)")
     ap.add_argument("--dataset", default=None, help="JSONL dataset (default: procedural held-out tasks)")
-    ap.add_argument("--tasks", default="single,cell,shape,needle,describe",
-                    help="procedural tasks (count and exists too); see models/grid-llava-v1/README.md for what the default model learned")
-    ap.add_argument("--n", type=int, default=100, help="items per procedural task")
+    ap.add_argument("--suite", choices=("default", "hard"), default="default",
+                    help=f"hard: tasks {HARD_TASKS} on {HARD_MODEL.name}, last line names the best baseline")
+    ap.add_argument("--decode", action="store_true", help="decode-stage comparison on describe (see above)")
+    ap.add_argument("--decode-budget", type=float, default=0.5, help="--decode: keep ratio of live tokens")
+    ap.add_argument("--bin-capacities", default="1,2,4,8", help="--decode: recycle-bin capacities (blocks)")
+    ap.add_argument("--bin-capacity", type=int, default=4, help="--decode: the capacity on the last line")
+    ap.add_argument("--tasks", default=None,
+                    help="procedural tasks (default: single,cell,shape,needle,describe; --suite hard: "
+                         f"{HARD_TASKS}); see the models' README.md for what each model learned")
+    ap.add_argument("--n", type=int, default=None, help="items per procedural task (default 100; --quick: "
+                    "all of --n for the default suite, 4 for --suite hard and --decode)")
     ap.add_argument("--methods", default=",".join(["hae"] + BASELINES))
     ap.add_argument("--budgets", default="0.1,0.2,0.3,0.4,0.6,0.8", help="keep ratios")
     ap.add_argument("--default-budget", type=float, default=0.4,
@@ -61,8 +86,9 @@ def main() -> None:
     ap.add_argument("--name", default=None, help="result file stem (default: quick or full)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = ap.parse_args()
-
-    model = Path(args.model)
+    hard = args.suite == "hard" or args.decode
+    model = Path(args.model or (HARD_MODEL if hard else DEFAULT_MODEL))
+    n = args.n or (4 if args.quick and hard else 100)
     if not (model / "config.json").is_file():
         sys.exit(f"error: {model} is not a HF model directory (no config.json). The default model is "
                  "trained by `python -m hae_vllm.accuracy.train --out models/grid-llava-v1`.")
@@ -73,9 +99,21 @@ def main() -> None:
     if args.dataset:
         items = H.load_jsonl(args.dataset)
     else:
-        tasks = ["single"] if args.quick else [t for t in args.tasks.split(",") if t]
-        items = H.procedural_items(tasks, args.n)
-    settings = [H.Setting(H.FULL)] + [H.Setting(m, b) for b in budgets for m in methods]
+        if args.decode:
+            tasks = ["describe"]
+        elif args.tasks:
+            tasks = [t for t in args.tasks.split(",") if t]
+        elif args.suite == "hard":
+            tasks = HARD_TASKS.split(",")
+        else:
+            tasks = ["single"] if args.quick else "single,cell,shape,needle,describe".split(",")
+        items = H.procedural_items(tasks, n)
+    if args.decode:
+        caps = [args.bin_capacity] if args.quick else sorted(set(int(c) for c in args.bin_capacities.split(",") if c)
+                                                             | {args.bin_capacity})
+        settings = H.decode_settings(args.decode_budget, caps)
+    else:
+        settings = [H.Setting(H.FULL)] + [H.Setting(m, b) for b in budgets for m in methods]
     cfg = H.RunConfig(model=str(model), settings=settings, extra=json.loads(args.extra), block_size=args.block_size,
                       dtype=args.dtype, max_model_len=args.max_model_len,
                       tensor_parallel_size=args.tensor_parallel_size)
@@ -88,17 +126,26 @@ def main() -> None:
     if stats is not None and stats["freed_blocks"] != freed_trace:
         print(f"WARNING: scheduler freed {stats['freed_blocks']} blocks, traces say {freed_trace}")
 
-    name = args.name or ("quick" if args.quick else "full")
+    name = args.name or ("decode_" if args.decode else "hard_" if args.suite == "hard" else "") + (
+        "quick" if args.quick else "full")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     title = f"{model.name}, {len(items)} items" + (f", {Path(args.dataset).name}" if args.dataset else "")
     md = H.markdown_table(summary)
+    if args.decode:
+        md = (f"Decode budget {args.decode_budget:g} (live tokens), no prefill eviction. KV kept: live blocks over "
+              "the full cache's blocks at the end of each request (peak: the largest live count, which is the "
+              "prompt's blocks for every setting, held during the prefill).\n\n" + H.decode_table(summary))
     (out / f"accuracy_{name}.md").write_text(f"# Accuracy under eviction ({title})\n\n"
                                               f"Command: `python benchmarks/accuracy.py {' '.join(sys.argv[1:])}`\n\n" + md)
-    H.plot(summary, out / f"accuracy_{name}.png", title)
+    if not args.decode:
+        H.plot(summary, out / f"accuracy_{name}.png", title)
     record = {
         "benchmark": "accuracy", "argv": sys.argv[1:], "model": str(model), "dataset": args.dataset,
         "settings": [s.label for s in settings], "block_size": args.block_size, "dtype": args.dtype,
+        "suite": args.suite, "decode": args.decode,
+        "decode_budget": args.decode_budget if args.decode else None,
+        "setting_knobs": {s.label if not s.name else s.group: dict(s.knobs) for s in settings},
         "extra": cfg.extra, "environment": environment_info(), "wall_s": time.time() - t0,
         "engine_start_s": res["engine_start_s"], "generate_s": res["generate_s"],
         "scheduler_stats": stats, "freed_blocks_from_traces": freed_trace,
@@ -106,7 +153,10 @@ def main() -> None:
     }
     (out / f"accuracy_{name}.json").write_text(json.dumps(record, indent=1))
     print(md)
-    print(H.quick_line(summary, args.default_budget))
+    if args.decode:
+        print(H.decode_quick_line(summary, args.bin_capacity))
+    else:
+        print(H.quick_line(summary, args.default_budget, name_best=args.suite == "hard"))
 
 
 if __name__ == "__main__":

@@ -125,3 +125,68 @@ def test_mmbench_tsv_converts_to_a_loadable_dataset(tmp_path):
     assert item.id == "7" and item.answer == "A" and item.task == "colour" and item.max_tokens == 4
     assert item.question == "What colour?\nA. red\nB. blue\n" + mm.INSTRUCTION
     assert score(item.answer, "A.", item.scoring) == 1.0 and score(item.answer, "B", item.scoring) == 0.0
+
+
+def test_hard_quick_line_names_the_best_baseline():
+    rows = [_row("full", "full", None, "cell", 1.0), _row("hae@0.4", "hae", 0.4, "cell", 0.0, freed=5),
+            _row("random@0.4", "random", 0.4, "cell", 0.0, freed=5), _row("h2o@0.4", "h2o", 0.4, "cell", 1.0, freed=5)]
+    line = H.quick_line(H.summarize(rows), 0.4, name_best=True)
+    assert line == ("full_acc=1.0000 hae_acc=0.0000 best_baseline_acc=1.0000 best_baseline=h2o budget=0.4 "
+                    "kv_kept_frac=0.4444")
+
+
+def test_decode_memory_counts_parks_and_restores_in_blocks():
+    # 300-token prompt (10 blocks of 32), 2 freed at prefill; 4 parked at 300 tokens, 1 back at 340.
+    events = [{"kind": "park", "num_tokens": 300, "blocks": 4}, {"kind": "restore", "num_tokens": 340, "blocks": 1}]
+    m = H.decode_memory(2, events, 400, 32)
+    assert m == {"peak_live_blocks": 8, "final_live_blocks": 13 - 5, "parked_blocks": 4, "restored_blocks": 1}
+    assert H.decode_memory(0, [], 64, 32)["final_live_blocks"] == 2
+
+
+def test_decode_settings_and_line():
+    settings = H.decode_settings(0.5, [0, 2, 4])
+    assert [s.label for s in settings] == ["full", "greedy@1", "bin2@1", "bin4@1"]
+    assert settings[1].extra_args({"bin_capacity": 9}) == {
+        "kv_eviction": "hae", "kv_eviction_budget": 1.0, "kv_eviction_decode_budget": 0.5, "kv_eviction_bin_capacity": 0}
+    assert settings[3].extra_args()["kv_eviction_bin_capacity"] == 4
+    mem = {"peak_live_blocks": 10, "parked_blocks": 0, "restored_blocks": 0, "full_blocks": 10}
+    rows = [{**_row("full", "full", None, "describe", 1.0), **mem, "group": "full", "final_live_blocks": 10},
+            {**_row("greedy@1", "hae", 1.0, "describe", 0.25), **mem, "group": "greedy", "final_live_blocks": 5,
+             "parked_blocks": 5},
+            {**_row("bin4@1", "hae", 1.0, "describe", 0.75), **mem, "group": "bin4", "final_live_blocks": 5,
+             "parked_blocks": 7, "restored_blocks": 2}]
+    s = H.summarize(rows)
+    assert H.decode_quick_line(s, 4) == "describe_full=1.0000 greedy=0.2500 bin=0.7500 kv_kept_frac=0.5000"
+    assert "| bin4 | 0.750 | 1.000 | 0.500 | 7 | 2 |" in H.decode_table(s)
+
+
+def test_cell_and_needle_answers_name_the_cell_before_the_colour():
+    from hae_vllm.accuracy.tasks import generate, make_item
+
+    for it in generate("cell", "heldout", 20):
+        r, c = [int(w) for w in it.question.rstrip("?").split() if w.isdigit()]
+        addr, colour = it.answer.split()
+        assert addr == f"r{r}c{c}" and colour == it.grids[0].cells[r - 1][c - 1][0]
+    it = next(generate("needle", "heldout", 1))
+    k = int(it.question.split("In image ")[1].split(",")[0])
+    assert it.answer.split()[:2] == ["image", str(k)] and it.answer.split()[-1] in it.question
+    assert make_item("describe", "train", 3).answer == list(generate("describe", "train", 4))[3].answer
+
+
+def test_trainer_resumes_bit_exactly(tmp_path):
+    """Two steps, stop, resume for the third == three steps in one go (weights, optimizer,
+    data position and RNG all travel in the checkpoint); labels cover the answer tokens only."""
+    import torch
+
+    from hae_vllm.accuracy import train as T
+
+    torch.set_num_threads(1)
+    kw = dict(steps=3, batch_size=2, lr=1e-3, seed=0, device="cpu", eval_every=0, eval_n=1, final_n=0,
+              stages=[{"until": 3, "weights": {"cell": 1.0, "single": 1.0}, "fill": [0.1, 0.5]}], warmup=2,
+              ckpt_every=1)
+    T.train(tmp_path / "a", ckpt_dir=str(tmp_path / "ca"), **kw)
+    assert T.train(tmp_path / "b", ckpt_dir=str(tmp_path / "cb"), stop_after=2, **kw) is None
+    log = T.train(tmp_path / "b", ckpt_dir=str(tmp_path / "cb"), resume=True, **kw)
+    a = json.loads((tmp_path / "a" / "train_log.json").read_text())
+    assert log["model_sha256"] == a["model_sha256"] and log["resumed_at"] == [2]
+    assert [list(x) for x in log["loss"]] == a["loss"]

@@ -50,16 +50,27 @@ class EvalItem:
 class Setting:
     method: str  # "full" = no eviction
     budget: float | None = None
+    # Knobs of this setting only (``(("decode_budget", 0.5), ("bin_capacity", 0))``): they
+    # override the run-wide ``extra``.  ``name`` replaces the method in the label and tables.
+    knobs: tuple[tuple[str, Any], ...] = ()
+    name: str | None = None
 
     @property
     def label(self) -> str:
-        return FULL if self.method == FULL else f"{self.method}@{self.budget:g}"
+        if self.method == FULL:
+            return FULL
+        return f"{self.name or self.method}@{self.budget:g}"
+
+    @property
+    def group(self) -> str:
+        """The line this setting belongs to in tables and plots (method, or its name)."""
+        return self.name or self.method
 
     def extra_args(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         if self.method == FULL:
             return {"kv_eviction": "none"}
         args = {"kv_eviction": self.method, "kv_eviction_budget": self.budget}
-        for k, v in (extra or {}).items():
+        for k, v in {**(extra or {}), **dict(self.knobs)}.items():
             args[f"kv_eviction_{k}"] = v
         return args
 
@@ -175,6 +186,44 @@ def _trace_by_request(trace_path: str) -> dict[str, dict]:
     return out
 
 
+def _decode_events_by_request(trace_path: str) -> dict[str, list[dict]]:
+    """Decode-stage ``park`` / ``restore`` records per request id, in trace order (both id forms)."""
+    out: dict[str, list[dict]] = {}
+    if os.path.exists(trace_path):
+        with open(trace_path) as f:
+            for line in f:
+                rec = json.loads(line)
+                if rec.get("kind") in ("park", "restore") and rec.get("tp_rank", 0) == 0:
+                    rid = rec["request_id"]
+                    lst = out.setdefault(rid, [])
+                    out[rid.rsplit("-", 1)[0]] = lst
+                    lst.append(rec)
+    return out
+
+
+def decode_memory(prefill_holes: int, events: list[dict], total_tokens: int, block_size: int) -> dict[str, int]:
+    """Physical KV of one request over its decode: ``peak_live_blocks`` (blocks it held, holes
+    and parked blocks excluded, at its largest: just before each park and at the end),
+    ``final_live_blocks``, ``parked`` and ``restored`` block counts.  A parked block's memory
+    is free for other requests (the bin only remembers which block it was), so it is not live."""
+    holes = prefill_holes
+    peak = 0
+    parked = restored = 0
+    for e in events:
+        held = math.ceil(e["num_tokens"] / block_size)
+        if e["kind"] == "park":
+            peak = max(peak, held - holes)
+            holes += e["blocks"]
+            parked += e["blocks"]
+        else:
+            holes -= e["blocks"]
+            restored += e["blocks"]
+            peak = max(peak, held - holes)
+    final = math.ceil(total_tokens / block_size) - holes
+    return {"peak_live_blocks": max(peak, final), "final_live_blocks": final, "parked_blocks": parked,
+            "restored_blocks": restored}
+
+
 def run(items: list[EvalItem], cfg: RunConfig) -> dict[str, Any]:
     """Every setting on every item through one vLLM engine; returns per-item rows and the
     scheduler's counters."""
@@ -208,6 +257,7 @@ def run(items: list[EvalItem], cfg: RunConfig) -> dict[str, Any]:
     outs = llm.chat(convs, params, use_tqdm=False)
     generate_s = time.perf_counter() - t0
     traces = _trace_by_request(trace_path)
+    decode_events = _decode_events_by_request(trace_path)
     shutil.rmtree(tmp, ignore_errors=True)
     rows = []
     for (s, it), o in zip(keys, outs):
@@ -218,8 +268,13 @@ def run(items: list[EvalItem], cfg: RunConfig) -> dict[str, Any]:
         freed = len(tr["hole_blocks"]) if tr else 0
         evicted = len(tr["evicted_positions"]) if tr else 0
         text = o.outputs[0].text
+        generated = len(o.outputs[0].token_ids)
+        # The last generated token is sampled, never written to the cache.
+        mem = decode_memory(freed, decode_events.get(rid, []), T + max(generated - 1, 0), cfg.block_size)
         rows.append({
-            "setting": s.label, "method": s.method, "budget": s.budget, "id": it.id, "task": it.task,
+            "setting": s.label, "method": s.method, "group": s.group, "budget": s.budget, "id": it.id,
+            "task": it.task, "generated_tokens": generated, "full_blocks": math.ceil((T + max(generated - 1, 0)) / cfg.block_size),
+            **mem,
             "question": it.question, "answer": it.answer, "prediction": text,
             "score": score(it.answer, text, it.scoring), "prompt_tokens": T, "prompt_blocks": blocks,
             "freed_blocks": freed, "evicted_tokens": evicted,
@@ -256,8 +311,16 @@ def summarize(rows: list[dict]) -> list[dict]:
         tasks = sorted({r["task"] for r in g})
         blocks = sum(r["prompt_blocks"] for r in g)
         toks = sum(r["prompt_tokens"] for r in g)
+        decode = {}
+        if all("peak_live_blocks" in r for r in g):
+            full_blocks = sum(r["full_blocks"] for r in g)
+            decode = {"peak_kv_frac": sum(r["peak_live_blocks"] for r in g) / full_blocks,
+                      "final_kv_frac": sum(r["final_live_blocks"] for r in g) / full_blocks,
+                      "parked_blocks": sum(r["parked_blocks"] for r in g),
+                      "restored_blocks": sum(r["restored_blocks"] for r in g)}
         out.append({
-            "setting": label, "method": g[0]["method"], "budget": g[0]["budget"], "n": len(g),
+            "setting": label, "method": g[0]["method"], "group": g[0].get("group", g[0]["method"]),
+            "budget": g[0]["budget"], "n": len(g), **decode,
             "accuracy": sum(r["score"] for r in g) / len(g),
             "per_task": {t: sum(r["score"] for r in g if r["task"] == t) / sum(1 for r in g if r["task"] == t)
                          for t in tasks},
@@ -291,11 +354,12 @@ def plot(summary: list[dict], path: str | os.PathLike, title: str = "") -> None:
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 4.2), squeeze=False)
     methods = []
     for s in summary:
-        if s["method"] not in methods and s["method"] != FULL:
-            methods.append(s["method"])
+        if s.get("group", s["method"]) not in methods and s["method"] != FULL:
+            methods.append(s.get("group", s["method"]))
     for ax, task in zip(axes[0], tasks):
         for m in methods:
-            pts = sorted((s["kv_kept_frac"], s["per_task"][task]) for s in summary if s["method"] == m)
+            pts = sorted((s["kv_kept_frac"], s["per_task"][task]) for s in summary
+                         if s.get("group", s["method"]) == m and task in s["per_task"])
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m,
                     linewidth=2.5 if m == "hae" else 1.2)
         for s in summary:
@@ -315,13 +379,52 @@ def plot(summary: list[dict], path: str | os.PathLike, title: str = "") -> None:
     plt.close(fig)
 
 
-def quick_line(summary: list[dict], budget: float) -> str:
-    """``full_acc=<x> hae_acc=<y> best_baseline_acc=<z> budget=<b> kv_kept_frac=<k>``."""
+def quick_line(summary: list[dict], budget: float, name_best: bool = False) -> str:
+    """``full_acc=<x> hae_acc=<y> best_baseline_acc=<z> budget=<b> kv_kept_frac=<k>``; with
+    ``name_best``, ``best_baseline=<name>`` after the baseline's accuracy (``--suite hard``)."""
     full = next(s for s in summary if s["method"] == FULL)
     at_b = [s for s in summary if s["method"] != FULL and s["budget"] == budget]
     hae = next(s for s in at_b if s["method"] == "hae")
-    base = [s["accuracy"] for s in at_b if s["method"] != "hae"]
-    best = max(base) if base else float("nan")
-    return (f"full_acc={full['accuracy']:.4f} hae_acc={hae['accuracy']:.4f} best_baseline_acc={best:.4f} "
+    base = [s for s in at_b if s["method"] != "hae"]
+    best = max(base, key=lambda s: s["accuracy"]) if base else None
+    best_acc = best["accuracy"] if best else float("nan")
+    named = f" best_baseline={best['method'] if best else 'none'}" if name_best else ""
+    return (f"full_acc={full['accuracy']:.4f} hae_acc={hae['accuracy']:.4f} best_baseline_acc={best_acc:.4f}{named} "
             f"budget={budget:g} kv_kept_frac={hae['kv_kept_frac']:.4f}")
+
+
+def decode_settings(decode_budget: float, capacities: Iterable[int], method: str = "hae",
+                    prefill_budget: float = 1.0) -> list[Setting]:
+    """The decode-stage comparison: full cache, greedy decode eviction (``bin_capacity`` 0: a
+    parked block is released at once, never restored) and the recycle bin at each capacity,
+    all at the same decode budget, so at the same peak of live KV blocks.  ``prefill_budget``
+    1.0 evicts nothing at prefill: only the decode stage differs."""
+    out = [Setting(FULL), Setting(method, prefill_budget, (("decode_budget", decode_budget), ("bin_capacity", 0)),
+                                  name="greedy")]
+    for c in capacities:
+        if c > 0:
+            out.append(Setting(method, prefill_budget, (("decode_budget", decode_budget), ("bin_capacity", c)),
+                               name=f"bin{c}"))
+    return out
+
+
+def decode_table(summary: list[dict]) -> str:
+    """Decode comparison: accuracy, peak and final live KV (fraction of the full cache's blocks
+    at the end of each request), blocks parked and restored."""
+    lines = ["| setting | accuracy | peak KV kept (blocks) | final KV kept | parked blocks | restored blocks |",
+             "|---|---|---|---|---|---|"]
+    for s in summary:
+        lines.append(f"| {s.get('group', s['method'])} | {s['accuracy']:.3f} | {s.get('peak_kv_frac', 1.0):.3f} | "
+                     f"{s.get('final_kv_frac', 1.0):.3f} | {s.get('parked_blocks', 0)} | {s.get('restored_blocks', 0)} |")
+    return "\n".join(lines) + "\n"
+
+
+def decode_quick_line(summary: list[dict], capacity: int) -> str:
+    """``describe_full=<x> greedy=<y> bin=<z> kv_kept_frac=<k>`` (k: the bin setting's live KV
+    blocks at the end of generation over the full cache's; greedy's is the same budget.  The
+    peak is the whole prompt for every setting: all its blocks are held during the prefill.)"""
+    by = {s.get("group", s["method"]): s for s in summary}
+    full, greedy, binned = by[FULL], by["greedy"], by[f"bin{capacity}"]
+    return (f"describe_full={full['accuracy']:.4f} greedy={greedy['accuracy']:.4f} bin={binned['accuracy']:.4f} "
+            f"kv_kept_frac={binned['final_kv_frac']:.4f}")
 

@@ -114,7 +114,10 @@ def _grid_and_target(rng, size: int, fill: float) -> tuple[Grid, list[tuple[int,
 def _cell_item(rng, seed: int, size: int, fill: float = 0.7) -> Item:
     g, _, r, c = _grid_and_target(rng, size, fill)
     q = f"What color is the shape in row {r + 1} column {c + 1}?"
-    return Item("cell", q, g.cells[r][c][0], [g], seed=seed)
+    # The answer names the cell first, in ``describe``'s words ("r2c3 red"): the colour is then
+    # a decoded token, not the first one (which comes from the prefill's logits, computed
+    # before prefill eviction takes effect), and describing a grid teaches this task.
+    return Item("cell", q, f"r{r + 1}c{c + 1} {g.cells[r][c][0]}", [g], seed=seed)
 
 
 def _shape_item(rng, seed: int, size: int, fill: float = 0.7) -> Item:
@@ -165,7 +168,8 @@ def _needle_item(rng, seed: int, size: int, fill: float = 0.7, num_images: int =
     code = int(rng.integers(100, 1000))
     q = (f"The secret number is {code}. In image {k + 1}, what color is the shape in row {r + 1} "
          f"column {c + 1}? Then repeat the secret number.")
-    return Item("needle", q, f"{g.cells[r][c][0]} {code}", grids, seed=seed)
+    # Image and cell first (see ``_cell_item``), then the colour, then the text needle.
+    return Item("needle", q, f"image {k + 1} r{r + 1}c{c + 1} {g.cells[r][c][0]} {code}", grids, seed=seed)
 
 
 def _describe_item(rng, seed: int, size: int, fill: float = 0.7) -> Item:
@@ -178,17 +182,21 @@ GENERATORS = {"cell": _cell_item, "count": _count_item, "exists": _exists_item, 
               "describe": _describe_item, "shape": _shape_item, "single": _single_item}
 
 
+def make_item(task: str, split: str, index: int, size: int = 4, fill: float | tuple[float, float] = 0.7) -> Item:
+    """Item number ``index`` of ``task`` in ``split`` (what ``generate`` yields at that index)."""
+    seed = SPLIT_SEEDS[split] + 1000 * list(GENERATORS).index(task) + index * 7919
+    rng = np.random.default_rng(seed)
+    f = float(rng.uniform(*fill)) if isinstance(fill, (tuple, list)) else fill
+    return GENERATORS[task](rng, seed, size, f)
+
+
 def generate(task: str, split: str, n: int, size: int = 4, fill: float | tuple[float, float] = 0.7) -> Iterator[Item]:
     """``n`` items of ``task`` from ``split`` (seeds never shared between splits).
 
     ``fill``: share of occupied cells, or a (low, high) range drawn per item (training uses a
     range: sparse grids, with fewer distractors, teach where a cell is before dense ones)."""
-    base = SPLIT_SEEDS[split] + 1000 * list(GENERATORS).index(task)
     for i in range(n):
-        seed = base + i * 7919
-        rng = np.random.default_rng(seed)
-        f = float(rng.uniform(*fill)) if isinstance(fill, tuple) else fill
-        yield GENERATORS[task](rng, seed, size, f)
+        yield make_item(task, split, i, size, fill)
 
 
 def normalize(text: str) -> str:

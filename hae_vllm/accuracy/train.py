@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from hae_vllm.accuracy.tasks import GENERATORS, generate, score
+from hae_vllm.accuracy.tasks import GENERATORS, generate, make_item, score
 from hae_vllm.testing.tiny_models import _llava_key, _save_weights, build_tiny_llava, llava_prompt
 
 # Single-cell questions are the measured tasks: ``single`` (one shape in an empty grid) is what
@@ -76,73 +76,153 @@ def init_positions_2d(model) -> None:
         emb[1:].copy_(sincos_2d(grid, dim))
 
 
+def _answer_ids(tok, answer: str) -> list[int]:
+    """Token ids of `` <answer></s>`` as they appear after the prompt (byte-level BPE never
+    merges across the space that starts the answer, so they equal the tail of the whole)."""
+    return tok(" " + answer + tok.eos_token, add_special_tokens=False)["input_ids"]
+
+
 def _batch(processor, items, device):
-    """Input ids with labels on the answer tokens only."""
+    """Input ids with labels on the answer tokens only (right padding)."""
     tok = processor.tokenizer
+    assert tok.padding_side == "right", tok.padding_side
     prompts = [llava_prompt(it.question, len(it.grids)) for it in items]
     full = [p + " " + it.answer + tok.eos_token for p, it in zip(prompts, items)]
     images = [img for it in items for img in it.images()]
     enc = processor(text=full, images=images, return_tensors="pt", padding=True)
-    labels = enc["input_ids"].clone()
-    for i, p in enumerate(prompts):
-        n_prompt = len(processor(text=[p], images=items[i].images(), return_tensors="pt")["input_ids"][0])
-        pad_left = int((enc["attention_mask"][i] == 0).sum()) if tok.padding_side == "left" else 0
-        labels[i, : pad_left + n_prompt] = -100
-    labels[enc["attention_mask"] == 0] = -100
+    labels = torch.full_like(enc["input_ids"], -100)
+    lengths = enc["attention_mask"].sum(1).tolist()
+    for i, it in enumerate(items):
+        ans = _answer_ids(tok, it.answer)
+        end = int(lengths[i])
+        assert enc["input_ids"][i, end - len(ans):end].tolist() == ans, (it.answer, "answer tokens differ in context")
+        labels[i, end - len(ans):end] = enc["input_ids"][i, end - len(ans):end]
     enc["labels"] = labels
     return {k: v.to(device) for k, v in enc.items()}
 
 
 @torch.no_grad()
-def evaluate(model, processor, task: str, n: int, device, max_new_tokens: int = 16) -> float:
+def evaluate(model, processor, task: str, n: int, device, max_new_tokens: int | None = None,
+             fill: float = 0.7) -> float:
+    """Held-out accuracy with HF greedy decoding (``max_new_tokens``: the answer's length + 4)."""
     model.eval()
     total = 0.0
-    for it in generate(task, "heldout", n):
+    tok = processor.tokenizer
+    for it in generate(task, "heldout", n, fill=fill):
         enc = processor(text=[llava_prompt(it.question, len(it.grids))], images=it.images(), return_tensors="pt").to(device)
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
-        text = processor.tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        mt = max_new_tokens or len(_answer_ids(tok, it.answer)) + 4
+        out = model.generate(**enc, max_new_tokens=mt, do_sample=False)
+        text = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
         total += score(it.answer, text, it.scoring)
     model.train()
     return total / n
 
 
+def _stages(stages, task_weights, steps) -> list[dict]:
+    """Curriculum: ``[{"until": step, "weights": {task: w}, "fill": [lo, hi]}, ...]``; the last
+    stage runs to the end.  Without one, a single stage of ``task_weights`` on ``TRAIN_FILL``."""
+    if not stages:
+        return [{"until": steps, "weights": task_weights or TASK_WEIGHTS, "fill": list(TRAIN_FILL)}]
+    out = [dict(st) for st in stages]
+    for st in out:
+        st.setdefault("fill", list(TRAIN_FILL))
+    out[-1]["until"] = steps
+    return out
+
+
+def _build_model(base: Path, text_overrides: dict | None, weights: bool = True):
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    if not weights:  # resuming: the weights come from the checkpoint (sizes from config.json)
+        return LlavaForConditionalGeneration(LlavaConfig.from_pretrained(base)).to(torch.float32)
+    if not text_overrides:
+        return LlavaForConditionalGeneration.from_pretrained(base, dtype=torch.float32)
+    config = LlavaConfig.from_pretrained(base)
+    for k, v in text_overrides.items():
+        setattr(config.text_config, k, v)
+    config.save_pretrained(base)  # the checkpoint written at the end carries the new sizes
+    return LlavaForConditionalGeneration(config).to(torch.float32)
+
+
 def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, device: str, eval_every: int, eval_n: int,
           task_weights: dict[str, float] | None = None, pos_init: str = "sincos",
-          init_from: str | None = None, eval_tasks: tuple[str, ...] = ("single", "cell")) -> dict:
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+          init_from: str | None = None, eval_tasks: tuple[str, ...] = ("single", "cell"),
+          stages: list[dict] | None = None, batch_sizes: dict[str, int] | None = None,
+          ckpt_dir: str | None = None, ckpt_every: int = 0, resume: bool = False, warmup: int = 100,
+          text_overrides: dict | None = None, final_n: int = 200, run_name: str | None = None,
+          stop_after: int | None = None) -> dict | None:
+    """Train and write the checkpoint to ``out``.  With ``ckpt_dir``, a resumable checkpoint
+    (weights, optimizer, step, RNG states, data position, log) is written there every
+    ``ckpt_every`` steps; ``resume`` continues from it with the saved configuration.
+    ``stop_after``: leave after that many steps of this call (checkpoint written, nothing else;
+    returns None), for sessions shorter than the run."""
+    from transformers import AutoProcessor
 
-    task_weights = task_weights or TASK_WEIGHTS
-    random.seed(seed)
-    torch.manual_seed(seed)
-    if init_from:  # continue: same tokenizer, processor and config as the checkpoint
+    stages = _stages(stages, task_weights, steps)
+    batch_sizes = batch_sizes or {}
+    ckpt = Path(ckpt_dir) if ckpt_dir else None
+    state = None
+    if resume:
+        if ckpt is None or not (ckpt / "last.pt").is_file():
+            raise FileNotFoundError(f"--resume: no checkpoint {ckpt}/last.pt")
+        state = torch.load(ckpt / "last.pt", weights_only=False)
+        base, tmp_base = ckpt / "base", None
+    elif init_from:  # continue: same tokenizer, processor and config as the checkpoint
         base, tmp_base = Path(init_from), None
     else:
-        base = tmp_base = Path(tempfile.mkdtemp(prefix="hae_vlm_base_"))
+        tmp_base = Path(tempfile.mkdtemp(prefix="hae_vlm_base_"))
+        base = tmp_base
         build_tiny_llava(base, seed=seed)
+    random.seed(seed)
+    torch.manual_seed(seed)
+    model = _build_model(base, None if (resume or init_from) else text_overrides, weights=not resume)
+    if ckpt is not None and not resume:
+        ckpt.mkdir(parents=True, exist_ok=True)
+        if (ckpt / "base").exists():
+            shutil.rmtree(ckpt / "base")
+        shutil.copytree(base, ckpt / "base")
+        base, tmp_base = ckpt / "base", (shutil.rmtree(tmp_base, ignore_errors=True) if tmp_base else None)
     processor = AutoProcessor.from_pretrained(base)
-    model = LlavaForConditionalGeneration.from_pretrained(base, dtype=torch.float32)
-    if not init_from:
+    if not init_from and not resume:
         reinit_for_training(model, seed)
         if pos_init == "sincos":
             init_positions_2d(model)
     model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    pools = {t: generate(t, "train", 10**7, fill=TRAIN_FILL) for t in task_weights}
-    tasks, weights = zip(*task_weights.items())
     rng = random.Random(seed)
-    log = {"config": {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "device": device,
-                      "task_weights": task_weights, "train_fill": TRAIN_FILL, "pos_init": pos_init, "init_from": init_from,
+    counters: dict[str, int] = {}
+    log = {"config": {"run_name": run_name, "steps": steps, "batch_size": batch_size, "batch_sizes": batch_sizes,
+                      "lr": lr, "warmup": warmup, "seed": seed, "device": device, "stages": stages,
+                      "pos_init": pos_init, "init_from": init_from, "text_overrides": text_overrides,
                       "torch_threads": torch.get_num_threads()},
-           "machine": _machine(device), "loss": [], "eval": []}
+           "machine": _machine(device), "loss": [], "eval": [], "wall": []}
+    start, elapsed = 1, 0.0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        rng.setstate(state["rng"])
+        torch.set_rng_state(state["torch_rng"])
+        counters, log, start, elapsed = state["counters"], state["log"], state["step"] + 1, state["elapsed"]
+        steps = log["config"]["steps"]
+        stages, batch_sizes, lr, warmup = (log["config"]["stages"], log["config"]["batch_sizes"], log["config"]["lr"],
+                                           log["config"]["warmup"])
+        log.setdefault("resumed_at", []).append(start - 1)
+        print(f"resumed at step {start - 1} ({elapsed:.0f}s trained)", flush=True)
     if init_from and (base / "train_log.json").is_file():
         log["previous"] = json.loads((base / "train_log.json").read_text())
-    t0 = time.time()
-    for step in range(1, steps + 1):
+    t0 = time.time() - elapsed
+    for step in range(start, steps + 1):
+        st = next(s for s in stages if step <= s["until"])
         # One task per batch: prompts of a batch then have the same number of images, so
         # little compute goes to padding (a needle item is three times a cell item's length).
+        tasks, weights = zip(*st["weights"].items())
         task = rng.choices(tasks, weights)[0]
-        items = [next(pools[task]) for _ in range(batch_size)]
-        cur_lr = lr * min(1.0, step / 100) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        bs = batch_sizes.get(task, batch_size)
+        items = []
+        for _ in range(bs):
+            items.append(make_item(task, "train", counters.get(task, 0), fill=tuple(st["fill"])))
+            counters[task] = counters.get(task, 0) + 1
+        cur_lr = lr * min(1.0, step / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
         for g in opt.param_groups:
             g["lr"] = cur_lr
         loss = model(**_batch(processor, items, device)).loss
@@ -150,17 +230,32 @@ def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, device: 
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        log["loss"].append((step, task, round(loss.item(), 5)))
         if step % 10 == 0:
-            log["loss"].append((step, round(loss.item(), 5)))
-            print(f"step {step} loss {loss.item():.4f} ({time.time() - t0:.0f}s)", flush=True)
+            print(f"step {step} {task} loss {loss.item():.4f} lr {cur_lr:.2e} ({time.time() - t0:.0f}s)", flush=True)
         if eval_every and (step % eval_every == 0 or step == steps):
-            accs = {t: evaluate(model, processor, t, eval_n, device) for t in eval_tasks}
+            # "cell@0.2": held-out items at fill 0.2 (fewer distractors) to see a curriculum's first stage.
+            accs = {t: round(evaluate(model, processor, t.split("@")[0],
+                                      max(4, eval_n // 4) if t.startswith("describe") else eval_n, device,
+                                      fill=float(t.split("@")[1]) if "@" in t else 0.7), 4) for t in eval_tasks}
             log["eval"].append((step, accs))
+            log["wall"].append((step, round(time.time() - t0, 1)))
             print(f"step {step} heldout accuracy {accs}", flush=True)
+        if ckpt is not None and ckpt_every and (step % ckpt_every == 0 or step == steps):
+            tmp = ckpt / "last.pt.tmp"
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "rng": rng.getstate(),
+                        "torch_rng": torch.get_rng_state(), "counters": counters, "log": log, "step": step,
+                        "elapsed": time.time() - t0}, tmp)
+            os.replace(tmp, ckpt / "last.pt")
+        if stop_after and step - start + 1 >= stop_after and step < steps:
+            if ckpt is None or ckpt_every == 0 or step % ckpt_every:
+                raise ValueError("stop_after needs a checkpoint at the step it stops (ckpt_every dividing it)")
+            print(f"stopped at step {step}; continue with --resume", flush=True)
+            return None
     log["train_seconds"] = round(time.time() - t0, 1)
-    log["final_heldout"] = {t: evaluate(model, processor, t, 200 if t in ("single", "cell", "shape") else 50, device,
-                                        max_new_tokens=128 if t == "describe" else 16)
-                            for t in GENERATORS}
+    log["final_heldout"] = {t: round(evaluate(model, processor, t, final_n if t != "describe" else max(1, final_n // 4),
+                                              device), 4)
+                            for t in GENERATORS} if final_n else {}
     print(f"final held-out accuracy (HF, greedy): {log['final_heldout']}", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     for f in base.iterdir():
@@ -205,10 +300,29 @@ def main() -> None:
     ap.add_argument("--init-from", default=None, help="continue from a checkpoint written by this script")
     ap.add_argument("--eval-tasks", default="single,cell")
     ap.add_argument("--task-weights", default=None, help='JSON, e.g. \'{"cell": 0.7, "describe": 0.3}\'')
+    ap.add_argument("--stages", default=None,
+                    help='curriculum, JSON: [{"until": 1000, "weights": {"describe": 1}, "fill": [0.1, 0.5]}, ...]')
+    ap.add_argument("--batch-sizes", default=None, help='per-task batch size, JSON, e.g. \'{"needle": 8}\'')
+    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--text-config", default=None, help='text model sizes, JSON, e.g. \'{"hidden_size": 192}\'')
+    ap.add_argument("--ckpt-dir", default=None, help="resumable checkpoint folder (e.g. under .cache/)")
+    ap.add_argument("--ckpt-every", type=int, default=100)
+    ap.add_argument("--resume", action="store_true", help="continue from --ckpt-dir/last.pt (its saved config)")
+    ap.add_argument("--final-n", type=int, default=200, help="held-out items per task in the final evaluation")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--stop-after", type=int, default=None, help="leave after this many steps (resume later)")
+    ap.add_argument("--run-name", default=None)
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     train(Path(args.out), args.steps, args.batch_size, args.lr, args.seed, args.device, args.eval_every, args.eval_n,
           task_weights=json.loads(args.task_weights) if args.task_weights else None, pos_init=args.pos_init,
-          init_from=args.init_from, eval_tasks=tuple(args.eval_tasks.split(",")))
+          init_from=args.init_from, eval_tasks=tuple(args.eval_tasks.split(",")),
+          stages=json.loads(args.stages) if args.stages else None,
+          batch_sizes=json.loads(args.batch_sizes) if args.batch_sizes else None, ckpt_dir=args.ckpt_dir,
+          ckpt_every=args.ckpt_every, resume=args.resume, warmup=args.warmup,
+          text_overrides=json.loads(args.text_config) if args.text_config else None, final_n=args.final_n,
+          run_name=args.run_name, stop_after=args.stop_after)
 
 
 if __name__ == "__main__":
