@@ -1,5 +1,5 @@
 """score_interval: decode scoring every k steps from the queries of the steps since, in one
-pass (hae_vllm/worker/decode_stage.py, DecodeBank's staging and queues).
+pass (hae_vllm/worker/decode_stage.py, DecodeBank's query queues).
 
 The decayed scores a request has when it is scored must be those of scoring every step (the
 same updates, decay applied per step), whatever k, however requests join, and however the
@@ -96,25 +96,26 @@ def test_scores_at_scoring_steps_equal_scoring_every_step(k):
         assert 0 <= steps - scored_steps[i] < k
 
 
-def test_k1_scores_every_step_and_keeps_nothing_staged():
+def test_k1_scores_every_step_and_keeps_nothing_queued():
     eng = _Engine([1, 1], [11, 6])
     rng = np.random.default_rng(0)
     for _ in range(5):
         tasks = eng.step([0, 1], rng)
         assert all(dt.due and dt.num_scored == 1 for dt in tasks)
-    assert eng.bank.queued_q is None and not eng.bank._staged
+    assert eng.bank.queued_q is None and not eng.bank.num_queued.any()
 
 
-def test_released_row_takes_no_staged_queries_to_its_next_owner():
-    """A request finishing between two scorings: its staged steps go to its own queue, and the
-    row comes back clean for the next request."""
+def test_released_row_takes_no_queued_queries_to_its_next_owner():
+    """A request finishing between two scorings: its queued steps leave with it, and the row
+    comes back clean for the next request."""
     eng = _Engine([4, 4], [11, 14])
     rng = np.random.default_rng(1)
     eng.step([0, 1], rng)  # step 0: scored (a multiple of 4)
-    eng.step([0, 1], rng)  # staged
+    eng.step([0, 1], rng)  # queued
     row = eng.reqs[1]["state"].decode.row
+    assert eng.bank.num_queued[row] == 1
     eng.bank.release(row)
-    assert not eng.bank._staged and eng.bank.num_queued[row] == 0 and eng.bank.interval[row] == 1
+    assert eng.bank.num_queued[row] == 0 and eng.bank.interval[row] == 1
     assert eng.bank.num_staging_rows == 1
 
 

@@ -12,31 +12,38 @@ from hae_vllm.worker.runtime import current_runtime
 def without_holes(common_attn_metadata, block_size: int):
     """CommonAttentionMetadata with null holes removed from every block-table row.
 
-    Untouched (same object) when no request of this process has holes."""
+    Untouched (same object) when no request of this process has holes.  Runs every step
+    before attention: on the host it is a gather and a subtraction into buffers the hole
+    table reuses (:meth:`~hae_vllm.worker.holes.HoleTable.drop`) and a shallow copy."""
     rt = current_runtime()
     if rt is None or not rt.has_holes():
         return common_attn_metadata
     cam = common_attn_metadata
     n = cam.num_reqs
-    res = rt.drop_holes(cam.block_table_tensor[:n], cam.seq_lens[:n], block_size)
+    res = rt.drop_holes(cam.block_table_tensor, cam.seq_lens, block_size, n)
     if res is None:
         return cam
     table, seq_lens = res
-    full_table = cam.block_table_tensor.clone()
-    full_table[:n] = table
-    full_seq = cam.seq_lens.clone()
-    full_seq[:n] = seq_lens
     if not n:
         max_seq_len = cam.max_seq_len
     elif seq_lens.device.type == "cpu":
-        max_seq_len = int(seq_lens.numpy().max())
+        max_seq_len = int(seq_lens.numpy()[:n].max())
     else:
-        max_seq_len = int(seq_lens.max().item())
-    changes = dict(block_table_tensor=full_table, seq_lens=full_seq, max_seq_len=max_seq_len)
-    if getattr(cam, "seq_lens_cpu_upper_bound", None) is not None:
-        ub = cam.seq_lens_cpu_upper_bound.clone()
-        ub[:n] = seq_lens.to(ub.device, ub.dtype)
+        max_seq_len = int(seq_lens[:n].max().item())
+    changes = dict(block_table_tensor=table, seq_lens=seq_lens, max_seq_len=max_seq_len)
+    ub = getattr(cam, "seq_lens_cpu_upper_bound", None)
+    if ub is not None and ub.device == seq_lens.device and ub.shape == seq_lens.shape and ub.dtype == seq_lens.dtype:
+        changes["seq_lens_cpu_upper_bound"] = seq_lens  # exact lengths bound themselves (read only)
+    elif ub is not None:
+        ub = ub.clone()
+        ub[:n] = seq_lens[:n].to(ub.device, ub.dtype)
         changes["seq_lens_cpu_upper_bound"] = ub
+    if hasattr(cam, "__dict__") and dataclasses.is_dataclass(cam):
+        # A shallow copy without dataclasses.replace's re-validation (all fields are set).
+        out = object.__new__(type(cam))
+        out.__dict__.update(cam.__dict__)
+        out.__dict__.update(changes)
+        return out
     return dataclasses.replace(cam, **changes)
 
 

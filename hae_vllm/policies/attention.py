@@ -147,6 +147,44 @@ def decode_mass_queued(queries: torch.Tensor, keys: torch.Tensor, scale: float, 
     return torch.bmm(w.view(B, 1, N), probs.sum(1)).view(B, L)
 
 
+def queued_mass(queries: torch.Tensor, keys: torch.Tensor, scale: float, hidden: np.ndarray,
+                query_positions: np.ndarray, weights: np.ndarray) -> torch.Tensor:
+    """:func:`decode_mass_queued` with the mask given as what it is: keys ``hidden`` from every
+    query of a request (not scored: released, evicted or not yet written) and causal
+    positions, so only the few columns after a request's earliest query need a per-query mask.
+
+    Args:
+        queries: [B, N, num_heads, head_dim], request b's queries in step order.
+        keys: [B, num_kv_heads, L, head_dim] (any strides; rows hidden are ignored).
+        hidden: [B, L] bool numpy: keys no query of the request sees.
+        query_positions: [B, N] int numpy: a query sees the visible keys at positions <= its own
+            (each query must see at least one).
+        weights: [B, N] float32 numpy: each query's weight.
+
+    Returns:
+        [B, L] float32: ``sum_n weights[b, n] * decode_mass(queries[:, n], ...)[b]``, exactly
+        zero at hidden and never-seen columns.
+    """
+    B, N, num_heads, head_dim = queries.shape
+    num_kv_heads, L = keys.shape[1], keys.shape[2]
+    group = num_heads // num_kv_heads
+    dev = keys.device
+    q = (queries.float() * scale).view(B, N, num_kv_heads, group, head_dim).transpose(1, 2)
+    logits = torch.bmm(q.reshape(B * num_kv_heads, N * group, head_dim),
+                       keys.float().reshape(B * num_kv_heads, L, head_dim).transpose(1, 2))
+    logits = logits.view(B, num_kv_heads, N, group, L)
+    logits.masked_fill_(torch.from_numpy(hidden).to(dev).view(B, 1, 1, 1, L), float("-inf"))
+    lo = int(query_positions.min()) + 1
+    if lo < L:
+        future = np.arange(lo, L)[None, None, :] > query_positions[:, :, None]  # [B, N, L - lo]
+        logits[..., lo:].masked_fill_(torch.from_numpy(future).to(dev).view(B, 1, N, 1, L - lo), float("-inf"))
+    probs = torch.softmax(logits, dim=-1).view(B, 1, num_kv_heads * N * group, L)
+    # Summed over heads and weighted over queries in one product (a query's weight on each of
+    # its heads): cheaper than reducing the strided head dimensions.
+    w = np.ascontiguousarray(np.broadcast_to(weights[:, None, :, None], (B, num_kv_heads, N, group)), dtype=np.float32)
+    return torch.matmul(torch.from_numpy(w).to(dev).view(B, 1, 1, -1), probs).view(B, L)
+
+
 def attention_rows(queries, keys, query_positions, scale) -> torch.Tensor:
     """[nq, T]: probabilities summed over the (local) heads."""
     return attention_probs(queries, keys, query_positions, scale).sum(0)

@@ -35,6 +35,19 @@ from hae_vllm.config import EvictionConfig
 from hae_vllm.plan import apply_plan_to_positions, plan_compaction
 
 
+def host_view(t: torch.Tensor) -> np.ndarray | None:
+    """A numpy view of a host tensor's elements, for bit-exact copies (bfloat16 viewed as
+    int16), or None on a device or for a dtype numpy cannot view."""
+    if t.device.type != "cpu":
+        return None
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)
+    try:
+        return t.numpy()
+    except (TypeError, RuntimeError):
+        return None
+
+
 @dataclass
 class BinEntry:
     block_id: int
@@ -55,12 +68,12 @@ class DecodeBank:
       layer-0 keys by position, what decode scoring reads instead of the paged cache (head
       major: a KV head's keys of a request are one strided matrix, so all requests and heads
       are scored by one batched product);
-    * with ``score_interval`` k > 1 (a row's last k queries scored in one pass), the
-      layer-0 queries and keys of the steps not scored yet: each step copies the batch's rows
-      into a staging area (two slice copies, whatever the batch), moved to per-row queues
-      ``queued_q`` [rows, queue, num_heads, head_dim], ``queued_k`` [rows, queue, kv_heads,
-      head_dim], ``queued_pos`` [rows, queue] (step order) when some row is scored; the keys
-      reach ``keys`` when their row is.  ``interval`` [rows]: each row's ``score_interval``.
+    * with ``score_interval`` k > 1 (a row's last k queries scored in one pass), the layer-0
+      queries of the steps not scored yet, in per-row queues ``queued_q`` [rows, queue,
+      num_heads, head_dim] with their positions ``queued_pos`` [rows, queue] (step order) and
+      counts ``num_queued`` [rows]: one indexed copy per step, whatever the batch.  Keys go to
+      ``keys`` at once (every step), so nothing but the queries waits.  ``interval`` [rows]:
+      each row's ``score_interval``.
 
     Rows are recycled when a request's state is dropped; both dimensions grow by doubling
     (capacity up to ``max_len``), and a :class:`DecodeState` reads its row through the bank,
@@ -78,10 +91,7 @@ class DecodeBank:
         self.num_staging_rows = 0  # rows in use with interval > 1
         self.queued_pos = np.zeros((0, 1), dtype=np.int64)
         self.queued_q: torch.Tensor | None = None
-        self.queued_k: torch.Tensor | None = None
-        self._stage_q: torch.Tensor | None = None  # [steps, batch, num_heads, head_dim]
-        self._stage_k: torch.Tensor | None = None  # [steps, batch, kv_heads, head_dim]
-        self._staged: list[tuple[np.ndarray, np.ndarray]] = []  # (rows, positions) per step
+        self._host_views: dict[int, tuple] = {}  # id -> (tensor, numpy view or None)
         self._free: list[int] = []
         self.in_use = 0
 
@@ -98,8 +108,6 @@ class DecodeBank:
         return heapq.heappop(self._free)
 
     def release(self, row: int) -> None:
-        if self._staged:
-            self.unstage()  # staged steps name rows, and this one may be handed out again
         self.slot_pos[row] = -1
         self.score[row] = 0.0
         self.scored[row] = False
@@ -126,80 +134,77 @@ class DecodeBank:
         self.num_staging_rows += int(k > 1) - int(self.interval[row] > 1)
         self.interval[row] = k
 
-    def stage(self, rows: np.ndarray, positions: np.ndarray, q: torch.Tensor, k: torch.Tensor) -> None:
-        """One decode step of ``rows`` (distinct): queries ``q`` [B, num_heads, head_dim] and
-        keys ``k`` [B, kv_heads, head_dim] at ``positions`` [B].  The caller scores a row
-        when it has ``interval`` steps pending (staged or queued; more are kept, not lost)."""
-        B, s = len(rows), len(self._staged)
-        sq = self._stage_q
-        steps = int(self.interval.max(initial=1))
-        if sq is None or s == sq.shape[0] or B > sq.shape[1] or steps > sq.shape[0] or sq.shape[2:] != q.shape[1:]:
-            self.unstage()  # full, or too small: make room
-            s = 0
-            if sq is None or B > sq.shape[1] or steps > sq.shape[0] or sq.shape[2:] != q.shape[1:]:
-                steps = max(steps, 0 if sq is None else sq.shape[0])
-                batch = max(B, 0 if sq is None else sq.shape[1])
-                self._stage_q = sq = q.new_empty((steps, batch) + tuple(q.shape[1:]))
-                self._stage_k = k.new_empty((steps, batch) + tuple(k.shape[1:]))
-        sq[s, :B].copy_(q)
-        self._stage_k[s, :B].copy_(k)
-        self._staged.append((rows, positions))
-
-    def unstage(self) -> None:
-        """Move every staged step to the per-row queues (one copy per plane)."""
-        if not self._staged:
+    def put_keys(self, rows: list[int], positions: list[int], k: torch.Tensor) -> None:
+        """This step's layer-0 keys ``k`` [B, kv_heads, head_dim] of ``rows`` at ``positions``
+        (one each)."""
+        dst, src = self._host(self.keys), host_view(k) if k.dtype == self.keys.dtype else None
+        if dst is not None and src is not None:
+            # numpy on the host: a few microseconds where torch's indexing takes several times that.
+            if len(rows) == 1:
+                dst[rows[0], :, positions[0]] = src[0]
+            else:
+                dst[rows, :, positions] = src
             return
-        rows = np.concatenate([r for r, _ in self._staged])
-        pos = np.concatenate([p for _, p in self._staged])
-        lens = [len(r) for r, _ in self._staged]
-        step = np.repeat(np.arange(len(lens)), lens)
-        col = np.concatenate([np.arange(n) for n in lens])
-        # Slot of each entry in its row's queue: after what is queued, in step order.
-        order = np.argsort(rows, kind="stable")
-        r_sorted = rows[order]
-        first = np.ones(len(rows), dtype=bool)
-        first[1:] = r_sorted[1:] != r_sorted[:-1]
-        run = np.arange(len(rows))
-        within = run - np.maximum.accumulate(np.where(first, run, 0))
-        slot = np.empty(len(rows), dtype=np.int64)
-        slot[order] = self.num_queued[r_sorted] + within
-        sq, sk = self._stage_q, self._stage_k
-        if self.queued_q is None or self.queued_q.shape[1] <= int(slot.max()) or self.queued_q.shape[2:] != sq.shape[2:]:
-            self._resize_queue(int(slot.max()) + 1, sq, sk)
-        dev = sq.device
-        r_t, s_t = torch.from_numpy(rows).to(dev), torch.from_numpy(slot).to(dev)
-        st_t, c_t = torch.from_numpy(step).to(dev), torch.from_numpy(col).to(dev)
-        self.queued_q[r_t, s_t] = sq[st_t, c_t]
-        self.queued_k[r_t, s_t] = sk[st_t, c_t]
-        self.queued_pos[rows, slot] = pos
-        np.add.at(self.num_queued, rows, 1)
-        self._staged.clear()
+        dev = self.keys.device
+        self.keys[torch.as_tensor(rows, device=dev), :, torch.as_tensor(positions, device=dev)] = k.to(self.keys.dtype)
+
+    def queue(self, rows: list[int], positions: list[int], q: torch.Tensor) -> None:
+        """One decode step of ``rows`` (distinct): queries ``q`` [B, num_heads, head_dim] at
+        ``positions`` join their rows' queues.  The caller scores a row when it has
+        ``interval`` steps queued (more are kept, not lost: the queue grows)."""
+        nq, qpos = self.num_queued, self.queued_pos
+        slots = [int(nq[r]) for r in rows]
+        qq = self.queued_q
+        if qq is None or max(slots) >= qq.shape[1] or qq.shape[2:] != q.shape[1:] or qq.dtype != q.dtype:
+            self._resize_queue(max(max(slots) + 1, int(self.interval.max(initial=1))), q)
+            qq, qpos = self.queued_q, self.queued_pos
+        dst, src = self._host(qq), host_view(q)
+        if dst is not None and src is not None:
+            if len(rows) == 1:
+                dst[rows[0], slots[0]] = src[0]
+            else:
+                dst[rows, slots] = src
+        else:
+            qq[torch.as_tensor(rows, device=qq.device), torch.as_tensor(slots, device=qq.device)] = q
+        for r, s, p in zip(rows, slots, positions):
+            qpos[r, s] = p
+            nq[r] = s + 1
+
+    def _host(self, t: torch.Tensor) -> np.ndarray | None:
+        """:func:`host_view` of a bank tensor, cached while the tensor is the same object."""
+        cache = self._host_views
+        hit = cache.get(id(t))
+        if hit is None or hit[0] is not t:
+            hit = cache[id(t)] = (t, host_view(t))
+            for key in [k for k, v in cache.items() if v[0] is not self.keys and v[0] is not self.queued_q]:
+                del cache[key]  # views of replaced tensors
+        return hit[1]
 
     def take_queued(self, rows: np.ndarray):
-        """Empty the rows' queues (after :meth:`unstage`): their keys go to ``keys`` (by
-        position); returns (queries [len(rows), N, num_heads, head_dim], positions
-        [len(rows), N], counts [len(rows)]), N the longest queue (shorter rows padded)."""
+        """Empty the rows' queues: returns (queries [len(rows), N, num_heads, head_dim],
+        positions [len(rows), N], counts [len(rows)]), N the longest queue (shorter rows
+        padded with whatever the queue holds)."""
         n = self.num_queued[rows]
         N = int(n.max())
-        dev = self.queued_q.device
-        rows_t = torch.from_numpy(rows).to(dev)
-        q = self.queued_q[rows_t, :N]
-        pos = self.queued_pos[rows, :N].copy()
-        b, j = np.nonzero(np.arange(N)[None, :] < n[:, None])
-        self.keys[torch.from_numpy(rows[b]).to(dev), :, torch.from_numpy(pos[b, j]).to(dev)] = \
-            self.queued_k[torch.from_numpy(rows[b]).to(dev), torch.from_numpy(j).to(dev)].to(self.keys.dtype)
+        qq = self.queued_q
+        r0 = int(rows[0])
+        if len(rows) == 1:
+            q = qq[r0 : r0 + 1, :N]
+        elif int(rows[-1]) - r0 == len(rows) - 1 and bool((np.diff(rows) == 1).all()):
+            q = qq[r0 : r0 + len(rows), :N]  # consecutive rows: a view
+        else:
+            q = qq[torch.from_numpy(rows).to(qq.device), :N]
+        pos = self.queued_pos[rows, :N]
         self.num_queued[rows] = 0
         return q, pos, n
 
-    def _resize_queue(self, length: int, like_q: torch.Tensor, like_k: torch.Tensor) -> None:
+    def _resize_queue(self, length: int, like_q: torch.Tensor) -> None:
         length = max(length, self.queued_pos.shape[1])
-        old = (self.queued_q, self.queued_k)
-        keep = old[0] is not None and old[0].shape[2:] == like_q.shape[2:]
-        self.queued_q, self.queued_k = (
-            t.new_zeros((self.num_rows, length) + tuple(t.shape[2:])) for t in (like_q, like_k))
+        old = self.queued_q
+        keep = old is not None and old.shape[2:] == like_q.shape[1:]
+        self.queued_q = like_q.new_zeros((self.num_rows, length) + tuple(like_q.shape[1:]))
         if keep:
-            self.queued_q[:, : old[0].shape[1]] = old[0]
-            self.queued_k[:, : old[1].shape[1]] = old[1]
+            self.queued_q[:, : old.shape[1]] = old
         pos = np.zeros((self.num_rows, length), dtype=np.int64)
         pos[:, : self.queued_pos.shape[1]] = self.queued_pos
         self.queued_pos = pos
@@ -227,12 +232,9 @@ class DecodeBank:
             pos[:old_rows] = self.queued_pos
             self.queued_pos = pos
             if self.queued_q is not None:
-                grown = []
-                for t in (self.queued_q, self.queued_k):
-                    g = t.new_zeros((rows,) + tuple(t.shape[1:]))
-                    g[:old_rows] = t
-                    grown.append(g)
-                self.queued_q, self.queued_k = grown
+                g = self.queued_q.new_zeros((rows,) + tuple(self.queued_q.shape[1:]))
+                g[:old_rows] = self.queued_q
+                self.queued_q = g
         for row in range(old_rows, rows):
             heapq.heappush(self._free, row)
         self.capacity = cap

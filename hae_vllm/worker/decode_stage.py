@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from hae_vllm.policies.attention import attention_probs, decode_mass, decode_mass_queued
+from hae_vllm.policies.attention import attention_probs, decode_mass, decode_mass_queued, queued_mass
 from hae_vllm.worker.decode import BinEntry, DecodeActions, choose_parking, decode_limit, weakest_live_value
 from hae_vllm.worker.state import DecodeTask
 from hae_vllm.worker.trace import EvictionReport
@@ -87,10 +87,10 @@ class DecodeStage:
         """Decayed layer-0 attention of each request's new queries over its live and binned
         tokens, and each request's live count against its budget.
 
-        One decode token per request (the usual case): with ``score_interval`` k = 1 the new
-        key goes to the bank's row and the new query is scored at once; with k > 1 both go to
-        the row's queue (one copy per step), and every k steps the row's queued queries are
-        scored in one pass.  Either way all due rows at once, masked to each row's scored
+        One decode token per request (the usual case): the new key goes to the bank's row; with
+        ``score_interval`` k = 1 the new query is scored at once, with k > 1 it joins the row's
+        queue (one copy per step), and every k steps the row's queued queries are scored in
+        one pass.  Either way all due rows at once, masked to each row's scored
         positions.
         Only the requests scored this step are due for :meth:`step` (``DecodeTask.due``).
         Otherwise (several tokens per request) queued queries are scored first, then request by
@@ -112,24 +112,23 @@ class DecodeStage:
             at.append(qsl[dt.row])
             single = single and dt.end - dt.start == 1
         rows = np.array(rows_l, dtype=np.int64)
-        starts = np.array(starts_l, dtype=np.int64)
         keys = bank.keys
         num_heads = query.shape[1]
         due = tasks
         if single:
-            dev = keys.device
             if at == list(range(at[0], at[0] + len(at))):
                 q, k = query[at[0] : at[0] + len(at)], key[at[0] : at[0] + len(at)]  # the batch in order
             else:
                 qrows = torch.as_tensor(at, device=query.device)
                 q, k = query[qrows], key[qrows]
-            new = k.reshape(len(tasks), keys.shape[1], keys.shape[3])  # [B, kv_heads, head_dim]
+            # This step's keys go to the bank at once (what scoring reads, now or later).
+            bank.put_keys(rows_l, starts_l, k.reshape(len(tasks), keys.shape[1], keys.shape[3]))
             if not bank.num_staging_rows:
-                # Every request scores every step (k = 1): the new query alone, nothing staged.
-                keys[torch.from_numpy(rows).to(dev), :, torch.from_numpy(starts).to(dev)] = new.to(keys.dtype)
+                # Every request scores every step (k = 1): the new query alone, nothing queued.
+                starts = np.array(starts_l, dtype=np.int64)
                 self._score_rows(rows, q[:, None], starts[:, None], _decay(tasks), impl, num_heads)
             else:
-                bank.stage(rows, starts, q, new)
+                bank.queue(rows_l, starts_l, q)
                 if self.num_steps < self.next_scoring:
                     for dt in tasks:
                         dt.due = False
@@ -137,7 +136,6 @@ class DecodeStage:
                 else:
                     due = self._score_due(tasks, rows, impl, num_heads)
         else:
-            bank.unstage()
             queued = np.flatnonzero(bank.num_queued[rows] > 0)
             if len(queued):
                 self._score_queued([tasks[i] for i in queued], rows[queued], impl, num_heads)
@@ -167,7 +165,6 @@ class DecodeStage:
         """Score the rows due at this step of the shared cadence (a multiple of their k, or k
         steps pending) and set when the next one is; returns the tasks scored."""
         bank, now = self.rt.decode_bank, self.num_steps
-        bank.unstage()
         interval = bank.interval[rows]
         hit = (now % interval == 0) | (bank.num_queued[rows] >= interval)
         if hit.all():
@@ -187,8 +184,7 @@ class DecodeStage:
         return due
 
     def _score_queued(self, tasks: list[DecodeTask], rows: np.ndarray, impl, num_heads: int) -> None:
-        """Score the queued queries of ``rows`` (the rows of ``tasks``, unstaged) and empty
-        their queues."""
+        """Score the queued queries of ``rows`` (the rows of ``tasks``) and empty their queues."""
         q, pos, n = self.rt.decode_bank.take_queued(rows)  # q: [B, N, H, D]
         for dt, k in zip(tasks, n.tolist()):
             dt.num_scored = k
@@ -211,14 +207,8 @@ class DecodeStage:
             mass = decode_mass_rows(q[:, 0], rows, bank.keys, L, impl.scale, visible)
             factor = decay
         else:
-            steps = np.arange(N)
             n = np.full(B, N) if n is None else n
-            valid = steps[None, :] < n[:, None]  # [B, N]: padding after a row's queries
-            visible = bank.scored[rows, None, :L] & (ar[None, None, :] <= qpos[:, :, None]) & valid[:, :, None]
-            visible[:, :, 0] |= ~valid  # padding attends to position 0 only, with weight 0
-            age = np.maximum(n[:, None] - 1 - steps[None, :], 0)
-            weights = np.where(valid, decay[:, None] ** age, 0).astype(np.float32)
-            mass = decode_mass_rows(q, rows, bank.keys, L, impl.scale, visible, torch.from_numpy(weights))
+            mass = self._queued_mass(rows, q, qpos, n, decay, L, impl.scale)
             factor = (decay ** n).astype(np.float32)
         if rt.tp_group is not None:
             # Summed in rank order on every rank: the same bits everywhere.
@@ -226,6 +216,41 @@ class DecodeStage:
             num_heads *= rt.tp_group.world_size
         # Unscored columns get zero mass: their scores only decay, as before.
         bank.score[rows, :L] = bank.score[rows, :L] * factor[:, None] + (mass / num_heads).cpu().numpy()
+
+    def _queued_mass(self, rows: np.ndarray, q: torch.Tensor, qpos: np.ndarray, n: np.ndarray,
+                     decay: np.ndarray, L: int, scale: float) -> torch.Tensor:
+        """``sum_j decay^(n-1-j) * mass_j`` [B, L] of each row's first ``n[b]`` queued queries
+        (:func:`~hae_vllm.policies.attention.queued_mass`), over the bank's keys of the rows'
+        span read as one view when the rows lie in a span at most twice their number (rows of
+        the span without queries get weight 0), gathered otherwise."""
+        bank = self.rt.decode_bank
+        B, N = qpos.shape
+        steps = np.arange(N)
+        valid = steps[None, :] < n[:, None]  # [B, N]: padding after a row's queries
+        weights = np.where(valid, decay[:, None] ** np.maximum(n[:, None] - 1 - steps[None, :], 0), 0)
+        # Padding sees every scored key (a finite softmax), with weight 0.
+        qpos = np.where(valid, qpos, L - 1)
+        r0, r1 = int(rows.min()), int(rows.max()) + 1
+        dev = q.device
+        if r1 - r0 == B and (B == 1 or bool((np.diff(rows) == 1).all())):
+            return queued_mass(q, bank.keys[r0:r1, :, :L], scale, ~bank.scored[r0:r1, :L], qpos,
+                               weights.astype(np.float32))
+        if r1 - r0 > 2 * B:
+            rows_t = torch.from_numpy(rows).to(bank.keys.device)
+            return queued_mass(q, bank.keys[:, :, :L].index_select(0, rows_t), scale, ~bank.scored[rows, :L], qpos,
+                               weights.astype(np.float32))
+        local = rows - r0
+        local_t = torch.from_numpy(local).to(dev)
+        span = r1 - r0
+        q_all = q.new_zeros((span,) + tuple(q.shape[1:]))
+        q_all[local_t] = q
+        hidden = np.zeros((span, L), dtype=bool)  # rows without queries: everything visible
+        hidden[local] = ~bank.scored[rows, :L]
+        qpos_all = np.full((span, N), L - 1, dtype=np.int64)
+        qpos_all[local] = qpos
+        w_all = np.zeros((span, N), dtype=np.float32)
+        w_all[local] = weights
+        return queued_mass(q_all, bank.keys[r0:r1, :, :L], scale, hidden, qpos_all, w_all)[local_t]
 
     def _gather_probs(self, q: torch.Tensor, keys: torch.Tensor, qpos: torch.Tensor, key_pos, impl) -> torch.Tensor:
         probs = attention_probs(q, keys, qpos, impl.scale, key_pos)

@@ -29,6 +29,7 @@ class HoleTable:
         self.version = 0
         self.check = check
         self._cache: tuple | None = None
+        self._bufs: tuple | None = None  # host output buffers (see drop)
 
     def any(self) -> bool:
         return self.num_requests > 0
@@ -55,29 +56,57 @@ class HoleTable:
             self.num_requests -= 1
             self.version += 1
 
-    def drop(self, block_table: torch.Tensor, seq_lens: torch.Tensor, block_size: int, req_ids: list[str]):
-        """:func:`drop_hole_blocks` for this step's batch; ``req_ids`` are the batch's rows."""
+    def drop(self, block_table: torch.Tensor, seq_lens: torch.Tensor, block_size: int, req_ids: list[str],
+             num_reqs: int | None = None):
+        """:func:`drop_hole_blocks` for this step's batch, on rows ``< num_reqs`` (default all;
+        later rows, the batch's padding, are copied as they are): full-size ``(block_table,
+        seq_lens)``, or None when no row has a hole.  ``req_ids`` are the batch's rows.
+
+        On the host the answer is written into buffers this table owns and reuses (valid until
+        the next call: attention metadata lives for one step), with one gather and one
+        subtraction through a flat column index cached while rows and holes are unchanged."""
+        n = block_table.shape[0] if num_reqs is None else num_reqs
         if block_table.device.type != "cpu":
-            return drop_hole_blocks(block_table, seq_lens, block_size)
-        n = block_table.shape[0]
+            res = drop_hole_blocks(block_table[:n], seq_lens[:n], block_size)
+            if res is None or n == block_table.shape[0]:
+                return res
+            table, sl = block_table.clone(), seq_lens.clone()
+            table[:n], sl[:n] = res
+            return table, sl
+        bt, sl = block_table.numpy(), seq_lens.numpy()
         rows = req_ids[:n]  # a copy: the batch's list is mutated
-        key = (self.version, block_table.shape, block_size)
-        cache = self._cache
-        if cache is None or cache[0] != key or cache[1] != rows:
-            cache = self._cache = (key, rows, *_hole_permutation(block_table.numpy(), seq_lens.numpy(), block_size))
-        order, cut = cache[2], cache[3]
-        if order is None:
+        c = self._cache
+        if c is None or c[0] != self.version or c[1] != rows or c[2] != bt.shape or c[3] != block_size or c[4] != sl.shape \
+                or c[7].dtype != bt.dtype or c[9].dtype != sl.dtype:
+            order, cut = _hole_permutation(bt[:n], sl[:n], block_size)
+            flat = None if order is None else (order + np.arange(n)[:, None] * bt.shape[1]).reshape(-1)
+            c = self._cache = (self.version, rows, bt.shape, block_size, sl.shape, flat, cut, *self._buffers(bt, sl))
+        flat = c[5]
+        if flat is None:
             out = None
         else:
-            sl = seq_lens.numpy()
-            out = (torch.from_numpy(np.take_along_axis(block_table.numpy(), order, axis=1)),
-                   torch.from_numpy((sl - cut).astype(sl.dtype)))
+            table_np, table_t, sl_np, sl_t = c[7:]
+            np.take(bt[:n], flat, out=table_np[:n].reshape(-1))
+            np.subtract(sl[:n], c[6], out=sl_np[:n], casting="unsafe")
+            if n < bt.shape[0]:
+                table_np[n:] = bt[n:]
+                sl_np[n:] = sl[n:]
+            out = table_t, sl_t
         if self.check:
-            ref = drop_hole_blocks(block_table, seq_lens, block_size)
+            ref = drop_hole_blocks(block_table[:n], seq_lens[:n], block_size)
             if (ref is None) != (out is None) or (ref is not None and not (
-                    torch.equal(ref[0], out[0]) and torch.equal(ref[1], out[1]))):
+                    torch.equal(ref[0], out[0][:n]) and torch.equal(ref[1], out[1][:n])
+                    and torch.equal(out[0][n:], block_table[n:]) and torch.equal(out[1][n:], seq_lens[n:]))):
                 raise AssertionError(f"cached hole removal disagrees with the direct computation (rows {rows})")
         return out
+
+    def _buffers(self, bt: np.ndarray, sl: np.ndarray):
+        """(table array, its tensor, seq_lens array, its tensor) shaped like ``bt`` and ``sl``."""
+        b = self._bufs
+        if b is None or b[0].shape != bt.shape or b[0].dtype != bt.dtype or b[2].shape != sl.shape or b[2].dtype != sl.dtype:
+            t, s = np.empty_like(bt), np.empty_like(sl)
+            b = self._bufs = (t, torch.from_numpy(t), s, torch.from_numpy(s))
+        return b
 
 
 def drop_hole_blocks(

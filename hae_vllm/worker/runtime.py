@@ -161,10 +161,12 @@ class EvictionRuntime:
     def has_holes(self) -> bool:
         return self.holes.any()
 
-    def drop_holes(self, block_table: torch.Tensor, seq_lens: torch.Tensor, block_size: int):
+    def drop_holes(self, block_table: torch.Tensor, seq_lens: torch.Tensor, block_size: int,
+                   num_reqs: int | None = None):
         """:func:`~hae_vllm.worker.holes.drop_hole_blocks` for this step's batch (rows in
-        ``input_batch`` order), cached across steps (:class:`~hae_vllm.worker.holes.HoleTable`)."""
-        return self.holes.drop(block_table, seq_lens, block_size, self.runner.input_batch.req_ids)
+        ``input_batch`` order, the first ``num_reqs``), cached across steps
+        (:meth:`~hae_vllm.worker.holes.HoleTable.drop`)."""
+        return self.holes.drop(block_table, seq_lens, block_size, self.runner.input_batch.req_ids, num_reqs)
 
     def wants_scoring(self, layer_name: str) -> bool:
         if not self._scoring_ordinals:
@@ -206,7 +208,9 @@ class EvictionRuntime:
         index = runner.input_batch.req_id_to_index
         skip = self.skip
         bs = self.block_size
-        rows, firsts, counts = [], [], []
+        bank = self.decode_bank
+        slot_pos, scored = bank.slot_pos, bank.scored
+        multi = []  # (row, first, count) of decode requests running several tokens
         for req_id, n in scheduler_output.num_scheduled_tokens.items():
             if req_id in skip:
                 continue
@@ -222,13 +226,21 @@ class EvictionRuntime:
                     skip.add(req_id)
                     continue
             if st.decided:
-                if st.decode is not None:
+                ds = st.decode
+                if ds is not None:
                     start = req.num_computed_tokens
-                    self.decode_bank.ensure(len(req.block_ids[0]) * bs)
-                    rows.append(st.decode.row)
-                    firsts.append(start)
-                    counts.append(n)
-                    self.decode_tasks.append(DecodeTask(st, index[req_id], start, start + n, req.block_ids[0]))
+                    table = req.block_ids[0]
+                    if len(table) * bs > bank.capacity:
+                        bank.ensure(len(table) * bs)
+                        slot_pos, scored = bank.slot_pos, bank.scored
+                    # This step's tokens land in slot == position (vLLM's slot mapping is
+                    # logical) and are scored from now on.
+                    if n == 1:
+                        slot_pos[ds.row, start] = start
+                        scored[ds.row, start] = True
+                    else:
+                        multi.append((ds.row, start, n))
+                    self.decode_tasks.append(DecodeTask(st, index[req_id], start, start + n, table))
                 continue
             start = req.num_computed_tokens
             end = start + n
@@ -242,19 +254,17 @@ class EvictionRuntime:
                     block_ids=req.block_ids[0],
                 )
             )
-        if rows:
-            # This step's tokens land in slot == position (vLLM's slot mapping is logical) and
-            # are scored from now on.
-            r, c = np.repeat(rows, counts), _ranges(firsts, counts)
-            self.decode_bank.slot_pos[r, c] = c
-            self.decode_bank.scored[r, c] = True
-        num_layers = len(self.attention_layers())
+        for row, start, n in multi:
+            bank.slot_pos[row, start : start + n] = np.arange(start, start + n)
+            bank.scored[row, start : start + n] = True
         if self.decode_tasks:
             self._scoring_ordinals.add(0)
-        for task in self.tasks:
-            sc = task.state.scoring
-            if sc is not None:
-                self._scoring_ordinals.update(range(num_layers) if sc.layers is None else sc.layers)
+        if self.tasks:
+            num_layers = len(self.attention_layers())
+            for task in self.tasks:
+                sc = task.state.scoring
+                if sc is not None:
+                    self._scoring_ordinals.update(range(num_layers) if sc.layers is None else sc.layers)
 
     def _start_sessions(self, started: dict) -> None:
         """Requests served a conversation hit (hae_vllm.engine.sessions): their tables hold
@@ -302,14 +312,6 @@ class EvictionRuntime:
     def take_reports(self) -> dict[str, EvictionReport]:
         reports, self.reports = self.reports, {}
         return reports
-
-
-def _ranges(firsts: list[int], counts: list[int]) -> np.ndarray:
-    """Concatenated ``arange(first, first + count)`` for every pair."""
-    counts_a = np.asarray(counts, dtype=np.int64)
-    if bool((counts_a == 1).all()):
-        return np.asarray(firsts, dtype=np.int64)
-    return np.concatenate([np.arange(f, f + c) for f, c in zip(firsts, counts)])
 
 
 _CURRENT: EvictionRuntime | None = None
