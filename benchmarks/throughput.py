@@ -77,6 +77,7 @@ def summarize(rec):
         "ttft_p50_s": pct(ttft, 0.5), "ttft_p99_s": pct(ttft, 0.99),
         "tpot_p50_s": pct(tpot, 0.5), "tpot_p99_s": pct(tpot, 0.99),
         "step_profile": rec.get("step_profile"),
+        "preemption": rec.get("preemption"),
     }
 
 
@@ -151,7 +152,10 @@ def main() -> None:
     limit = 1.0 / (1.0 - r)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    data = {"benchmark": "throughput", "args": vars(args), "rounds": paired, "median": med, "r": r, "limit": limit,
+    from hae_vllm.config import build_engine_config
+
+    resolved = build_engine_config(args.method, None, **{k: v for k, v in eviction.items() if k != "method"})
+    data = {"benchmark": "throughput", "args": vars(args), "eviction_config": resolved.to_dict(), "rounds": paired, "median": med, "r": r, "limit": limit,
             "throughput_ratio": med["throughput_ratio"], "max_running_ratio": med["max_running_ratio"],
             "machine": environment_info()}
     (out / f"throughput_{args.method}{'_' + args.tag if args.tag else ''}.json").write_text(json.dumps(data, indent=2))
@@ -197,6 +201,15 @@ def report(data: dict) -> None:
               f"prompt tokens computed {statistics.median(s['step_profile']['prefill_tokens'] for s in rows):g} "
               f"({statistics.median((s['step_profile']['prefill_tokens'] - first) / max(1, s['preemptions']) for s in rows):.0f} "
               f"recomputed per preemption)")
+    if all(p[name].get("preemption") for p in paired for name in names):
+        for name in names:
+            rows = [p[name]["preemption"] for p in paired]
+            # Tokens a preempted request had computed and computed again: what preemption cost.
+            recomputed = statistics.median(r["preempted_computed"] - r["resumed_hits"] for r in rows)
+            print(f"{name:>6} after preemption (medians of the rounds): {recomputed:g} tokens recomputed; "
+                  f"{statistics.median(r['resumed'] for r in rows):g} resumptions served "
+                  f"{statistics.median(r['resumed_hits'] for r in rows):g} of "
+                  f"{statistics.median(r['resumed_tokens'] for r in rows):g} tokens from the cache")
     cost = statistics.median(step_ms(p[method]) / step_ms(p["none"]) for p in paired)
     print(f"decode step cost {method}/none: {cost:.2f} (median of the rounds' ratios)")
     sp = spread([p["throughput_ratio"] for p in paired])

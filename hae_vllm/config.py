@@ -105,6 +105,12 @@ class EvictionConfig:
     # evicting request's tokens continues from the cache that request left (holes and all)
     # instead of recomputing it.  Requests with a decode budget never do.
     session_reuse: bool = True
+    # Admission reserve (engine-wide): share of the KV blocks a waiting or preempted request
+    # must leave free to be admitted while others run (vLLM's scheduler ``watermark``; the larger
+    # of the two applies).  Eviction shrinks what a request holds but not what it will grow by,
+    # so filling the pool as vLLM does without eviction preempts more running requests, and a
+    # preempted request's compacted cache is rarely reusable (docs/how-it-works.md).  0 = vLLM's.
+    admission_reserve: float = 0.05
     # Block size chosen when eviction is on and the user set none.
     default_block_size: int = 32
 
@@ -134,6 +140,7 @@ class EvictionConfig:
             ("variance_gain", 0.0, math.inf, True, False),
             ("text_threshold_scale", 0.0, math.inf, True, False),
             ("restore_margin", 0.0, math.inf, True, False),
+            ("admission_reserve", 0.0, 0.5, True, False),
         ):
             _check_number(name, getattr(self, name), lo, hi, lo_incl, optional)
         for name, minimum, optional in (
@@ -195,7 +202,8 @@ def _check_int(name: str, v: Any, minimum: int, optional: bool) -> None:
 
 # Fields a single request may override (trace_path and block size are engine-wide).
 REQUEST_FIELDS = tuple(
-    f.name for f in fields(EvictionConfig) if f.name not in ("method", "trace_path", "default_block_size")
+    f.name for f in fields(EvictionConfig)
+    if f.name not in ("method", "trace_path", "default_block_size", "admission_reserve")
 )
 
 

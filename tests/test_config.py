@@ -49,6 +49,7 @@ def test_additional_config_forms_agree():
         ('{"theta": null}', "theta must be a number"),
         ('{"rescore_interval": 0}', "integer >= 1"),
         ('{"default_block_size": 24}', "multiple of 16"),
+        ('{"admission_reserve": 0.6}', "admission_reserve must be a number in [0, 0.5]"),
         ('{"colour": "blue"}', "unknown kv eviction setting"),
         ("definitely_not_a_file", "no such file"),
     ],
@@ -84,6 +85,7 @@ def test_request_knobs():
         ({"kv_eviction_budget": 3}, "(0, 1]"),
         ({"kv_eviction": "nope"}, "not a method"),
         ({"kv_eviction_trace_path": "/tmp/x"}, "unknown per-request knob"),
+        ({"kv_eviction_admission_reserve": 0.1}, "unknown per-request knob"),  # engine-wide
         ({"kv_eviction_sink_tokens": 1.5}, "non-negative integer"),
     ]:
         with pytest.raises(EvictionConfigError) as e:

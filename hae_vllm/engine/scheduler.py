@@ -74,6 +74,7 @@ class EvictionScheduler(Scheduler):
         if self._evict_manager is None:
             raise EvictionConfigError("no full-attention KV cache manager found; eviction unsupported")
         self.recycle_bin = RecycleBin(self.kv_cache_manager.block_pool, self._evict_manager._null_block)
+        self._reserve_admission_blocks()
         # Conversation reuse (hae_vllm.engine.sessions) rides on prefix caching.
         self.sessions: SessionCache | None = None
         if self.cache_config.enable_prefix_caching:
@@ -82,6 +83,20 @@ class EvictionScheduler(Scheduler):
             self.kv_cache_manager.get_computed_blocks = self._computed_blocks
 
     # ------------------------------------------------------------------ admission
+    def _reserve_admission_blocks(self) -> None:
+        """Apply ``admission_reserve`` through vLLM's own watermark (blocks a waiting or
+        preempted request must leave free to be admitted while others run), keeping the
+        larger of the two."""
+        cfg = self.eviction_config
+        kv = self.kv_cache_manager
+        reserve = int(cfg.admission_reserve * self.kv_cache_config.num_blocks) if cfg.enabled else 0
+        if reserve > getattr(kv, "watermark_blocks", 0):
+            if not hasattr(kv, "watermark_blocks"):
+                logger.warning("this vLLM's KV cache manager has no admission watermark: "
+                               "admission_reserve is not applied")
+                return
+            kv.watermark_blocks = reserve
+
     def add_request(self, request) -> None:
         cfg = self._request_config(request)
         may_evict = cfg is not None and (cfg.decode_enabled or (cfg.enabled and bool(request.mm_features)))

@@ -47,7 +47,8 @@ def settings_signature(cfg: "EvictionConfig") -> bytes:
     """The settings a session is bound to: a request with other eviction settings must not
     continue from memory another method (or budget) chose."""
     data = {k: v for k, v in cfg.to_dict().items()
-            if k not in ("trace_path", "measure_layer_overlap", "default_block_size", "session_reuse")}
+            if k not in ("trace_path", "measure_layer_overlap", "default_block_size", "session_reuse",
+                         "admission_reserve")}
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).digest()
 
 

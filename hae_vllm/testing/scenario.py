@@ -300,6 +300,27 @@ class _Instruments:
             return out
 
         executor.execute_model = execute_model
+        # Preemption and resumption, from vLLM's own records: the tokens a request had computed
+        # when it was preempted, and the prefix-cache hit it was admitted with again (vLLM
+        # counts a hit when the request is scheduled; a session hit counts as one).
+        orig_preempt = sched._preempt_request
+
+        def preempt(request, *a, **k):
+            self.preempted_computed += request.num_computed_tokens
+            return orig_preempt(request, *a, **k)
+
+        sched._preempt_request = preempt
+        kv = sched.kv_cache_manager
+        orig_record = kv.record_prefix_cache_stats
+
+        def record_prefix_cache_stats(request, num_hits):
+            if request.num_preemptions > 0:
+                self.resumed += 1
+                self.resumed_tokens += request.num_tokens
+                self.resumed_hits += num_hits
+            return orig_record(request, num_hits)
+
+        kv.record_prefix_cache_stats = record_prefix_cache_stats
         self.attention_s = 0.0
         if time_attention and self.runner is not None:
             self._time_attention()
@@ -333,6 +354,10 @@ class _Instruments:
         self.steps: list[tuple[float, int, int]] = []
         self.free_before = self.pool.get_num_free_blocks()
         self.attention_s = 0.0
+        self.preempted_computed = 0
+        self.resumed = 0
+        self.resumed_tokens = 0
+        self.resumed_hits = 0
 
     def readings(self, t_end: float) -> dict[str, Any]:
         sched = self.sched
@@ -352,6 +377,9 @@ class _Instruments:
             kv_bytes_per_block=sum(g.kv_cache_spec.page_size_bytes * len(g.layer_names)
                                    for g in sched.kv_cache_config.kv_cache_groups),
             peak_blocks_in_use=self.peak_in_use,
+            # Free blocks a waiting request must leave to be admitted (vLLM's watermark; the
+            # eviction scheduler raises it to admission_reserve).
+            admission_watermark_blocks=getattr(sched.kv_cache_manager, "watermark_blocks", None),
             blocks_in_use_by_step=self.in_use_by_step,
             peak_running=self.peak_running,
             # From the first schedule() to the end of generate(): the engine's stepping time,
@@ -362,6 +390,11 @@ class _Instruments:
             scheduler_cls=type(sched).__name__,
             eviction_stats=sched.eviction_stats.as_dict() if hasattr(sched, "eviction_stats") else None,
             step_profile=_step_profile(self.steps),
+            # Tokens computed before a preemption, summed over preemptions; resumptions, the
+            # tokens they asked for and those served from the cache (content or session hit).
+            # Recomputation after preemption = preempted_computed - resumed_hits.
+            preemption=dict(preempted_computed=self.preempted_computed, resumed=self.resumed,
+                            resumed_tokens=self.resumed_tokens, resumed_hits=self.resumed_hits),
             # Every step: (forward seconds, decode requests, prompt tokens scheduled).
             steps=[(round(t, 6), d, p) for t, d, p in self.steps],
         )
