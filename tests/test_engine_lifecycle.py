@@ -65,9 +65,11 @@ def preempt_record():
     # 20 blocks of 32 tokens cannot hold four 270-token prompts growing by 96 tokens each:
     # the scheduler preempts and recomputes, and eviction is planned again on recompute.
     # Without prefix caching: a preempted request cannot resume from the cache it kept
-    # (tests/test_engine_sessions.py covers that path).
+    # (tests/test_engine_sessions.py covers that path).  vLLM's admission (no reserve): with
+    # the default reserve (one of the 20 blocks) this scenario preempts nothing.
     return run_in_subprocess(
-        ScenarioSpec(model="llava", requests=PREEMPT_REQS, eviction="hae", num_gpu_blocks_override=20, max_model_len=512,
+        ScenarioSpec(model="llava", requests=PREEMPT_REQS, eviction={"method": "hae", "admission_reserve": 0},
+                     num_gpu_blocks_override=20, max_model_len=512,
                      max_num_seqs=4, logprobs=True, enable_prefix_caching=False)
     )
 
