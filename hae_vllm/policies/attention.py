@@ -173,7 +173,10 @@ def queued_mass(queries: torch.Tensor, keys: torch.Tensor, scale: float, hidden:
     logits = torch.bmm(q.reshape(B * num_kv_heads, N * group, head_dim),
                        keys.float().reshape(B * num_kv_heads, L, head_dim).transpose(1, 2))
     logits = logits.view(B, num_kv_heads, N, group, L)
-    logits.masked_fill_(torch.from_numpy(hidden).to(dev).view(B, 1, 1, 1, L), float("-inf"))
+    # Hidden keys as an additive -inf bias: the same values as masked_fill (x + 0 == x), and
+    # a broadcast add is several times cheaper than a broadcast masked_fill on the host.
+    bias = np.where(hidden, np.float32(-np.inf), np.float32(0.0))
+    logits.add_(torch.from_numpy(bias).to(dev).view(B, 1, 1, 1, L))
     lo = int(query_positions.min()) + 1
     if lo < L:
         future = np.arange(lo, L)[None, None, :] > query_positions[:, :, None]  # [B, N, L - lo]

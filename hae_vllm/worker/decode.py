@@ -134,6 +134,38 @@ class DecodeBank:
         self.num_staging_rows += int(k > 1) - int(self.interval[row] > 1)
         self.interval[row] = k
 
+    def append(self, rows: list[int], positions: list[int], at: list[int], query: torch.Tensor,
+               key: torch.Tensor) -> None:
+        """One decode step of ``rows`` (distinct, ``interval`` > 1 somewhere), one token each:
+        the keys ``key[at]`` [B, kv_heads, head_dim] go to ``keys`` at ``positions`` and the
+        queries ``query[at]`` [B, num_heads, head_dim] join the rows' queues.  On the host
+        these are a handful of numpy copies (what every decode step pays); elsewhere
+        :meth:`put_keys` and :meth:`queue`."""
+        keys, qq = self.keys, self.queued_q
+        B = len(rows)
+        kd = self._host(keys)
+        qd = None if qq is None or qq.dtype != query.dtype or qq.shape[2:] != query.shape[1:] else self._host(qq)
+        ks = host_view(key) if key.dtype == keys.dtype else None
+        qs = host_view(query)
+        nq = self.num_queued
+        if kd is None or qd is None or ks is None or qs is None or B > 2:
+            sel = torch.as_tensor(at, device=query.device) if B > 1 else slice(at[0], at[0] + 1)
+            self.put_keys(rows, positions, key[sel].reshape(B, keys.shape[1], keys.shape[3]))
+            self.queue(rows, positions, query[sel])
+            return
+        qpos = self.queued_pos
+        width = qd.shape[1]
+        for r, p, i in zip(rows, positions, at):
+            s = int(nq[r])
+            if s >= width:  # more steps than the queue holds: grow it (the generic path)
+                self.put_keys([r], [p], key[i : i + 1].reshape(1, keys.shape[1], keys.shape[3]))
+                self.queue([r], [p], query[i : i + 1])
+                continue
+            kd[r, :, p] = ks[i].reshape(kd.shape[1], kd.shape[3])
+            qd[r, s] = qs[i]
+            qpos[r, s] = p
+            nq[r] = s + 1
+
     def put_keys(self, rows: list[int], positions: list[int], k: torch.Tensor) -> None:
         """This step's layer-0 keys ``k`` [B, kv_heads, head_dim] of ``rows`` at ``positions``
         (one each)."""

@@ -111,31 +111,32 @@ class DecodeStage:
             starts_l.append(dt.start)
             at.append(qsl[dt.row])
             single = single and dt.end - dt.start == 1
-        rows = np.array(rows_l, dtype=np.int64)
         keys = bank.keys
         num_heads = query.shape[1]
         due = tasks
-        if single:
+        if single and bank.num_staging_rows:
+            # score_interval k > 1: this step's keys and queries are stored, and rows are
+            # scored every k steps.
+            bank.append(rows_l, starts_l, at, query, key)
+            if self.num_steps < self.next_scoring:
+                for dt in tasks:
+                    dt.due = False
+                due = []
+            else:
+                due = self._score_due(tasks, np.array(rows_l, dtype=np.int64), impl, num_heads)
+        elif single:
+            # Every request scores every step (k = 1): the new query alone, nothing queued.
             if at == list(range(at[0], at[0] + len(at))):
                 q, k = query[at[0] : at[0] + len(at)], key[at[0] : at[0] + len(at)]  # the batch in order
             else:
                 qrows = torch.as_tensor(at, device=query.device)
                 q, k = query[qrows], key[qrows]
-            # This step's keys go to the bank at once (what scoring reads, now or later).
             bank.put_keys(rows_l, starts_l, k.reshape(len(tasks), keys.shape[1], keys.shape[3]))
-            if not bank.num_staging_rows:
-                # Every request scores every step (k = 1): the new query alone, nothing queued.
-                starts = np.array(starts_l, dtype=np.int64)
-                self._score_rows(rows, q[:, None], starts[:, None], _decay(tasks), impl, num_heads)
-            else:
-                bank.queue(rows_l, starts_l, q)
-                if self.num_steps < self.next_scoring:
-                    for dt in tasks:
-                        dt.due = False
-                    due = []
-                else:
-                    due = self._score_due(tasks, rows, impl, num_heads)
+            rows = np.array(rows_l, dtype=np.int64)
+            starts = np.array(starts_l, dtype=np.int64)
+            self._score_rows(rows, q[:, None], starts[:, None], _decay(tasks), impl, num_heads)
         else:
+            rows = np.array(rows_l, dtype=np.int64)
             queued = np.flatnonzero(bank.num_queued[rows] > 0)
             if len(queued):
                 self._score_queued([tasks[i] for i in queued], rows[queued], impl, num_heads)
