@@ -78,6 +78,18 @@ def accuracy_summary(d: dict) -> dict:
             "best": base["method"], "best_acc": base["accuracy"], "n": hae["n"]}
 
 
+def accuracy_table(summary: list[dict]) -> str:
+    from hae_vllm.accuracy.harness import markdown_table
+
+    return markdown_table(summary).rstrip("\n")
+
+
+def decode_comparison_table(summary: list[dict]) -> str:
+    from hae_vllm.accuracy.harness import decode_table
+
+    return decode_table(summary).rstrip("\n")
+
+
 def soak_files() -> list[tuple[str, dict]]:
     return [(p.stem, json.loads(p.read_text())) for p in sorted(RESULTS.glob("soak*.json"))]
 
@@ -112,6 +124,20 @@ def headline() -> str:
         lines.append(f"| Accuracy at equal memory ({pct(a['kept'])} of KV blocks kept, trained grid VLM, {a['n']} items) | "
                      f"hae {a['hae']:.2f}, full cache {a['full']:.2f}, best baseline {a['best']} {a['best_acc']:.2f} | "
                      "`python benchmarks/accuracy.py --quick` |")
+    hard = load("accuracy_hard_quick")
+    if hard:
+        a = accuracy_summary(hard)
+        lines.append(f"| Accuracy under distractors (cell, needle, describe; {pct(a['kept'])} of KV blocks kept, "
+                     f"grid-llava-v2, {a['n']} items) | hae {a['hae']:.2f}, full cache {a['full']:.2f}, best baseline "
+                     f"{a['best']} {a['best_acc']:.2f} | `python benchmarks/accuracy.py --quick --suite hard` |")
+    dec = load("accuracy_decode_quick")
+    if dec:
+        by = {s.get("group", s["method"]): s for s in dec["summary"]}
+        binned = next(s for g, s in by.items() if g.startswith("bin"))
+        lines.append(f"| Decode stage on describe (decode budget {dec['decode_budget']:g}, {pct(binned['final_kv_frac'])} "
+                     f"of KV blocks live at the end, {binned['n']} items) | full cache {by['full']['accuracy']:.2f}, "
+                     f"greedy eviction {by['greedy']['accuracy']:.2f}, recycle bin ({binned['group']}) "
+                     f"{binned['accuracy']:.2f} | `python benchmarks/accuracy.py --quick --decode` |")
     tp = load("throughput_hae")
     if tp:
         t = throughput_summary(tp)
@@ -203,6 +229,19 @@ def results_doc() -> str:
         out += ["", "The six-budget sweep, `python benchmarks/accuracy.py --tasks single,cell --n 100`: "
                 "[accuracy_full.md](../benchmarks/results/accuracy_full.md).", "",
                 "![accuracy against KV kept](../benchmarks/results/accuracy_full.png)", ""]
+    hard = load("accuracy_hard_full")
+    if hard:
+        out += ["## Accuracy under distractors", "",
+                f"`python {' '.join(['benchmarks/accuracy.py'] + hard['argv'])}` on `models/grid-llava-v2` (cell, needle, "
+                "describe; see its model card). Accuracy per task at each method's physical KV kept:", "",
+                accuracy_table(hard["summary"]), "",
+                "![accuracy against KV kept, one panel per task](../benchmarks/results/accuracy_hard_full.png)", ""]
+    dec = load("accuracy_decode_full")
+    if dec:
+        out += ["## Decode stage: greedy eviction against the recycle bin", "",
+                f"`python {' '.join(['benchmarks/accuracy.py'] + dec['argv'])}`: describe on `models/grid-llava-v2`, "
+                f"decode budget {dec['decode_budget']:g}, no prefill eviction; greedy = bin capacity 0.", "",
+                decode_comparison_table(dec["summary"]), ""]
     tps = [(p.stem, json.loads(p.read_text())) for p in sorted(RESULTS.glob("throughput_hae*.json"))]
     if tps:
         out += ["## Throughput", "",

@@ -64,3 +64,48 @@ def test_kv_kept_is_physical_and_reports_are_written(quick):
     assert (out / "accuracy_quick.png").read_bytes()[:4] == b"\x89PNG"
     md = (out / "accuracy_quick.md").read_text()
     assert "| hae@0.4 |" in md and "| streamingllm@0.4 |" in md and "| full |" in md
+
+
+MODEL_V2 = REPO / "models" / "grid-llava-v2"
+HARD_LINE = re.compile(r"^full_acc=(\S+) hae_acc=(\S+) best_baseline_acc=(\S+) best_baseline=(\S+) budget=(\S+) "
+                       r"kv_kept_frac=(\S+)$")
+DECODE_LINE = re.compile(r"^describe_full=(\S+) greedy=(\S+) bin=(\S+) kv_kept_frac=(\S+)$")
+
+
+def _run(args, out):
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "accuracy.py"), *args, "--out", str(out)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc.stdout.strip().splitlines()[-1]
+
+
+@pytest.mark.skipif(not (MODEL_V2 / "config.json").is_file(), reason="models/grid-llava-v2 not trained")
+def test_hard_suite_and_decode_lines(tmp_path):
+    """--suite hard: the v2 model answers the distractor tasks through vLLM at full cache, the last
+    line names the best baseline; --decode: greedy (bin capacity 0) never restores, the bin's
+    restores and parks are read from the traces, both settings end at the same live KV."""
+    line = _run(["--suite", "hard", "--quick", "--n", "2", "--methods", "hae,random"], tmp_path)
+    m = HARD_LINE.match(line)
+    assert m and m.group(4) == "random", line
+    rec = json.loads((tmp_path / "accuracy_hard_quick.json").read_text())
+    assert {r["task"] for r in rec["rows"]} == {"cell", "needle", "describe"}
+    full = [r for r in rec["rows"] if r["method"] == "full"]
+    train_log = json.loads((MODEL_V2 / "train_log.json").read_text())
+    if min(train_log["final_heldout"][t] for t in ("cell", "needle", "describe")) >= 0.9:
+        assert sum(r["score"] for r in full) / len(full) >= 0.75, [(r["answer"], r["prediction"]) for r in full]
+    line = _run(["--decode", "--quick", "--n", "2", "--decode-budget", "0.5"], tmp_path)
+    m = DECODE_LINE.match(line)
+    assert m, line
+    rec = json.loads((tmp_path / "accuracy_decode_quick.json").read_text())
+    by = {}
+    for r in rec["rows"]:
+        by.setdefault(r["group"], []).append(r)
+    assert set(by) == {"full", "greedy", "bin4"}
+    assert all(r["parked_blocks"] == r["restored_blocks"] == 0 for r in by["full"])
+    assert all(r["restored_blocks"] == 0 and r["parked_blocks"] > 0 for r in by["greedy"])
+    for g in ("greedy", "bin4"):
+        for r in by[g]:
+            # The decode budget holds live blocks to about half of what the request would hold.
+            assert r["final_live_blocks"] <= math.ceil(0.5 * r["full_blocks"]) + 2, r
+    assert float(m.group(4)) < 0.65
+    assert rec["scheduler_stats"]["restored_blocks"] == sum(r["restored_blocks"] for r in rec["rows"])

@@ -82,6 +82,27 @@ def _answer_ids(tok, answer: str) -> list[int]:
     return tok(" " + answer + tok.eos_token, add_special_tokens=False)["input_ids"]
 
 
+def init_positions_cells(model, cells: int = 4, amp: float = 2.0) -> None:
+    """The 2-D sine-cosine table, with its first ``2 * cells`` channels replaced by a one-hot
+    code of the grid cell a patch lies in (row, then column; ``amp`` on, 0 off).  Questions
+    name cells, not patches: with the cell readable linearly, attending to "row 2 column 3"
+    is a match on 8 features instead of a bucketing of fine positions the model must learn
+    first.  Still an initialisation: the table is trained afterwards."""
+    emb = model.model.vision_tower.embeddings.position_embedding.weight
+    n, dim = emb.shape[0] - 1, emb.shape[1]
+    grid = int(round(n ** 0.5))
+    assert grid * grid == n and grid % cells == 0 and dim % 4 == 0 and dim >= 4 * cells, (n, dim, cells)
+    table = sincos_2d(grid, dim)
+    idx = torch.arange(n)
+    per = grid // cells
+    table[:, : 2 * cells] = 0.0
+    table[idx, (idx // grid) // per] = amp
+    table[idx, cells + (idx % grid) // per] = amp
+    with torch.no_grad():
+        emb[0].zero_()
+        emb[1:].copy_(table)
+
+
 def _batch(processor, items, device):
     """Input ids with labels on the answer tokens only (right padding)."""
     tok = processor.tokenizer
@@ -144,7 +165,7 @@ def _build_model(base: Path, text_overrides: dict | None, weights: bool = True):
     return LlavaForConditionalGeneration(config).to(torch.float32)
 
 
-def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, device: str, eval_every: int, eval_n: int,
+def train(out: Path, steps: int | None, batch_size: int, lr: float, seed: int, device: str, eval_every: int, eval_n: int,
           task_weights: dict[str, float] | None = None, pos_init: str = "sincos",
           init_from: str | None = None, eval_tasks: tuple[str, ...] = ("single", "cell"),
           stages: list[dict] | None = None, batch_sizes: dict[str, int] | None = None,
@@ -158,7 +179,9 @@ def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, device: 
     returns None), for sessions shorter than the run."""
     from transformers import AutoProcessor
 
-    stages = _stages(stages, task_weights, steps)
+    if not resume:
+        steps = steps or 3000
+    stages = _stages(stages, task_weights, steps or 0)
     batch_sizes = batch_sizes or {}
     ckpt = Path(ckpt_dir) if ckpt_dir else None
     state = None
@@ -187,6 +210,8 @@ def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, device: 
         reinit_for_training(model, seed)
         if pos_init == "sincos":
             init_positions_2d(model)
+        elif pos_init == "cells":
+            init_positions_cells(model)
     model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     rng = random.Random(seed)
@@ -203,9 +228,14 @@ def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, device: 
         rng.setstate(state["rng"])
         torch.set_rng_state(state["torch_rng"])
         counters, log, start, elapsed = state["counters"], state["log"], state["step"] + 1, state["elapsed"]
-        steps = log["config"]["steps"]
         stages, batch_sizes, lr, warmup = (log["config"]["stages"], log["config"]["batch_sizes"], log["config"]["lr"],
                                            log["config"]["warmup"])
+        steps = steps or log["config"]["steps"]
+        if steps != log["config"]["steps"]:  # a new length: the cosine re-aims at it from here
+            log.setdefault("length_changes", []).append((start - 1, log["config"]["steps"], steps))
+            stages = [st for st in stages if st["until"] < steps] + [dict(next(st for st in stages if st["until"] >= steps))]
+            stages[-1]["until"] = steps
+            log["config"]["steps"], log["config"]["stages"] = steps, stages
         log.setdefault("resumed_at", []).append(start - 1)
         print(f"resumed at step {start - 1} ({elapsed:.0f}s trained)", flush=True)
     if init_from and (base / "train_log.json").is_file():
@@ -289,14 +319,14 @@ def _machine(device: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="models/grid-llava-v1")
-    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--steps", type=int, default=None, help="default 3000 (with --resume: the saved run's)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--eval-every", type=int, default=500)
     ap.add_argument("--eval-n", type=int, default=100)
-    ap.add_argument("--pos-init", choices=("sincos", "random"), default="sincos")
+    ap.add_argument("--pos-init", choices=("sincos", "cells", "random"), default="sincos")
     ap.add_argument("--init-from", default=None, help="continue from a checkpoint written by this script")
     ap.add_argument("--eval-tasks", default="single,cell")
     ap.add_argument("--task-weights", default=None, help='JSON, e.g. \'{"cell": 0.7, "describe": 0.3}\'')
@@ -307,7 +337,9 @@ def main() -> None:
     ap.add_argument("--text-config", default=None, help='text model sizes, JSON, e.g. \'{"hidden_size": 192}\'')
     ap.add_argument("--ckpt-dir", default=None, help="resumable checkpoint folder (e.g. under .cache/)")
     ap.add_argument("--ckpt-every", type=int, default=100)
-    ap.add_argument("--resume", action="store_true", help="continue from --ckpt-dir/last.pt (its saved config)")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue from --ckpt-dir/last.pt with its saved config; --steps, when it differs, "
+                         "changes the run's length (cosine schedule and last stage re-aimed)")
     ap.add_argument("--final-n", type=int, default=200, help="held-out items per task in the final evaluation")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--stop-after", type=int, default=None, help="leave after this many steps (resume later)")
