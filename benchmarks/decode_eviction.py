@@ -15,12 +15,14 @@ tpot_ratio is wall time per generated token (the run is decode-dominated: all re
 admitted at once and generate the same number of tokens), hae over none: the median over
 ``--timing-rounds`` paired rounds in two live engines (order flipped every round, fresh images),
 since single runs of the same code minutes apart moved it between 0.99 and 1.36 on this machine.
+The timing engines run one torch thread each (``OMP_NUM_THREADS=1``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -42,7 +44,7 @@ def main() -> None:
     ap.add_argument("--decode-budget", type=float, default=0.5, help="decode keep ratio")
     ap.add_argument("--config", default=None, help="extra settings as inline JSON (bin_capacity, restore_margin, ...)")
     ap.add_argument("--oracle-checks", type=int, default=2)
-    ap.add_argument("--timing-rounds", type=int, default=5, help="paired rounds timing tpot_ratio")
+    ap.add_argument("--timing-rounds", type=int, default=9, help="paired rounds timing tpot_ratio")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = ap.parse_args()
     if args.max_tokens < 512:
@@ -54,6 +56,7 @@ def main() -> None:
         eviction.update(json.loads(args.config))
     common = dict(model="llava", requests=reqs, max_model_len=2048)
     t0 = time.time()
+    load_start = list(os.getloadavg())
     base = run_in_subprocess(ScenarioSpec(eviction="none", **common), timeout=3600)
     meth = run_in_subprocess(ScenarioSpec(eviction=eviction, **common), timeout=3600)
 
@@ -63,8 +66,11 @@ def main() -> None:
     n_out = sum(len(r["token_ids"]) for r in meth["results"])
     single_tpot_ratio = (meth["generate_s"] / n_out) / (base["generate_s"] / sum(len(r["token_ids"]) for r in base["results"]))
     paired = []
-    with LiveScenario(ScenarioSpec(eviction="none", warmup_requests=2, **common)) as eng_none, \
-            LiveScenario(ScenarioSpec(eviction=eviction, warmup_requests=2, **common)) as eng_hae:
+    # One torch/OpenMP thread per timing engine (as benchmarks/long_generation.py): on a shared
+    # 2-core machine a spinning OpenMP barrier turns other processes' load into step time.
+    timing = dict(warmup_requests=2, env={"OMP_NUM_THREADS": "1"}, **common)
+    with LiveScenario(ScenarioSpec(eviction="none", **timing)) as eng_none, \
+            LiveScenario(ScenarioSpec(eviction=eviction, **timing)) as eng_hae:
         for i in range(args.timing_rounds):
             per_tok = {}
             for name, eng in ((("none", eng_none), ("hae", eng_hae)) if i % 2 == 0 else (("hae", eng_hae), ("none", eng_none))):
@@ -95,10 +101,13 @@ def main() -> None:
                      "freed_at_prefill": st["freed_blocks"], "parked": st["parked_blocks"],
                      "restored": st["restored_blocks"], "released": st["released_blocks"], "lost": st["lost_blocks"]},
         "timing": {"none_generate_s": base["generate_s"], "hae_generate_s": meth["generate_s"], "tpot_ratio": tpot_ratio,
+                   "timing_engines_omp_num_threads": 1,
                    "paired_tpot_ratios": paired, "single_run_tpot_ratio": single_tpot_ratio,
                    "wall_s": time.time() - t0},
         "oracle": checks,
         "machine": environment_info(),
+        # 1/5/15-minute load averages when the run started and ended (a shared 2-core machine).
+        "load_average": {"start": load_start, "end": list(os.getloadavg())},
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

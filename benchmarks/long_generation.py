@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import statistics
 import sys
 import time
@@ -119,7 +120,7 @@ def main() -> None:
     ap.add_argument("--decode-budget", type=float, default=0.5, help="decode keep ratio")
     ap.add_argument("--config", default=None, help="extra settings of both evicting engines, inline JSON")
     ap.add_argument("--rounds", type=int, default=5, help="paired saturation rounds")
-    ap.add_argument("--rounds-b1", type=int, default=7, help="paired batch-1 rounds")
+    ap.add_argument("--rounds-b1", type=int, default=9, help="paired batch-1 rounds")
     ap.add_argument("--tag", default="", help="suffix of the result file")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = ap.parse_args()
@@ -139,6 +140,7 @@ def main() -> None:
                   num_gpu_blocks_override=args.num_blocks, max_num_seqs=256, max_model_len=2048,
                   max_num_batched_tokens=2048, warmup_requests=2, env={"OMP_NUM_THREADS": "1"})
     t0 = time.time()
+    load_start = list(os.getloadavg())
     b1: dict[str, list] = {n: [] for n in ENGINES}
     sat: dict[str, list] = {n: [] for n in ENGINES}
     first_b1 = first_sat = None
@@ -220,6 +222,8 @@ def main() -> None:
         "leaked_blocks": leaked,
         "wall_s": time.time() - t0,
         "machine": environment_info(),
+        # 1/5/15-minute load averages when the run started and ended (a shared 2-core machine).
+        "load_average": {"start": load_start, "end": list(os.getloadavg())},
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -76,22 +76,23 @@ class HoleTable:
         bt, sl = block_table.numpy(), seq_lens.numpy()
         rows = req_ids[:n]  # a copy: the batch's list is mutated
         c = self._cache
-        if c is None or c[0] != self.version or c[1] != rows or c[2] != bt.shape or c[3] != block_size or c[4] != sl.shape \
-                or c[7].dtype != bt.dtype or c[9].dtype != sl.dtype:
-            order, cut = _hole_permutation(bt[:n], sl[:n], block_size)
-            flat = None if order is None else (order + np.arange(n)[:, None] * bt.shape[1]).reshape(-1)
-            c = self._cache = (self.version, rows, bt.shape, block_size, sl.shape, flat, cut, *self._buffers(bt, sl))
-        flat = c[5]
+        if c is None or c[0] != self.version or c[1] != rows or c[2] != bt.shape or c[3] != block_size \
+                or c[4] != sl.shape or c[5] != bt.dtype or c[6] != sl.dtype:
+            c = self._cache = self._plan(bt, sl, block_size, n, rows)
+        flat = c[7]
         if flat is None:
             out = None
         else:
-            table_np, table_t, sl_np, sl_t = c[7:]
-            np.take(bt[:n], flat, out=table_np[:n].reshape(-1))
-            np.subtract(sl[:n], c[6], out=sl_np[:n], casting="unsafe")
-            if n < bt.shape[0]:
+            # (row-offset indices into the whole table: no slicing per step)
+            np.take(bt, flat, out=c[9])
+            if c[8]:
+                np.subtract(sl, c[10], out=c[11], casting="unsafe")
+            else:
+                np.subtract(sl[:n], c[10], out=c[11], casting="unsafe")
+                table_np, _, sl_np, _ = c[12]
                 table_np[n:] = bt[n:]
                 sl_np[n:] = sl[n:]
-            out = table_t, sl_t
+            out = c[13]
         if self.check:
             ref = drop_hole_blocks(block_table[:n], seq_lens[:n], block_size)
             if (ref is None) != (out is None) or (ref is not None and not (
@@ -99,6 +100,18 @@ class HoleTable:
                     and torch.equal(out[0][n:], block_table[n:]) and torch.equal(out[1][n:], seq_lens[n:]))):
                 raise AssertionError(f"cached hole removal disagrees with the direct computation (rows {rows})")
         return out
+
+    def _plan(self, bt: np.ndarray, sl: np.ndarray, block_size: int, n: int, rows: list[str]) -> tuple:
+        """The cached per-batch answer of :meth:`drop`: its key, then (flat gather index or None,
+        whole batch, gather output view, seq_len cut, seq_len output view, buffers, outputs)."""
+        key = (self.version, rows, bt.shape, block_size, sl.shape, bt.dtype, sl.dtype)
+        order, cut = _hole_permutation(bt[:n], sl[:n], block_size)
+        if order is None:
+            return key + (None,)
+        flat = (order + np.arange(n)[:, None] * bt.shape[1]).reshape(-1)
+        bufs = self._buffers(bt, sl)
+        table_np, table_t, sl_np, sl_t = bufs
+        return key + (flat, n == bt.shape[0], table_np[:n].reshape(-1), cut, sl_np[:n], bufs, (table_t, sl_t))
 
     def _buffers(self, bt: np.ndarray, sl: np.ndarray):
         """(table array, its tensor, seq_lens array, its tensor) shaped like ``bt`` and ``sl``."""
