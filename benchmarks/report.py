@@ -248,23 +248,41 @@ def results_doc() -> str:
                 "`python benchmarks/throughput.py [--num-blocks N] [--max-tokens N] [--decode-budget D] [--tag T]`: 64 "
                 "image requests through a small KV pool, hae and vanilla in paired rounds (order flipped). `r` is the "
                 "share of the workload's KV footprint eviction returned, `limit` = 1/(1-r) the most that freeing it "
-                "can give; quartiles are over the rounds' ratios.", "",
-                "| file | pool (blocks) | new tokens | decode budget | r | limit | throughput ratio | quartiles | share of limit |",
-                "|---|---|---|---|---|---|---|---|---|"]
+                "can give; quartiles are over the rounds' ratios. `reserve` is hae's `admission_reserve` (files without "
+                "it in their `eviction_config` were run before the setting existed: 0, vLLM's admission).", "",
+                "| file | pool (blocks) | new tokens | decode budget | reserve | r | limit | throughput ratio | quartiles | share of limit |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
         for name, d in tps:
             t = throughput_summary(d)
             a = d["args"]
-            out.append(f"| {name} | {a['num_blocks']} | {a['max_tokens']} | {a.get('decode_budget') or '-'} | {t['r']:.3f} | "
+            reserve = d.get("eviction_config", {}).get("admission_reserve", 0)
+            out.append(f"| {name} | {a['num_blocks']} | {a['max_tokens']} | {a.get('decode_budget') or '-'} | {reserve:g} | {t['r']:.3f} | "
                        f"{t['limit']:.3f} | {t['ratio']:.3f} | {t['lo']:.2f}-{t['hi']:.2f} ({t['rounds']} rounds) | {t['share']:.2f} |")
         out += ["", "![throughput against pool size](../benchmarks/results/throughput_vs_pool.png)", "",
                 "Prompt tokens computed (medians of the rounds; beyond the workload's own prompts they are recomputation "
-                "after preemption):", "",
-                "| file | none: computed / preemptions | hae: computed / preemptions | hae / none |", "|---|---|---|---|"]
+                "after preemption). From vLLM's own counters, in the files that have them: the tokens preempted requests "
+                "had computed and computed again, and the share of resumed requests' tokens served from the prefix "
+                "cache (a content or a session hit):", "",
+                "| file | none: computed / preemptions | hae: computed / preemptions | hae / none | recomputed after "
+                "preemption, none / hae | resumed tokens served from the cache, none / hae |", "|---|---|---|---|---|---|"]
+
+        def resumption(d, e):
+            """(tokens computed again after preemption, share of resumed tokens served from the
+            cache): medians of the rounds, from vLLM's own counters (files since they existed)."""
+            rows = [p[e].get("preemption") for p in d["rounds"]]
+            if not all(rows):
+                return None
+            return (statistics.median(r["preempted_computed"] - r["resumed_hits"] for r in rows),
+                    statistics.median(r["resumed_hits"] / max(1, r["resumed_tokens"]) for r in rows))
+
         for name, d in tps:
             med = {e: (statistics.median(p[e]["step_profile"]["prefill_tokens"] for p in d["rounds"]),
                        statistics.median(p[e]["preemptions"] for p in d["rounds"])) for e in ("none", "hae")}
+            res = {e: resumption(d, e) for e in ("none", "hae")}
+            rec = (f"{res['none'][0]:g} / {res['hae'][0]:g} | {res['none'][1]:.2f} / {res['hae'][1]:.2f}"
+                   if res["none"] and res["hae"] else "- | -")
             out.append(f"| {name} | {med['none'][0]:g} / {med['none'][1]:g} | {med['hae'][0]:g} / {med['hae'][1]:g} | "
-                       f"{med['hae'][0] / med['none'][0]:.3f} |")
+                       f"{med['hae'][0] / med['none'][0]:.3f} | {rec} |")
         out.append("")
     ov = load("overhead")
     if ov:

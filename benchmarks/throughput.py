@@ -95,6 +95,8 @@ def main() -> None:
                     help="also evict during decode (HAE's decode stage: live tokens kept within this share)")
     ap.add_argument("--watermark", type=float, default=0.0,
                     help="vLLM's scheduler watermark (share of blocks kept free at admission), both engines")
+    ap.add_argument("--admission-reserve", type=float, default=None,
+                    help="hae's admission_reserve (share of the pool a waiting request must leave free; default: the config's)")
     ap.add_argument("--tag", default="", help="suffix of the result file (variants of the default run)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     ap.add_argument("--from-file", default=None,
@@ -113,6 +115,8 @@ def main() -> None:
     eviction = {"method": args.method, "budget": args.budget}
     if args.decode_budget is not None:
         eviction["decode_budget"] = args.decode_budget
+    if args.admission_reserve is not None:
+        eviction["admission_reserve"] = args.admission_reserve
     rounds: dict[str, list] = {n: [] for n in names}
     with LiveScenario(ScenarioSpec(eviction="none", **common)) as base, \
             LiveScenario(ScenarioSpec(eviction=eviction, **common)) as meth:
