@@ -148,23 +148,35 @@ class DecodeBank:
         ks = host_view(key) if key.dtype == keys.dtype else None
         qs = host_view(query)
         nq = self.num_queued
-        if kd is None or qd is None or ks is None or qs is None or B > 2:
+        if kd is None or qd is None or ks is None or qs is None:
             sel = torch.as_tensor(at, device=query.device) if B > 1 else slice(at[0], at[0] + 1)
             self.put_keys(rows, positions, key[sel].reshape(B, keys.shape[1], keys.shape[3]))
             self.queue(rows, positions, query[sel])
             return
         qpos = self.queued_pos
         width = qd.shape[1]
-        for r, p, i in zip(rows, positions, at):
-            s = int(nq[r])
-            if s >= width:  # more steps than the queue holds: grow it (the generic path)
-                self.put_keys([r], [p], key[i : i + 1].reshape(1, keys.shape[1], keys.shape[3]))
-                self.queue([r], [p], query[i : i + 1])
-                continue
-            kd[r, :, p] = ks[i].reshape(kd.shape[1], kd.shape[3])
-            qd[r, s] = qs[i]
-            qpos[r, s] = p
-            nq[r] = s + 1
+        if B <= 2:
+            for r, p, i in zip(rows, positions, at):
+                s = int(nq[r])
+                if s >= width:  # more steps than the queue holds: grow it (the generic path)
+                    self.put_keys([r], [p], key[i : i + 1].reshape(1, keys.shape[1], keys.shape[3]))
+                    self.queue([r], [p], query[i : i + 1])
+                    continue
+                kd[r, :, p] = ks[i].reshape(kd.shape[1], kd.shape[3])
+                qd[r, s] = qs[i]
+                qpos[r, s] = p
+                nq[r] = s + 1
+            return
+        slots = nq[rows]
+        if int(slots.max()) >= width:
+            sel = torch.as_tensor(at, device=query.device)
+            self.put_keys(rows, positions, key[sel].reshape(B, keys.shape[1], keys.shape[3]))
+            self.queue(rows, positions, query[sel])
+            return
+        kd[rows, :, positions] = ks[at].reshape(B, kd.shape[1], kd.shape[3])
+        qd[rows, slots] = qs[at]
+        qpos[rows, slots] = positions
+        nq[rows] = slots + 1
 
     def put_keys(self, rows: list[int], positions: list[int], k: torch.Tensor) -> None:
         """This step's layer-0 keys ``k`` [B, kv_heads, head_dim] of ``rows`` at ``positions``
