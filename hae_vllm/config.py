@@ -110,7 +110,7 @@ class EvictionConfig:
     # of the two applies).  Eviction shrinks what a request holds but not what it will grow by,
     # so filling the pool as vLLM does without eviction preempts more running requests, and a
     # preempted request's compacted cache is rarely reusable (docs/how-it-works.md).  0 = vLLM's.
-    admission_reserve: float = 0.05
+    admission_reserve: float = 0.1
     # Block size chosen when eviction is on and the user set none.
     default_block_size: int = 32
 
