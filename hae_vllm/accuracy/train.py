@@ -171,7 +171,7 @@ def train(out: Path, steps: int | None, batch_size: int, lr: float, seed: int, d
           stages: list[dict] | None = None, batch_sizes: dict[str, int] | None = None,
           ckpt_dir: str | None = None, ckpt_every: int = 0, resume: bool = False, warmup: int = 100,
           text_overrides: dict | None = None, final_n: int = 200, run_name: str | None = None,
-          stop_after: int | None = None) -> dict | None:
+          stop_after: int | None = None, keep_every: int = 0) -> dict | None:
     """Train and write the checkpoint to ``out``.  With ``ckpt_dir``, a resumable checkpoint
     (weights, optimizer, step, RNG states, data position, log) is written there every
     ``ckpt_every`` steps; ``resume`` continues from it with the saved configuration.
@@ -181,6 +181,7 @@ def train(out: Path, steps: int | None, batch_size: int, lr: float, seed: int, d
 
     if not resume:
         steps = steps or 3000
+    new_stages = stages if resume else None  # on resume: the stages from here on (the past ones stay)
     stages = _stages(stages, task_weights, steps or 0)
     batch_sizes = batch_sizes or {}
     ckpt = Path(ckpt_dir) if ckpt_dir else None
@@ -231,6 +232,11 @@ def train(out: Path, steps: int | None, batch_size: int, lr: float, seed: int, d
         stages, batch_sizes, lr, warmup = (log["config"]["stages"], log["config"]["batch_sizes"], log["config"]["lr"],
                                            log["config"]["warmup"])
         steps = steps or log["config"]["steps"]
+        if new_stages:
+            past = [st for st in stages if st["until"] < start]
+            stages = past + _stages(new_stages, None, steps)
+            log.setdefault("stage_changes", []).append((start - 1, new_stages))
+            log["config"]["stages"] = stages
         if steps != log["config"]["steps"]:  # a new length: the cosine re-aims at it from here
             log.setdefault("length_changes", []).append((start - 1, log["config"]["steps"], steps))
             stages = [st for st in stages if st["until"] < steps] + [dict(next(st for st in stages if st["until"] >= steps))]
@@ -277,6 +283,8 @@ def train(out: Path, steps: int | None, batch_size: int, lr: float, seed: int, d
                         "torch_rng": torch.get_rng_state(), "counters": counters, "log": log, "step": step,
                         "elapsed": time.time() - t0}, tmp)
             os.replace(tmp, ckpt / "last.pt")
+            if keep_every and step % keep_every == 0:  # snapshots to go back to (a stage can undo the last)
+                shutil.copy(ckpt / "last.pt", ckpt / f"step{step}.pt")
         if stop_after and step - start + 1 >= stop_after and step < steps:
             if ckpt is None or ckpt_every == 0 or step % ckpt_every:
                 raise ValueError("stop_after needs a checkpoint at the step it stops (ckpt_every dividing it)")
@@ -339,10 +347,12 @@ def main() -> None:
     ap.add_argument("--ckpt-every", type=int, default=100)
     ap.add_argument("--resume", action="store_true",
                     help="continue from --ckpt-dir/last.pt with its saved config; --steps, when it differs, "
-                         "changes the run's length (cosine schedule and last stage re-aimed)")
+                         "changes the run's length (cosine schedule and last stage re-aimed); --stages replaces "
+                         "the stages from the resumed step on")
     ap.add_argument("--final-n", type=int, default=200, help="held-out items per task in the final evaluation")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--stop-after", type=int, default=None, help="leave after this many steps (resume later)")
+    ap.add_argument("--keep-every", type=int, default=0, help="also keep --ckpt-dir/step<N>.pt every N steps")
     ap.add_argument("--run-name", default=None)
     args = ap.parse_args()
     if args.threads:
@@ -354,7 +364,7 @@ def main() -> None:
           batch_sizes=json.loads(args.batch_sizes) if args.batch_sizes else None, ckpt_dir=args.ckpt_dir,
           ckpt_every=args.ckpt_every, resume=args.resume, warmup=args.warmup,
           text_overrides=json.loads(args.text_config) if args.text_config else None, final_n=args.final_n,
-          run_name=args.run_name, stop_after=args.stop_after)
+          run_name=args.run_name, stop_after=args.stop_after, keep_every=args.keep_every)
 
 
 if __name__ == "__main__":
