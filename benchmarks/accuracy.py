@@ -25,7 +25,7 @@ per cell) - on models/grid-llava-v2.  Last line:
 
 ``--decode``: the decode stage on ``describe`` (long grounded generation): full cache, greedy
 decode eviction (bin capacity 0: parked blocks are released at once) and the recycle bin at
-``--bin-capacities``, all at ``--decode-budget`` (so at the same peak of live KV blocks) with
+``--bin-capacities``, all at ``--decode-budget`` (so they hold the same live KV blocks) with
 no prefill eviction.  Restores are counted from each request's trace.  Last line:
     describe_full=<x> greedy=<y> bin=<z> kv_kept_frac=<k>
 (``bin`` at ``--bin-capacity``; ``kv_kept_frac``: its live KV blocks at the end of generation over
@@ -70,8 +70,8 @@ def main() -> None:
     ap.add_argument("--tasks", default=None,
                     help="procedural tasks (default: single,cell,shape,needle,describe; --suite hard: "
                          f"{HARD_TASKS}); see the models' README.md for what each model learned")
-    ap.add_argument("--n", type=int, default=None, help="items per procedural task (default 100; --quick: "
-                    "all of --n for the default suite, 4 for --suite hard and --decode)")
+    ap.add_argument("--n", type=int, default=None, help="items per procedural task (default 100; 4 with --quick "
+                    "for --suite hard and --decode)")
     ap.add_argument("--methods", default=",".join(["hae"] + BASELINES))
     ap.add_argument("--budgets", default="0.1,0.2,0.3,0.4,0.6,0.8", help="keep ratios")
     ap.add_argument("--default-budget", type=float, default=0.4,
@@ -90,8 +90,8 @@ def main() -> None:
     model = Path(args.model or (HARD_MODEL if hard else DEFAULT_MODEL))
     n = args.n or (4 if args.quick and hard else 100)
     if not (model / "config.json").is_file():
-        sys.exit(f"error: {model} is not a HF model directory (no config.json). The default model is "
-                 "trained by `python -m hae_vllm.accuracy.train --out models/grid-llava-v1`.")
+        sys.exit(f"error: {model} is not a HF model directory (no config.json). The default models are "
+                 "trained by `python -m hae_vllm.accuracy.train` (their README.md gives the command).")
     methods = [m for m in args.methods.split(",") if m]
     if "hae" not in methods:
         sys.exit("error: --methods must include hae (the last line compares it with the baselines)")
