@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -118,6 +119,7 @@ def main() -> None:
     if args.admission_reserve is not None:
         eviction["admission_reserve"] = args.admission_reserve
     rounds: dict[str, list] = {n: [] for n in names}
+    load_start = os.getloadavg()  # other jobs on the machine make the timing rounds noisy
     with LiveScenario(ScenarioSpec(eviction="none", **common)) as base, \
             LiveScenario(ScenarioSpec(eviction=eviction, **common)) as meth:
         engines = dict(zip(names, (base, meth)))
@@ -159,7 +161,7 @@ def main() -> None:
     from hae_vllm.config import build_engine_config
 
     resolved = build_engine_config(args.method, None, **{k: v for k, v in eviction.items() if k != "method"})
-    data = {"benchmark": "throughput", "args": vars(args), "eviction_config": resolved.to_dict(), "rounds": paired, "median": med, "r": r, "limit": limit,
+    data = {"benchmark": "throughput", "args": vars(args), "eviction_config": resolved.to_dict(), "load_average": {"start": load_start, "end": os.getloadavg()}, "rounds": paired, "median": med, "r": r, "limit": limit,
             "throughput_ratio": med["throughput_ratio"], "max_running_ratio": med["max_running_ratio"],
             "machine": environment_info()}
     (out / f"throughput_{args.method}{'_' + args.tag if args.tag else ''}.json").write_text(json.dumps(data, indent=2))
