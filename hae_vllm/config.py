@@ -200,7 +200,8 @@ def _check_int(name: str, v: Any, minimum: int, optional: bool) -> None:
         raise EvictionConfigError(f"{name} must be a {kind}, got {v!r}")
 
 
-# Fields a single request may override (trace_path and block size are engine-wide).
+# Fields a single request may override (trace_path, block size and the admission reserve are
+# engine-wide).
 REQUEST_FIELDS = tuple(
     f.name for f in fields(EvictionConfig)
     if f.name not in ("method", "trace_path", "default_block_size", "admission_reserve")
