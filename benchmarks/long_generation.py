@@ -120,7 +120,8 @@ def main() -> None:
     ap.add_argument("--decode-budget", type=float, default=0.5, help="decode keep ratio")
     ap.add_argument("--config", default=None, help="extra settings of both evicting engines, inline JSON")
     ap.add_argument("--rounds", type=int, default=5, help="paired saturation rounds")
-    ap.add_argument("--rounds-b1", type=int, default=9, help="paired batch-1 rounds")
+    ap.add_argument("--rounds-b1", type=int, default=15,
+                    help="paired batch-1 rounds (single rounds on this shared machine spread +-15%%)")
     ap.add_argument("--tag", default="", help="suffix of the result file")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = ap.parse_args()

@@ -77,8 +77,10 @@ class EvictionConfig:
     decode_decay: float = 0.9
     # Decode scoring runs every score_interval steps, over the queries of the steps since, in
     # one pass (the same decayed scores as scoring every step); budgets, parking and restores
-    # are decided when a request is scored.  1 scores every step.
-    score_interval: int = 8
+    # are decided when a request is scored.  1 scores every step.  32: once per block of new
+    # tokens (parking moves whole blocks, so checking more often buys little), which spreads
+    # the pass's fixed host cost over 32 steps (benchmarks/long_generation.py).
+    score_interval: int = 32
     # Recent tokens never parked during decode.
     decode_recent_tokens: int = 16
     # Recycle bin: at most bin_capacity parked blocks per request (lowest value released first).

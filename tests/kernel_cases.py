@@ -13,7 +13,8 @@ import torch
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first kernel launch
 
-from hae_vllm.kernels.compaction import SlotGeometry, layer_stack, move_slots, move_slots_ref  # noqa: E402
+from hae_vllm.kernels.compaction import (  # noqa: E402
+    SlotGeometry, layer_stack, move_slots, move_slots_host, move_slots_ref)
 from hae_vllm.kernels.scoring import HAS_TRITON, attention_mass, attention_stats, attention_stats_ref  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
@@ -204,6 +205,38 @@ def test_move_slots_reference_on_one_buffer_against_naive(swap, layout, gap):
     _naive_move(want, geom, src, dst, swap)
     move_slots_ref(caches, geom, src, dst, swap)
     assert torch.equal(buf, want_buf) and not torch.equal(buf, buf.clone().zero_())
+
+
+@pytest.mark.parametrize("swap", [False, True])
+@pytest.mark.parametrize("layout", ["flash", "cpu", "amx"])
+@pytest.mark.parametrize("gap", [None, 0, 7])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.skipif(DEVICE != "cpu", reason="the host path moves host caches")
+def test_move_slots_host_against_naive(swap, layout, gap, dtype):
+    """The numpy host path (what the CPU engine runs when it parks and compacts) against the
+    element-by-element formula: separate layer caches (gap None), or carved from one buffer,
+    equally spaced (stacked) or not; twice on the same caches (its cached plan reused)."""
+    g = torch.Generator().manual_seed(11 + (gap or 0))
+    L, nb, bs, H, D = 3, 3, 16, 2, 16
+    sep, geom = _caches(L, nb, bs, H, D, dtype, layout, g)
+    if gap is None:
+        caches = sep
+        want = [c.clone() for c in caches]
+    else:
+        per = sep[0].numel()
+        starts = [5, 5 + per + gap, 5 + 2 * per + gap]
+        buf = _random(g, dtype, starts[-1] + per + 3)
+        caches = [buf[o : o + per].view(sep[0].shape) for o in starts]
+        want_buf = buf.clone()
+        want = [want_buf[o : o + per].view(sep[0].shape) for o in starts]
+    before = [c.clone() for c in caches]
+    for src, dst in ((torch.tensor([0, 17, 33]), torch.tensor([5, 40, 18])), (torch.tensor([2]), torch.tensor([47]))):
+        _naive_move(want, geom, src, dst, swap)
+        assert move_slots_host(caches, geom, src.numpy(), dst.numpy(), swap)
+        assert all(torch.equal(c, w) for c, w in zip(caches, want))
+    assert not all(torch.equal(c, b) for c, b in zip(caches, before))
+    if gap is not None:
+        assert torch.equal(buf, want_buf)  # the buffer's gaps untouched
 
 
 def test_layer_stack_refuses_what_it_cannot_stack():

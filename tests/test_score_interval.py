@@ -25,9 +25,12 @@ class _Engine:
     """One decode stage over a fake runtime: keys of every token in a dense 'cache' by
     physical slot, each request's blocks laid out contiguously."""
 
-    def __init__(self, intervals: list[int], prompt_lens: list[int], seed: int = 0) -> None:
+    def __init__(self, intervals: list[int], prompt_lens: list[int], seed: int = 0, fast: bool = False) -> None:
         self.bank = DecodeBank()
-        self.rt = SimpleNamespace(decode_bank=self.bank, block_size=BS, tp_group=None)
+        self.rt = SimpleNamespace(decode_bank=self.bank, block_size=BS, tp_group=None, scoring_layer="layers.0")
+        # fast: steps DecodeStage.append_plan accepts take its append-only path (what the runtime
+        # does for a batch of single-token decodes), counted in appended.
+        self.fast, self.appended = fast, 0
         self.stage = DecodeStage(self.rt, check=True)
         self.g = torch.Generator().manual_seed(seed)
         self.cache = torch.zeros(4096, HKV, D)
@@ -58,7 +61,14 @@ class _Engine:
         key = torch.from_numpy(rng.standard_normal((len(active), HKV, D)).astype(np.float32))
         for t, dt in enumerate(tasks):  # the layer writes this step's keys to the cache first
             self.cache[dt.block_ids[0] * BS + dt.start] = key[t]
-        self.stage.score(tasks, SimpleNamespace(scale=0.35), query, key, None, list(range(len(active) + 1)), self.layout)
+        plan = self.stage.append_plan(tasks) if self.fast else None
+        if plan is not None:
+            assert plan[0] == "layers.0" and all(not dt.due for dt in tasks)
+            self.stage.append(plan, query, key)
+            self.appended += 1
+        else:
+            self.stage.score(tasks, SimpleNamespace(scale=0.35), query, key, None, list(range(len(active) + 1)),
+                             self.layout)
         for i in active:
             self.reqs[i]["pos"] += 1
         return tasks
@@ -68,13 +78,16 @@ class _Engine:
         return ds.score[: self.reqs[i]["pos"]].copy()
 
 
+@pytest.mark.parametrize("fast", [False, True])
 @pytest.mark.parametrize("k", [2, 3, 8])
-def test_scores_at_scoring_steps_equal_scoring_every_step(k):
+def test_scores_at_scoring_steps_equal_scoring_every_step(k, fast):
     """Three requests (two prompts with holes), one joining late, one skipping a step, the
     batch order changing: at every step a request is scored, its scores equal those of k = 1
-    (float32 rounding), and it was scored exactly when its queue was due."""
+    (float32 rounding), and it was scored exactly when its queue was due.  ``fast``: the steps
+    with nothing due go through the append-only path (``DecodeStage.append_plan``), as in the
+    engine, with the same scores."""
     every = _Engine([1, 1, 1], [11, 14, 6])
-    batched = _Engine([k, k, k], [11, 14, 6])
+    batched = _Engine([k, k, k], [11, 14, 6], fast=fast)
     schedule = [[0, 1], [0, 1], [1, 0, 2], [0, 1, 2], [0, 2], [2, 1, 0]] + [[0, 1, 2]] * 14
     rng_a, rng_b = np.random.default_rng(5), np.random.default_rng(5)
     scored_steps = {0: 0, 1: 0, 2: 0}
@@ -90,6 +103,7 @@ def test_scores_at_scoring_steps_equal_scoring_every_step(k):
             np.testing.assert_allclose(batched.score(i), every.score(i), rtol=2e-5, atol=1e-6)
             # Scored at the shared cadence (a multiple of k) or with k steps pending.
             assert n % k == 0 or dt.num_scored >= k
+    assert (batched.appended > 0) == fast  # the fast path was taken, and only when asked
     # Every query of a request was scored once (the rest are still queued).
     for i in range(3):
         steps = sum(i in a for a in schedule)

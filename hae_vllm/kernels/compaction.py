@@ -15,17 +15,20 @@ digit, and a slot one strided sub-tensor of it.
 both K/V planes.  Triton (plain geometries: every CUDA layout we know): one launch, one program
 per (slot pair, layer, plane) moving its ``H * D`` elements; layers are addressed as element
 offsets from the first layer's cache, so they need not be one tensor.  The torch reference,
-:func:`move_slots_ref` (the CPU path, and any digit-affine geometry), does one indexed copy per
+:func:`move_slots_ref` (any digit-affine geometry), does one indexed copy per
 plane view, a slot addressed by one row index (:func:`row_view`): of all layers at once when
 they are equally spaced views of one buffer (as vLLM's runners may carve their KV buffer), of
-each layer otherwise.
+each layer otherwise.  On host caches :func:`move_slots_host` makes the same row copies on
+numpy views (the CPU path: no torch dispatch per call).
 """
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from hae_vllm.kernels.scoring import use_triton
@@ -211,6 +214,81 @@ def move_slots_ref(caches: list[torch.Tensor], geom: SlotGeometry, src: torch.Te
             rows.index_copy_(0, b, va)
 
 
+def _host_array(t: torch.Tensor) -> np.ndarray | None:
+    """A numpy view of a host tensor (bfloat16 as int16: copies are bit-exact), or None."""
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)
+    try:
+        return t.numpy()
+    except (TypeError, RuntimeError):
+        return None
+
+
+class _HostPlan:
+    """:func:`move_slots_ref`'s row views of a set of host caches as numpy arrays, with what
+    turns slot ids into their rows (built once per set of caches and geometry)."""
+
+    def __init__(self, caches: list[torch.Tensor], geom: SlotGeometry) -> None:
+        self.caches = list(caches)
+        stacked = layer_stack(caches, geom)
+        layers = [stacked] if stacked is not None else [geom.views(cache) for cache in caches]
+        self.lead = np.arange(len(caches))[:, None] if stacked is not None else None
+        self.geom = geom
+        self.planes = []  # per plane: [(rows as numpy, view strides)] per layer group
+        for p in range(2):
+            k = (1 if stacked is not None else 0) + 1 + len(geom.digits(p)[0])
+            group = []
+            for views in layers:
+                view = views[p]
+                rows = _host_array(row_view(view, k))
+                if rows is None:
+                    raise TypeError("cache dtype has no numpy view")
+                group.append((rows, view.stride()[:k]))
+            self.planes.append(group)
+
+    def rows(self, p: int, slots: np.ndarray) -> np.ndarray:
+        """Row ids (of :func:`row_view`) of ``slots`` in plane ``p``, every layer group."""
+        index = (slots // self.geom.block_size,) + digit_index(slots % self.geom.block_size,
+                                                               self.geom.digits(p)[0])
+        if self.lead is not None:
+            index = (self.lead,) + index
+        return index
+
+
+_HOST_PLANS: dict = {}
+
+
+def move_slots_host(caches: list[torch.Tensor], geom: SlotGeometry, src, dst, swap: bool = False) -> bool:
+    """:func:`move_slots_ref` on numpy views of host caches: the same row copies without
+    torch's per-call dispatch (a few microseconds instead of a few hundred for a block's worth
+    of slots on this CPU, every layer).  src/dst: [n] flat slot ids (tensors or arrays),
+    disjoint sets.  Returns False (nothing done) when a cache has no numpy view."""
+    key = (tuple(map(id, caches)), geom)
+    plan = _HOST_PLANS.get(key)
+    if plan is None or any(a is not b for a, b in zip(plan.caches, caches)):
+        try:
+            plan = _HostPlan(caches, geom)
+        except TypeError:
+            return False
+        if len(_HOST_PLANS) > 8:
+            _HOST_PLANS.clear()
+        _HOST_PLANS[key] = plan
+    a_slots = np.asarray(src, dtype=np.int64)
+    b_slots = np.asarray(dst, dtype=np.int64)
+    if a_slots.size == 0:
+        return True
+    for p in range(2):
+        ia, ib = plan.rows(p, a_slots), plan.rows(p, b_slots)
+        for rows, strides in plan.planes[p]:
+            a = sum(i * st for i, st in zip(ia, strides)).reshape(-1)
+            b = sum(i * st for i, st in zip(ib, strides)).reshape(-1)
+            va = rows[a]
+            if swap:
+                rows[a] = rows[b]
+            rows[b] = va
+    return True
+
+
 if HAS_TRITON:
 
     @triton.jit
@@ -240,6 +318,15 @@ if HAS_TRITON:
         tl.store(b_ptr, a, mask=emask)
 
 
+def _move_on_host(caches, geom, src, dst, swap: bool, impl: str) -> None:
+    """Host caches: numpy row copies (:func:`move_slots_host`); the torch reference otherwise
+    (a device without Triton, ``impl="torch"``, or a dtype numpy cannot view)."""
+    if impl != "torch" and os.environ.get("HAE_VLLM_KERNELS") != "torch" and caches[0].device.type == "cpu" and src.device.type == "cpu" and dst.device.type == "cpu" \
+            and move_slots_host(caches, geom, src.numpy(), dst.numpy(), swap):
+        return
+    move_slots_ref(caches, geom, src, dst, swap)
+
+
 def move_slots(caches: list[torch.Tensor], geom: SlotGeometry, src: torch.Tensor, dst: torch.Tensor,
                swap: bool = False, impl: str = "auto") -> None:
     """Copy slot ``src[k]`` into ``dst[k]`` (or exchange them, ``swap``) in every cache of
@@ -255,12 +342,12 @@ def move_slots(caches: list[torch.Tensor], geom: SlotGeometry, src: torch.Tensor
         return
     if not geom.plain():
         # The kernel addresses a slot with one stride per axis; tiled (AMX) layouts are CPU
-        # layouts, where the reference is the path anyway.
+        # layouts, where the host path is the path anyway.
         if impl == "triton":
             raise ValueError("the Triton kernel moves plain affine geometries only")
-        return move_slots_ref(caches, geom, src, dst, swap)
+        return _move_on_host(caches, geom, src, dst, swap, impl)
     if not use_triton(first, impl):
-        return move_slots_ref(caches, geom, src, dst, swap)
+        return _move_on_host(caches, geom, src, dst, swap, impl)
     size = first.element_size()
     origin = first.data_ptr() - first.storage_offset() * size
     offsets = []

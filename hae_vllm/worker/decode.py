@@ -90,6 +90,9 @@ class DecodeBank:
         self.num_queued = np.zeros(0, dtype=np.int64)
         self.num_staging_rows = 0  # rows in use with interval > 1
         self.queued_pos = np.zeros((0, 1), dtype=np.int64)
+        # Queued steps whose key is still only in the paged cache (append-only steps, see
+        # append_query): read from the cache when the row is scored (:meth:`pending_keys`).
+        self.key_pending = np.zeros((0, 1), dtype=bool)
         self.queued_q: torch.Tensor | None = None
         self._host_views: dict[int, tuple] = {}  # id -> (tensor, numpy view or None)
         self._free: list[int] = []
@@ -113,6 +116,7 @@ class DecodeBank:
         self.scored[row] = False
         self.set_interval(row, 1)
         self.num_queued[row] = 0
+        self.key_pending[row] = False
         heapq.heappush(self._free, row)
         self.in_use -= 1
 
@@ -165,6 +169,7 @@ class DecodeBank:
                 kd[r, :, p] = ks[i].reshape(kd.shape[1], kd.shape[3])
                 qd[r, s] = qs[i]
                 qpos[r, s] = p
+                self.key_pending[r, s] = False
                 nq[r] = s + 1
             return
         slots = nq[rows]
@@ -176,7 +181,54 @@ class DecodeBank:
         kd[rows, :, positions] = ks[at].reshape(B, kd.shape[1], kd.shape[3])
         qd[rows, slots] = qs[at]
         qpos[rows, slots] = positions
+        self.key_pending[rows, slots] = False
         nq[rows] = slots + 1
+
+    def append_query(self, rows: list[int], positions: list[int], at: list[int], query: torch.Tensor) -> bool:
+        """An append-only step (no row due): the queries ``query[at]`` join the rows' queues
+        and their keys stay in the paged cache until the row is scored (``key_pending``), one
+        host copy per step instead of two.  False (nothing done) when this cannot be done on
+        host views or a queue is full: the caller takes :meth:`append`."""
+        qq = self.queued_q
+        if qq is None or qq.dtype != query.dtype or qq.shape[2:] != query.shape[1:]:
+            return False
+        qd = self._host(qq)
+        try:
+            qs = query.numpy()
+        except (TypeError, RuntimeError):  # a device tensor, or a dtype numpy cannot view
+            qs = host_view(query)
+        if qd is None or qs is None:
+            return False
+        nq, qpos, pend = self.num_queued, self.queued_pos, self.key_pending
+        if len(rows) == 1:
+            r = rows[0]
+            s = int(nq[r])
+            if s >= qd.shape[1]:
+                return False
+            qd[r, s] = qs[at[0]]
+            qpos[r, s] = positions[0]
+            pend[r, s] = True
+            nq[r] = s + 1
+            return True
+        slots = nq[rows]
+        if int(slots.max()) >= qd.shape[1]:
+            return False
+        qd[rows, slots] = qs[at]
+        qpos[rows, slots] = positions
+        pend[rows, slots] = True
+        nq[rows] = slots + 1
+        return True
+
+    def pending_keys(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(bank row, position) of every queued step of ``rows`` whose key is still only in the
+        paged cache; marks them filled (the caller writes them to ``keys``)."""
+        width = self.key_pending.shape[1]
+        pend = self.key_pending[rows] & (np.arange(width)[None, :] < self.num_queued[rows][:, None])
+        if not pend.any():
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        i, j = np.nonzero(pend)
+        self.key_pending[rows] = False
+        return rows[i], self.queued_pos[rows[i], j]
 
     def put_keys(self, rows: list[int], positions: list[int], k: torch.Tensor) -> None:
         """This step's layer-0 keys ``k`` [B, kv_heads, head_dim] of ``rows`` at ``positions``
@@ -212,6 +264,7 @@ class DecodeBank:
             qq[torch.as_tensor(rows, device=qq.device), torch.as_tensor(slots, device=qq.device)] = q
         for r, s, p in zip(rows, slots, positions):
             qpos[r, s] = p
+            self.key_pending[r, s] = False
             nq[r] = s + 1
 
     def _host(self, t: torch.Tensor) -> np.ndarray | None:
@@ -252,6 +305,9 @@ class DecodeBank:
         pos = np.zeros((self.num_rows, length), dtype=np.int64)
         pos[:, : self.queued_pos.shape[1]] = self.queued_pos
         self.queued_pos = pos
+        pend = np.zeros((self.num_rows, length), dtype=bool)
+        pend[:, : self.key_pending.shape[1]] = self.key_pending
+        self.key_pending = pend
 
     def _resize(self, rows: int, cap: int) -> None:
         old_rows, old_cap = self.slot_pos.shape
@@ -275,6 +331,9 @@ class DecodeBank:
             pos = np.zeros((rows, self.queued_pos.shape[1]), dtype=np.int64)
             pos[:old_rows] = self.queued_pos
             self.queued_pos = pos
+            pend = np.zeros((rows, self.key_pending.shape[1]), dtype=bool)
+            pend[:old_rows] = self.key_pending
+            self.key_pending = pend
             if self.queued_q is not None:
                 g = self.queued_q.new_zeros((rows,) + tuple(self.queued_q.shape[1:]))
                 g[:old_rows] = self.queued_q

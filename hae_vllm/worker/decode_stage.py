@@ -81,8 +81,39 @@ class DecodeStage:
         # some request is due for scoring.
         self.num_steps = 0
         self.next_scoring = 0
+        self._cache = None  # (layer-0 kv cache, layout) of the step being scored
 
     # ------------------------------------------------------------------ layer 0, every step
+    def append_plan(self, tasks: list[DecodeTask]) -> tuple | None:
+        """The step's decode work when it is only to store each request's layer-0 key and query
+        (score_interval k > 1, no row due, every request one token with its key row filled,
+        and the batch one token per request, so a request's query is its batch row): the
+        (rows, positions, query rows) :meth:`append` takes, every task marked not due; None
+        when :meth:`score` has more to do.  The plan's first item is the scoring layer's name."""
+        bank = self.rt.decode_bank
+        if not bank.num_staging_rows or self.num_steps >= self.next_scoring:
+            return None
+        rows, starts, at = [], [], []
+        for dt in tasks:
+            ds = dt.state.decode
+            if not ds.has_keys or dt.end - dt.start != 1 or bank.interval[ds.row] <= 1:
+                return None
+            rows.append(ds.row)
+            starts.append(dt.start)
+            at.append(dt.row)
+        for dt in tasks:
+            dt.due = False
+        return self.rt.scoring_layer, rows, starts, at
+
+    def append(self, plan: tuple, query: torch.Tensor, key: torch.Tensor) -> None:
+        """:meth:`score` on a step :meth:`append_plan` planned: keys and queries stored."""
+        _, rows, starts, at = plan
+        bank = self.rt.decode_bank
+        # The keys stay in the paged cache until the row is scored (one host copy per step).
+        if not bank.append_query(rows, starts, at, query):
+            bank.append(rows, starts, at, query, key)
+        self.num_steps += 1
+
     def score(self, tasks: list[DecodeTask], impl, query, key, kv_cache, qsl, layout) -> None:
         """Decayed layer-0 attention of each request's new queries over its live and binned
         tokens, and each request's live count against its budget.
@@ -97,6 +128,7 @@ class DecodeStage:
         request."""
         rt = self.rt
         bank = rt.decode_bank
+        self._cache = (kv_cache, layout)  # where queued keys not yet in the bank are read
         rows_l, starts_l, at = [], [], []
         single = True
         for dt in tasks:
@@ -186,10 +218,32 @@ class DecodeStage:
 
     def _score_queued(self, tasks: list[DecodeTask], rows: np.ndarray, impl, num_heads: int) -> None:
         """Score the queued queries of ``rows`` (the rows of ``tasks``) and empty their queues."""
-        q, pos, n = self.rt.decode_bank.take_queued(rows)  # q: [B, N, H, D]
+        bank = self.rt.decode_bank
+        prow, ppos = bank.pending_keys(rows)
+        if len(prow):
+            self._read_pending_keys(tasks, rows, prow, ppos)
+        q, pos, n = bank.take_queued(rows)  # q: [B, N, H, D]
         for dt, k in zip(tasks, n.tolist()):
             dt.num_scored = k
         self._score_rows(rows, q, pos, _decay(tasks), impl, num_heads, n)
+
+    def _read_pending_keys(self, tasks: list[DecodeTask], rows: np.ndarray, prow: np.ndarray,
+                           ppos: np.ndarray) -> None:
+        """The layer-0 keys of queued steps the append-only path left in the paged cache
+        (bank rows ``prow``, positions ``ppos``), read into the bank before scoring.  They are
+        where vLLM wrote them: parking moves tokens only when a row is scored, and a decoded
+        token's slot is its position until then."""
+        kv_cache, layout = self._cache
+        bs = self.rt.block_size
+        table_of = {int(r): dt.block_ids for r, dt in zip(rows, tasks)}
+        slots = np.empty(len(prow), dtype=np.int64)
+        for r in np.unique(prow):
+            sel = prow == r
+            table = np.asarray(table_of[int(r)], dtype=np.int64)
+            p = ppos[sel]
+            slots[sel] = table[p // bs] * bs + p % bs
+        keys = layout.gather_keys(kv_cache, torch.from_numpy(slots))
+        self.rt.decode_bank.put_keys(prow.tolist(), ppos.tolist(), keys)
 
     def _score_rows(self, rows: np.ndarray, q: torch.Tensor, qpos: np.ndarray, decay: np.ndarray, impl,
                     num_heads: int, n: np.ndarray | None = None) -> None:

@@ -66,40 +66,46 @@ class HoleTable:
         the next call: attention metadata lives for one step), with one gather and one
         subtraction through a flat column index cached while rows and holes are unchanged."""
         n = block_table.shape[0] if num_reqs is None else num_reqs
-        if block_table.device.type != "cpu":
+        try:  # one touch of each tensor: attribute reads cost microseconds on a cold step
+            bt, sl = block_table.numpy(), seq_lens.numpy()
+        except TypeError:  # a device tensor
+            bt = None
+        if bt is None:
             res = drop_hole_blocks(block_table[:n], seq_lens[:n], block_size)
             if res is None or n == block_table.shape[0]:
                 return res
             table, sl = block_table.clone(), seq_lens.clone()
             table[:n], sl[:n] = res
             return table, sl
-        bt, sl = block_table.numpy(), seq_lens.numpy()
-        rows = req_ids[:n]  # a copy: the batch's list is mutated
-        c = self._cache
-        if c is None or c[0] != self.version or c[1] != rows or c[2] != bt.shape or c[3] != block_size \
-                or c[4] != sl.shape or c[5] != bt.dtype or c[6] != sl.dtype:
-            c = self._cache = self._plan(bt, sl, block_size, n, rows)
-        flat = c[7]
-        if flat is None:
-            out = None
-        else:
-            # (row-offset indices into the whole table: no slicing per step)
-            np.take(bt, flat, out=c[9])
-            if c[8]:
-                np.subtract(sl, c[10], out=c[11], casting="unsafe")
-            else:
-                np.subtract(sl[:n], c[10], out=c[11], casting="unsafe")
-                table_np, _, sl_np, _ = c[12]
-                table_np[n:] = bt[n:]
-                sl_np[n:] = sl[n:]
-            out = c[13]
+        out = self.drop_host(bt, sl, block_size, req_ids, n)
         if self.check:
             ref = drop_hole_blocks(block_table[:n], seq_lens[:n], block_size)
             if (ref is None) != (out is None) or (ref is not None and not (
                     torch.equal(ref[0], out[0][:n]) and torch.equal(ref[1], out[1][:n])
                     and torch.equal(out[0][n:], block_table[n:]) and torch.equal(out[1][n:], seq_lens[n:]))):
-                raise AssertionError(f"cached hole removal disagrees with the direct computation (rows {rows})")
+                raise AssertionError(f"cached hole removal disagrees with the direct computation (rows {req_ids[:n]})")
         return out
+
+    def drop_host(self, bt: np.ndarray, sl: np.ndarray, block_size: int, req_ids: list[str], n: int):
+        """:meth:`drop` on numpy views of host tensors (no check)."""
+        c = self._cache
+        # The plan holds while rows, holes and shapes are unchanged (most decode steps).
+        if c is None or c[0] != self.version or c[2] != bt.shape or c[1] != req_ids[:n] or c[3] != block_size \
+                or c[4] != sl.shape or c[5] != bt.dtype or c[6] != sl.dtype:
+            c = self._cache = self._plan(bt, sl, block_size, n, req_ids[:n])
+        flat = c[7]
+        if flat is None:
+            return None
+        # (row-offset indices into the whole table: no slicing per step)
+        np.take(bt, flat, out=c[9])
+        if c[8]:
+            np.subtract(sl, c[10], out=c[11], casting="unsafe")
+        else:
+            np.subtract(sl[:n], c[10], out=c[11], casting="unsafe")
+            table_np, _, sl_np, _ = c[12]
+            table_np[n:] = bt[n:]
+            sl_np[n:] = sl[n:]
+        return c[13]
 
     def _plan(self, bt: np.ndarray, sl: np.ndarray, block_size: int, n: int, rows: list[str]) -> tuple:
         """The cached per-batch answer of :meth:`drop`: its key, then (flat gather index or None,
@@ -112,6 +118,10 @@ class HoleTable:
         bufs = self._buffers(bt, sl)
         table_np, table_t, sl_np, sl_t = bufs
         return key + (flat, n == bt.shape[0], table_np[:n].reshape(-1), cut, sl_np[:n], bufs, (table_t, sl_t))
+
+    def host_seq_lens(self) -> np.ndarray:
+        """The ``seq_lens`` the last host :meth:`drop` returned, as numpy."""
+        return self._bufs[2]
 
     def _buffers(self, bt: np.ndarray, sl: np.ndarray):
         """(table array, its tensor, seq_lens array, its tensor) shaped like ``bt`` and ``sl``."""

@@ -72,6 +72,10 @@ class EvictionRuntime:
         self._layer_names: list[str] | None = None
         self._ordinal: dict[str, int] = {}
         self._scoring_ordinals: set[int] = set()
+        # This step's decode append when it is all the scoring layer has to do (see
+        # DecodeStage.append_plan); None otherwise.
+        self.decode_append: tuple | None = None
+        self._plain_keys: bool | None = None  # keys are stored as computed (no fp8 rounding)
         self.tp_group = None
         self.tp_size = 1
         tp_rank = 0
@@ -168,6 +172,12 @@ class EvictionRuntime:
         (:meth:`~hae_vllm.worker.holes.HoleTable.drop`)."""
         return self.holes.drop(block_table, seq_lens, block_size, self.runner.input_batch.req_ids, num_reqs)
 
+    def _keys_as_computed(self) -> bool:
+        """The cache stores keys as the layer computed them (no fp8 rounding to mirror)."""
+        if self._plain_keys is None:
+            self._plain_keys = not self.layout().kv_format.quantized
+        return self._plain_keys
+
     def wants_scoring(self, layer_name: str) -> bool:
         if not self._scoring_ordinals:
             return False
@@ -186,6 +196,7 @@ class EvictionRuntime:
         self.tasks = []
         self.decode_tasks = []
         self._scoring_ordinals = set()
+        self.decode_append = None
         for req_id in scheduler_output.finished_req_ids:
             self._drop(req_id)
         cached = scheduler_output.scheduled_cached_reqs
@@ -259,6 +270,11 @@ class EvictionRuntime:
             bank.scored[row, start : start + n] = True
         if self.decode_tasks:
             self._scoring_ordinals.add(0)
+            if not self.tasks and not multi:
+                # One token per request in the whole batch: a request's query row is its batch row.
+                unit = scheduler_output.total_num_scheduled_tokens == len(scheduler_output.num_scheduled_tokens)
+                if unit and self._keys_as_computed():
+                    self.decode_append = self.decode.append_plan(self.decode_tasks)
         if self.tasks:
             num_layers = len(self.attention_layers())
             for task in self.tasks:
