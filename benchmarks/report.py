@@ -321,7 +321,9 @@ def results_doc() -> str:
         out += ["## Long generation: prefill and decode eviction", "",
                 f"`python benchmarks/long_generation.py`: story generation from two-image prompts, {a['max_tokens']} new "
                 f"tokens; none, prefill eviction (budget {a['budget']}) and prefill+decode eviction (decode budget "
-                f"{a['decode_budget']}, scoring every `score_interval` steps) in three live engines, paired rounds "
+                f"{a['decode_budget']}, scoring every "
+                f"{lg.get('resolved_configs', {}).get('prefill+decode', {}).get('score_interval', '`score_interval`')} "
+                "steps) in three live engines, paired rounds "
                 f"(order rotating): {a['rounds_b1']} at batch 1, {a['rounds']} at saturation ({a['num_requests']} requests "
                 f"at once on {a['num_blocks']} blocks of 32 tokens). One OpenMP thread per engine. Attention share: "
                 "vLLM's attention (kernel and KV write, every layer) over the forward time, what a GPU kernel changes.", "",
