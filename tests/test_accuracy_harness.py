@@ -164,12 +164,14 @@ def test_cell_and_needle_answers_name_the_cell_before_the_colour():
     from hae_vllm.accuracy.tasks import generate, make_item
 
     for it in generate("cell", "heldout", 20):
-        r, c = [int(w) for w in it.question.rstrip("?").split() if w.isdigit()]
+        name = it.question.rstrip("?").split()[-1]  # "r2c3": the cell is named in the answer's words
+        r, c = int(name[1]), int(name[3])
         addr, colour = it.answer.split()
         assert addr == f"r{r}c{c}" and colour == it.grids[0].cells[r - 1][c - 1][0]
     it = next(generate("needle", "heldout", 1))
     k = int(it.question.split("In image ")[1].split(",")[0])
     assert it.answer.split()[:2] == ["image", str(k)] and it.answer.split()[-1] in it.question
+    assert f" {it.answer.split()[2]}?" in it.question  # the same cell name in the question
     assert make_item("describe", "train", 3).answer == list(generate("describe", "train", 4))[3].answer
 
 
@@ -190,3 +192,74 @@ def test_trainer_resumes_bit_exactly(tmp_path):
     a = json.loads((tmp_path / "a" / "train_log.json").read_text())
     assert log["model_sha256"] == a["model_sha256"] and log["resumed_at"] == [2]
     assert [list(x) for x in log["loss"]] == a["loss"]
+
+
+def test_grid_checkpoint_numbers_images_and_has_cell_tokens(tmp_path):
+    """The grid-llava-v3 base: 64 image tokens per image (patch 28), one token per cell name,
+    and a chat template that renders exactly what the trainer trains on."""
+    from transformers import AutoProcessor
+
+    from hae_vllm.accuracy import train as T
+    from hae_vllm.testing.tiny_models import build_tiny_llava
+
+    base = build_tiny_llava(tmp_path / "m", patch_size=28, added_tokens=T.GRID_TOKENS, numbered_images=True)
+    proc = AutoProcessor.from_pretrained(base)
+    tok = proc.tokenizer
+    assert [tok.decode([i]) for i in tok(" r2c3 purple,", add_special_tokens=False)["input_ids"]] == [" r2c3", " purple", ","]
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Q?"}]}]
+    rendered = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert rendered == "<s>" + T.prompt_format(base)("Q?", 2) == "<s>USER: image 1<image>\n image 2<image>\nQ? ASSISTANT:"
+    enc = proc(text=[T.prompt_format(base)("Q?", 2)], images=[Grid(4, [[None] * 4] * 4).render()] * 2)
+    assert sum(i == tok.convert_tokens_to_ids("<image>") for i in enc["input_ids"][0]) == 2 * 64
+
+
+def test_wired_circuits_attend_where_the_tasks_need(tmp_path):
+    """--wire-circuits: at initialisation (before any training) each wired head attends where its
+    task needs it: a cell token to its cell's 4 patches (of ~80 tokens), every token to the
+    previous one, a colour token to the previous cell token's patches, visual tokens to the image
+    markers before them, and the needle's cell token to that cell of the asked image (of three)."""
+    import torch
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from hae_vllm.accuracy import train as T
+    from hae_vllm.accuracy.tasks import generate
+    from hae_vllm.testing.tiny_models import build_tiny_llava
+
+    torch.set_num_threads(1)
+    base = build_tiny_llava(tmp_path / "m", patch_size=28, added_tokens=T.GRID_TOKENS, numbered_images=True)
+    proc = AutoProcessor.from_pretrained(base)
+    tok = proc.tokenizer
+    model = LlavaForConditionalGeneration.from_pretrained(base, dtype=torch.float32, attn_implementation="eager").eval()
+    T.reinit_for_training(model, 0)
+    T.init_positions_cells(model)
+    T.wire_grid_circuits(model, tok)
+    image = tok.convert_tokens_to_ids("<image>")
+    idx = torch.arange(64)
+
+    def cell(r, c):  # the 4 of 64 patches (8 x 8, row-major) in cell (r, c) of the 4 x 4 grid
+        return ((idx // 8) // 2 == r) & ((idx % 8) // 2 == c)
+
+    for it in [next(generate("describe", "heldout", 1)), *generate("needle", "heldout", 3)]:
+        b = T._batch(proc, [it], "cpu", T.prompt_format(base))
+        with torch.no_grad():
+            att = [a[0] for a in model(**b, output_attentions=True).attentions]  # [head, query, key] per layer
+        ids = b["input_ids"][0]
+        n = int(b["attention_mask"][0].sum())
+        vis = (ids == image).nonzero().flatten()
+        words = [tok.decode([i]) for i in ids[:n]]
+        assert min(att[0][2, t, t - 1] for t in range(1, n)) > 0.9  # previous token
+        marks = [i for i, w in enumerate(words) if w.startswith(" image ") and i < vis[-1]]
+        assert att[1][2, vis[-1], marks].sum() > 0.9  # image markers
+        if it.task == "describe":
+            cells = [t for t in range(vis[-1] + 1, n - 1) if len(words[t]) == 5 and words[t].startswith(" r")]
+            assert len(cells) == 16
+            for t in cells:
+                r, c = int(words[t][2]) - 1, int(words[t][4]) - 1
+                assert att[0][0, t, vis[cell(r, c)]].sum() > 0.9  # the cell token -> its cell
+                assert att[1][0, t + 1, vis[cell(r, c)]].sum() > 0.9  # the next token -> the same cell
+        else:
+            k, name = int(it.answer.split()[1]), it.answer.split()[2]
+            t = n - 7  # the answer: image k, cell, colour, " ", 3 digits, </s>
+            assert words[t] == " " + name
+            r, c = int(name[1]) - 1, int(name[3]) - 1
+            assert att[2][0, t, vis[(k - 1) * 64:k * 64][cell(r, c)]].sum() > 0.9, (k, name)

@@ -66,7 +66,7 @@ def test_kv_kept_is_physical_and_reports_are_written(quick):
     assert "| hae@0.4 |" in md and "| streamingllm@0.4 |" in md and "| full |" in md
 
 
-MODEL_V2 = REPO / "models" / "grid-llava-v2"
+MODEL_HARD = REPO / "models" / "grid-llava-v3"
 HARD_LINE = re.compile(r"^full_acc=(\S+) hae_acc=(\S+) best_baseline_acc=(\S+) best_baseline=(\S+) budget=(\S+) "
                        r"kv_kept_frac=(\S+)$")
 DECODE_LINE = re.compile(r"^describe_full=(\S+) greedy=(\S+) bin=(\S+) kv_kept_frac=(\S+)$")
@@ -79,9 +79,9 @@ def _run(args, out):
     return proc.stdout.strip().splitlines()[-1]
 
 
-@pytest.mark.skipif(not (MODEL_V2 / "config.json").is_file(), reason="models/grid-llava-v2 not trained")
+@pytest.mark.skipif(not (MODEL_HARD / "config.json").is_file(), reason="models/grid-llava-v3 not trained")
 def test_hard_suite_and_decode_lines(tmp_path):
-    """--suite hard: the v2 model answers the distractor tasks through vLLM at full cache, the last
+    """--suite hard: the v3 model answers the distractor tasks through vLLM at full cache, the last
     line names the best baseline; --decode: greedy (bin capacity 0) never restores, the bin's
     restores and parks are read from the traces, both settings end at the same live KV."""
     line = _run(["--suite", "hard", "--quick", "--n", "1", "--methods", "hae,random"], tmp_path)
@@ -90,7 +90,7 @@ def test_hard_suite_and_decode_lines(tmp_path):
     rec = json.loads((tmp_path / "accuracy_hard_quick.json").read_text())
     assert {r["task"] for r in rec["rows"]} == {"cell", "needle", "describe"}
     full = [r for r in rec["rows"] if r["method"] == "full"]
-    train_log = json.loads((MODEL_V2 / "train_log.json").read_text())
+    train_log = json.loads((MODEL_HARD / "train_log.json").read_text())
     if min(train_log["final_heldout"][t] for t in ("cell", "needle", "describe")) >= 0.9:
         assert sum(r["score"] for r in full) / len(full) >= 0.6, [(r["answer"], r["prediction"]) for r in full]
     line = _run(["--decode", "--quick", "--n", "1", "--decode-budget", "0.5"], tmp_path)

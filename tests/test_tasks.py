@@ -16,8 +16,10 @@ def test_generation_is_deterministic_and_splits_disjoint():
 
 def test_cell_answers_match_the_grid_and_the_pixels():
     for item in generate("cell", "heldout", 20):
-        words = item.question.split()
-        r, c = int(words[words.index("row") + 1]) - 1, int(words[words.index("column") + 1].rstrip("?")) - 1
+        # The question names the cell as "r2c3" (row 2, column 3), as the answer and describe do.
+        name = item.question.rstrip("?").split()[-1]
+        r, c = int(name[1]) - 1, int(name[3]) - 1
+        assert name == f"r{r + 1}c{c + 1}"
         g = item.grids[0]
         # The answer names the cell, then its colour ("r2c3 red").
         cell, colour = item.answer.split()

@@ -3,7 +3,7 @@
 Every item is generated from a seed, so train and held-out splits never overlap (different seed
 ranges) and anyone can regenerate the same data.  Answers are scored exactly.
 
-* ``cell``: a G x G grid of coloured shapes; "What colour is the shape in row r column c?"
+* ``cell``: a G x G grid of coloured shapes; "What color is the shape in r2c3?" (row 2, column 3)
 * ``shape``: the same grid; "What shape is the <colour> one?" (the only one of that colour)
 * ``single``: one shape in an empty grid; "What color is the shape?"
 * ``count``: "How many <colour> shapes are there?"
@@ -78,7 +78,7 @@ class Grid:
         for r in range(self.size):
             for c in range(self.size):
                 cell = self.cells[r][c]
-                parts.append(f"r{r + 1}c{c + 1} " + ("empty" if cell is None else f"{cell[0]} {cell[1]}"))
+                parts.append(cell_name(r, c) + " " + ("empty" if cell is None else f"{cell[0]} {cell[1]}"))
         return ", ".join(parts)
 
 
@@ -100,6 +100,11 @@ class Item:
         return d
 
 
+def cell_name(r: int, c: int) -> str:
+    """``r2c3`` for row index 1, column index 2 (0-based in, 1-based out)."""
+    return f"r{r + 1}c{c + 1}"
+
+
 def _grid_and_target(rng, size: int, fill: float) -> tuple[Grid, list[tuple[int, int]], int, int]:
     """A random grid (never empty), its filled cells and one of them drawn at random."""
     g = Grid.random(rng, size, fill)
@@ -113,11 +118,14 @@ def _grid_and_target(rng, size: int, fill: float) -> tuple[Grid, list[tuple[int,
 
 def _cell_item(rng, seed: int, size: int, fill: float = 0.7) -> Item:
     g, _, r, c = _grid_and_target(rng, size, fill)
-    q = f"What color is the shape in row {r + 1} column {c + 1}?"
+    # The cell is named as in the answer and in ``describe`` ("r2c3"), one token for a model
+    # whose tokenizer has the 16 cell names (models/grid-llava-v3): "row 2 column 3" asked a
+    # small model to compose two digit tokens into a cell before it could look anything up.
+    q = f"What color is the shape in {cell_name(r, c)}?"
     # The answer names the cell first, in ``describe``'s words ("r2c3 red"): the colour is then
     # a decoded token, not the first one (which comes from the prefill's logits, computed
     # before prefill eviction takes effect), and describing a grid teaches this task.
-    return Item("cell", q, f"r{r + 1}c{c + 1} {g.cells[r][c][0]}", [g], seed=seed)
+    return Item("cell", q, f"{cell_name(r, c)} {g.cells[r][c][0]}", [g], seed=seed)
 
 
 def _shape_item(rng, seed: int, size: int, fill: float = 0.7) -> Item:
@@ -166,10 +174,10 @@ def _needle_item(rng, seed: int, size: int, fill: float = 0.7, num_images: int =
         g.cells[0][0] = ("blue", "circle")
     r, c = filled[rng.integers(len(filled))]
     code = int(rng.integers(100, 1000))
-    q = (f"The secret number is {code}. In image {k + 1}, what color is the shape in row {r + 1} "
-         f"column {c + 1}? Then repeat the secret number.")
+    q = (f"The secret number is {code}. In image {k + 1}, what color is the shape in {cell_name(r, c)}? "
+         "Then repeat the secret number.")
     # Image and cell first (see ``_cell_item``), then the colour, then the text needle.
-    return Item("needle", q, f"image {k + 1} r{r + 1}c{c + 1} {g.cells[r][c][0]} {code}", grids, seed=seed)
+    return Item("needle", q, f"image {k + 1} {cell_name(r, c)} {g.cells[r][c][0]} {code}", grids, seed=seed)
 
 
 def _describe_item(rng, seed: int, size: int, fill: float = 0.7) -> Item:

@@ -24,8 +24,15 @@ from pathlib import Path
 
 import torch
 
-from hae_vllm.accuracy.tasks import GENERATORS, generate, make_item, score
-from hae_vllm.testing.tiny_models import _llava_key, _save_weights, build_tiny_llava, llava_prompt
+from hae_vllm.accuracy.tasks import COLOURS, GENERATORS, SHAPES, cell_name, generate, make_item, score
+from hae_vllm.testing.tiny_models import (_llava_key, _save_weights, build_tiny_llava, llava_numbered_prompt,
+                                          llava_prompt)
+
+# Whole-word tokens of the grid tasks (``--grid-tokens``): the 16 cell names, the image names of
+# the numbered prompt and the colour/shape words the base BPE splits.  With them a cell is one
+# token in the question, the answer and ``describe``, so finding its colour is one attention hop.
+GRID_TOKENS = tuple(f" {cell_name(r, c)}" for r in range(4) for c in range(4)) + tuple(
+    f" image {k}" for k in range(1, 5)) + tuple(f" {w}" for w in (*COLOURS, *SHAPES, "empty"))
 
 # Single-cell questions are the measured tasks: ``single`` (one shape in an empty grid) is what
 # this CPU can teach the model; ``cell`` (a cell named by row and column among distractors)
@@ -103,11 +110,250 @@ def init_positions_cells(model, cells: int = 4, amp: float = 2.0) -> None:
         emb[1:].copy_(table)
 
 
-def _batch(processor, items, device):
+def prompt_format(model_dir: Path):
+    """The raw prompt function matching the checkpoint's chat template (``tiny_model_info.json``)."""
+    info = Path(model_dir) / "tiny_model_info.json"
+    style = json.loads(info.read_text()).get("prompt_style") if info.is_file() else None
+    return llava_numbered_prompt if style == "numbered" else llava_prompt
+
+
+# Head dimensions whose rotary frequency is lowest (HF/vLLM Llama pair dim i with i + head_dim/2;
+# frequency theta^(-2i/head_dim)): over a few hundred positions they barely rotate, so a match
+# written there does not depend on how far apart query and key are.
+def _slow_rope_dims(head_dim: int, n: int) -> list[int]:
+    half = head_dim // 2
+    return [i for i in range(half - n // 2, half)] + [i + half for i in range(half - n // 2, half)]
+
+
+def init_cell_alignment(model, tokenizer, cells: int = 4, gain: float = 1.0, wire: float = 0.0) -> None:
+    """Give the cell code of :func:`init_positions_cells` one basis from pixels to the text model.
+
+    * The patch embedding writes nothing into the ``k = 2 * cells`` code channels, so they hold
+      the cell alone (not the cell plus whatever colour the patch shows).
+    * The projector passes those channels through to text-model channels ``[0, k)`` (identity
+      blocks), and nothing else writes there: the keys' side.
+    * The embedding of each cell token (`` r2c3``) holds the same code in channels ``[k, 2k)``
+      (row one-hot, then column one-hot, times ``gain``): the queries' side.  Separate channels,
+      so a cell token in the question does not look like the cell's patches.
+    * ``wire`` > 0: head 0 of the first text layer starts as the lookup itself - its query reads
+      channels ``[k, 2k)``, its key channels ``[0, k)``, in the slowest rotary dimensions, times
+      ``wire`` - so a cell token attends to its cell's patches from step 0.  Everything else
+      (values, the colour and shape read-out, copying, which image) is learned.
+
+    Initialisation only: every weight is trained afterwards."""
+    k = 2 * cells
+    vt = model.model.vision_tower.vision_model if hasattr(model.model.vision_tower, "vision_model") else (
+        model.model.vision_tower)
+    proj = model.model.multi_modal_projector
+    emb = model.get_input_embeddings().weight
+    with torch.no_grad():
+        vt.embeddings.patch_embedding.weight[:k].zero_()
+        for lin in (proj.linear_1, proj.linear_2):
+            lin.weight[:k].zero_()
+            lin.weight[:, :k].zero_()
+            lin.weight[:k, :k].copy_(torch.eye(k))
+            lin.bias[:k].zero_()
+        emb[:, :2 * k] = 0.0
+        for r in range(cells):
+            for c in range(cells):
+                tid = tokenizer.convert_tokens_to_ids(f" {cell_name(r, c)}")
+                assert tid != tokenizer.unk_token_id, cell_name(r, c)
+                emb[tid, k + r] = gain
+                emb[tid, k + cells + c] = gain
+        if wire:
+            attn = model.model.language_model.layers[0].self_attn
+            hd = attn.head_dim
+            dims = _slow_rope_dims(hd, k)
+            attn.q_proj.weight[:hd].zero_()  # head 0
+            attn.k_proj.weight[:hd].zero_()  # key-value head 0 (shared with the next query heads)
+            for j, d in enumerate(dims):
+                attn.q_proj.weight[d, k + j] = wire
+                attn.k_proj.weight[d, j] = 1.0
+
+
+# Residual channels the wired circuits use (``--wire-circuits``), text model width 128.
+CH_VIS_CELL = slice(0, 8)     # visual tokens: cell code (row one-hot, column one-hot)
+CH_TOK_CELL = slice(8, 16)    # cell-name tokens: the same code
+CH_CONST = 16                 # every token: 1 (a bias the attention layers lack)
+CH_MARK = 17                  # `` image k`` tokens: 1
+CH_TOK_IMG = slice(18, 22)    # `` image k`` tokens: one-hot k
+CH_VIS_IMG = slice(22, 26)    # visual tokens, after layer 1: mean of the image one-hots so far
+CH_PREV_CELL = slice(26, 34)  # after layer 0: the previous token's cell code
+CH_PREV_IMG = slice(34, 38)   # after layer 0: the previous token's image one-hot
+CH_VIS_FLAG = 38              # visual tokens: 1
+N_RESERVED = 39
+CONST = 4.0
+
+
+def _head_rows(h: int, hd: int) -> slice:
+    return slice(h * hd, (h + 1) * hd)
+
+
+def wire_grid_circuits(model, tokenizer, cells: int = 4, scale: float = 1.0, content_gain: float = 5.0) -> None:
+    """Start the text model with the four attention circuits the grid tasks need, in reserved
+    residual channels (``CH_*``); every weight is still trained afterwards.
+
+    1. layer 0, head 0: a cell token attends to its cell's patches (:func:`init_cell_alignment`);
+    2. layer 0, head 2: every token attends to the previous one (rotary phase shifted by one
+       position, summed over all frequencies) and copies its cell code and image one-hot;
+    3. layer 1, head 0: a token whose previous token names a cell attends to that cell's patches
+       (a colour token, for ``describe``'s shape);
+    4. layer 1, head 2: each visual token averages the `` image k`` tokens before it, which tells
+       image k's tokens apart from the others (all images share the vision position table);
+    5. layer 2, head 0: a cell token whose previous token names an image attends to that cell of
+       that image (``needle``).
+
+    Query/key weights and the copy heads' value/output weights are set; the looked-up heads'
+    values and outputs, every MLP and the read-outs stay random and are learned."""
+    # The constant channel dominates every token's norm (RMSNorm then scales all tokens alike,
+    # which the previous-token head needs: its score separates neighbours by only ~14%); the
+    # query scales below make up for the smaller normalised codes.
+    init_cell_alignment(model, tokenizer, cells=cells, gain=1.0, wire=6.0 * scale)
+    lm = model.model.language_model
+    proj = model.model.multi_modal_projector
+    emb = model.get_input_embeddings().weight
+    hd = lm.layers[0].self_attn.head_dim
+    half = hd // 2
+    theta = float(getattr(lm.config, "rope_theta", None) or lm.config.rope_parameters["rope_theta"])
+    freqs = [theta ** (-2.0 * i / hd) for i in range(half)]
+    with torch.no_grad():
+        emb[:, 4 * cells:N_RESERVED] = 0.0  # the cell codes are set by init_cell_alignment
+        emb[:, CH_CONST] = CONST
+        # Free channels x content_gain: next to the constant, N(0, 0.02) content would be ~1/20 of
+        # a token's norm, and RMSNorm would shrink its share of every gradient step alike.
+        emb[:, N_RESERVED:] *= content_gain
+        for k in range(1, 5):
+            tid = tokenizer.convert_tokens_to_ids(f" image {k}")
+            assert tid != tokenizer.unk_token_id
+            emb[tid, CH_MARK] = 1.0
+            emb[tid, CH_TOK_IMG.start + k - 1] = 1.0
+        l2 = proj.linear_2
+        l2.weight[2 * cells:N_RESERVED].zero_()
+        l2.bias[2 * cells:N_RESERVED].zero_()
+        l2.bias[CH_CONST] = CONST
+        l2.bias[CH_VIS_FLAG] = 1.0
+        l2.weight[N_RESERVED:] *= content_gain
+        for layer in lm.layers:  # nothing random writes into the reserved channels at the start
+            layer.self_attn.o_proj.weight[:N_RESERVED].zero_()
+            layer.mlp.down_proj.weight[:N_RESERVED].zero_()
+
+        # 2. previous-token head: layer 0, query head 2 / key-value head 1.
+        a = lm.layers[0].self_attn
+        q, kk, v, o = a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, a.o_proj.weight
+        qr, kr = _head_rows(2, hd), _head_rows(1, hd)
+        q[qr].zero_(); kk[kr].zero_(); v[kr].zero_()
+        # score ~ sum_i w_i cos(f_i * (distance - 1)) over the six fastest rotary pairs: largest
+        # at distance 1, every other distance (0..400) at most 0.864 of it.
+        for i, w in enumerate((1.0, 1.0, 1.0, 1.0, 0.5, 0.5)):
+            q[qr.start + i, CH_CONST] = 1.5 * scale * w * math.cos(freqs[i])
+            q[qr.start + half + i, CH_CONST] = -1.5 * scale * w * math.sin(freqs[i])
+            kk[kr.start + i, CH_CONST] = 1.0
+        src = list(range(CH_TOK_CELL.start, CH_TOK_CELL.stop)) + list(range(CH_TOK_IMG.start, CH_TOK_IMG.stop))
+        dst = list(range(CH_PREV_CELL.start, CH_PREV_CELL.stop)) + list(range(CH_PREV_IMG.start, CH_PREV_IMG.stop))
+        o[:, qr].zero_()
+        for j, (a_, b_) in enumerate(zip(src, dst)):
+            v[kr.start + j, a_] = 1.0
+            o[b_, qr.start + j] = 0.3  # normalised inputs are ~8: copies come out ~2
+
+        slow = _slow_rope_dims(hd, 2 * cells)
+        # 3. layer 1, head 0: the previous token's cell -> that cell's patches.
+        a = lm.layers[1].self_attn
+        qr, kr = _head_rows(0, hd), _head_rows(0, hd)
+        a.q_proj.weight[qr].zero_(); a.k_proj.weight[kr].zero_()
+        for j, d in enumerate(slow):
+            a.q_proj.weight[qr.start + d, CH_PREV_CELL.start + j] = 7.0 * scale
+            a.k_proj.weight[kr.start + d, CH_VIS_CELL.start + j] = 1.0
+        # 4. layer 1, head 2: visual tokens average the image markers before them.
+        qr, kr = _head_rows(2, hd), _head_rows(1, hd)
+        a.q_proj.weight[qr].zero_(); a.k_proj.weight[kr].zero_(); a.v_proj.weight[kr].zero_()
+        a.q_proj.weight[qr.start + half - 1, CH_VIS_FLAG] = 6.0 * scale
+        a.k_proj.weight[kr.start + half - 1, CH_MARK] = 1.0
+        a.o_proj.weight[:, qr].zero_()
+        for j in range(4):
+            a.v_proj.weight[kr.start + j, CH_TOK_IMG.start + j] = 1.0
+            a.o_proj.weight[CH_VIS_IMG.start + j, qr.start + j] = 0.3
+        # 5. layer 2, head 0: own cell + previous token's image -> that cell of that image.
+        a = lm.layers[2].self_attn
+        qr, kr = _head_rows(0, hd), _head_rows(0, hd)
+        a.q_proj.weight[qr].zero_(); a.k_proj.weight[kr].zero_()
+        for j, d in enumerate(slow):
+            a.q_proj.weight[qr.start + d, CH_TOK_CELL.start + j] = 6.0 * scale
+            a.k_proj.weight[kr.start + d, CH_VIS_CELL.start + j] = 1.0
+        # The key holds the mean of the one-hots of images 1..k' (image k' tokens); the query
+        # for image k is M[:, k], chosen so that mean_{j<=k'} M[j, k] is largest at k' = k:
+        # M[j, k] = -1 (j < k), 2k - 1 (j = k), -(k + 1) (j > k) (1-based).  The next-slowest
+        # rotary pairs (images 1-2 in pair half-5, 3-4 in pair half-6) hold it.
+        img_dims = [half - 5, 2 * half - 5, half - 6, 2 * half - 6]
+        for j, d in enumerate(img_dims):
+            a.k_proj.weight[kr.start + d, CH_VIS_IMG.start + j] = 1.0
+            for k in range(4):
+                m = -1.0 if j < k else (2 * (k + 1) - 1.0 if j == k else -(k + 2.0))
+                a.q_proj.weight[qr.start + d, CH_PREV_IMG.start + k] = 8.0 * scale * m
+
+
+def freeze_wired(model, cells: int = 4) -> int:
+    """Keep what :func:`wire_grid_circuits` set fixed during training (gradient masks): the
+    reserved residual channels (what writes them, and the cell code in the vision tower), the
+    wired heads' query and key weights and the copy heads' values and outputs, and the RMSNorm
+    gains of the reserved channels.  Trained freely, Adam moved these by ~lr per step each and
+    undid every circuit within 400 steps (run r6).  Returns the number of frozen entries."""
+    k = 2 * cells
+    lm = model.model.language_model
+    hd = lm.layers[0].self_attn.head_dim
+    vt = model.model.vision_tower.vision_model if hasattr(model.model.vision_tower, "vision_model") else (
+        model.model.vision_tower)
+    proj = model.model.multi_modal_projector
+    masks: dict = {}
+
+    def freeze(p, index):
+        m = masks.setdefault(p, torch.ones_like(p))
+        m[index] = 0.0
+
+    R = slice(0, N_RESERVED)
+    freeze(model.get_input_embeddings().weight, (slice(None), R))
+    freeze(vt.embeddings.position_embedding.weight, (slice(None), slice(0, k)))
+    freeze(vt.embeddings.patch_embedding.weight, slice(0, k))
+    for layer in vt.encoder.layers:
+        freeze(layer.self_attn.out_proj.weight, slice(0, k))
+        freeze(layer.self_attn.out_proj.bias, slice(0, k))
+        freeze(layer.mlp.fc2.weight, slice(0, k))
+        freeze(layer.mlp.fc2.bias, slice(0, k))
+        for ln in (layer.layer_norm1, layer.layer_norm2):
+            freeze(ln.weight, slice(0, k))
+            freeze(ln.bias, slice(0, k))
+    freeze(vt.pre_layrnorm.weight, slice(0, k))
+    freeze(vt.pre_layrnorm.bias, slice(0, k))
+    freeze(proj.linear_1.weight, slice(0, k))
+    freeze(proj.linear_1.weight, (slice(None), slice(0, k)))
+    freeze(proj.linear_1.bias, slice(0, k))
+    freeze(proj.linear_2.weight, R)
+    freeze(proj.linear_2.weight, (slice(None), slice(0, k)))
+    freeze(proj.linear_2.bias, R)
+    for layer in lm.layers:
+        freeze(layer.self_attn.o_proj.weight, R)
+        freeze(layer.mlp.down_proj.weight, R)
+        freeze(layer.input_layernorm.weight, R)
+        freeze(layer.post_attention_layernorm.weight, R)
+    wired = {0: [(0, 0), (2, 1)], 1: [(0, 0), (2, 1)], 2: [(0, 0)]}  # layer: (query head, kv head)
+    copies = {(0, 2), (1, 2)}  # (layer, query head) whose values and outputs are set too
+    for li, heads in wired.items():
+        a = lm.layers[li].self_attn
+        for qh, kvh in heads:
+            freeze(a.q_proj.weight, _head_rows(qh, hd))
+            freeze(a.k_proj.weight, _head_rows(kvh, hd))
+            if (li, qh) in copies:
+                freeze(a.v_proj.weight, _head_rows(kvh, hd))
+                freeze(a.o_proj.weight, (slice(None), _head_rows(qh, hd)))
+    for p, m in masks.items():
+        p.register_hook(lambda g, m=m: g * m)
+    return int(sum((m == 0).sum().item() for m in masks.values()))
+
+
+def _batch(processor, items, device, prompt=llava_prompt):
     """Input ids with labels on the answer tokens only (right padding)."""
     tok = processor.tokenizer
     assert tok.padding_side == "right", tok.padding_side
-    prompts = [llava_prompt(it.question, len(it.grids)) for it in items]
+    prompts = [prompt(it.question, len(it.grids)) for it in items]
     full = [p + " " + it.answer + tok.eos_token for p, it in zip(prompts, items)]
     images = [img for it in items for img in it.images()]
     enc = processor(text=full, images=images, return_tensors="pt", padding=True)
@@ -124,13 +370,13 @@ def _batch(processor, items, device):
 
 @torch.no_grad()
 def evaluate(model, processor, task: str, n: int, device, max_new_tokens: int | None = None,
-             fill: float = 0.7) -> float:
+             fill: float = 0.7, prompt=llava_prompt) -> float:
     """Held-out accuracy with HF greedy decoding (``max_new_tokens``: the answer's length + 4)."""
     model.eval()
     total = 0.0
     tok = processor.tokenizer
     for it in generate(task, "heldout", n, fill=fill):
-        enc = processor(text=[llava_prompt(it.question, len(it.grids))], images=it.images(), return_tensors="pt").to(device)
+        enc = processor(text=[prompt(it.question, len(it.grids))], images=it.images(), return_tensors="pt").to(device)
         mt = max_new_tokens or len(_answer_ids(tok, it.answer)) + 4
         out = model.generate(**enc, max_new_tokens=mt, do_sample=False)
         text = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -171,7 +417,9 @@ def train(out: Path, steps: int | None, batch_size: int, lr: float, seed: int, d
           stages: list[dict] | None = None, batch_sizes: dict[str, int] | None = None,
           ckpt_dir: str | None = None, ckpt_every: int = 0, resume: bool = False, warmup: int = 100,
           text_overrides: dict | None = None, final_n: int = 200, run_name: str | None = None,
-          stop_after: int | None = None, keep_every: int = 0) -> dict | None:
+          stop_after: int | None = None, keep_every: int = 0, patch_size: int | None = None,
+          grid_tokens: bool = False, numbered_images: bool = False, align_cells: float = 0.0,
+          wire_lookup: float = 0.0, wire_circuits: float = 0.0, freeze_circuits: bool = False) -> dict | None:
     """Train and write the checkpoint to ``out``.  With ``ckpt_dir``, a resumable checkpoint
     (weights, optimizer, step, RNG states, data position, log) is written there every
     ``ckpt_every`` steps; ``resume`` continues from it with the saved configuration.
@@ -196,7 +444,8 @@ def train(out: Path, steps: int | None, batch_size: int, lr: float, seed: int, d
     else:
         tmp_base = Path(tempfile.mkdtemp(prefix="hae_vlm_base_"))
         base = tmp_base
-        build_tiny_llava(base, seed=seed)
+        build_tiny_llava(base, seed=seed, **({"patch_size": patch_size} if patch_size else {}),
+                         added_tokens=GRID_TOKENS if grid_tokens else (), numbered_images=numbered_images)
     random.seed(seed)
     torch.manual_seed(seed)
     model = _build_model(base, None if (resume or init_from) else text_overrides, weights=not resume)
@@ -207,19 +456,32 @@ def train(out: Path, steps: int | None, batch_size: int, lr: float, seed: int, d
         shutil.copytree(base, ckpt / "base")
         base, tmp_base = ckpt / "base", (shutil.rmtree(tmp_base, ignore_errors=True) if tmp_base else None)
     processor = AutoProcessor.from_pretrained(base)
+    prompt = prompt_format(base)
     if not init_from and not resume:
         reinit_for_training(model, seed)
         if pos_init == "sincos":
             init_positions_2d(model)
         elif pos_init == "cells":
             init_positions_cells(model)
+        if wire_circuits:
+            wire_grid_circuits(model, processor.tokenizer, scale=wire_circuits)
+        elif align_cells:
+            init_cell_alignment(model, processor.tokenizer, gain=align_cells, wire=wire_lookup)
     model.to(device).train()
+    if state is not None and state["log"]["config"].get("freeze_circuits"):
+        freeze_circuits = True  # the resumed run's choice
+    if freeze_circuits:
+        print(f"frozen: {freeze_wired(model)} wired entries", flush=True)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     rng = random.Random(seed)
     counters: dict[str, int] = {}
     log = {"config": {"run_name": run_name, "steps": steps, "batch_size": batch_size, "batch_sizes": batch_sizes,
                       "lr": lr, "warmup": warmup, "seed": seed, "device": device, "stages": stages,
                       "pos_init": pos_init, "init_from": init_from, "text_overrides": text_overrides,
+                      "patch_size": patch_size, "grid_tokens": grid_tokens, "numbered_images": numbered_images,
+                      "align_cells": align_cells, "wire_lookup": wire_lookup,
+                      "wire_circuits": wire_circuits, "freeze_circuits": freeze_circuits,
+                      "content_gain": 5.0 if wire_circuits else None,
                       "torch_threads": torch.get_num_threads()},
            "machine": _machine(device), "loss": [], "eval": [], "wall": []}
     start, elapsed = 1, 0.0
@@ -261,7 +523,7 @@ def train(out: Path, steps: int | None, batch_size: int, lr: float, seed: int, d
         cur_lr = lr * min(1.0, step / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
         for g in opt.param_groups:
             g["lr"] = cur_lr
-        loss = model(**_batch(processor, items, device)).loss
+        loss = model(**_batch(processor, items, device, prompt)).loss
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -273,7 +535,8 @@ def train(out: Path, steps: int | None, batch_size: int, lr: float, seed: int, d
             # "cell@0.2": held-out items at fill 0.2 (fewer distractors) to see a curriculum's first stage.
             accs = {t: round(evaluate(model, processor, t.split("@")[0],
                                       max(4, eval_n // 4) if t.startswith("describe") else eval_n, device,
-                                      fill=float(t.split("@")[1]) if "@" in t else 0.7), 4) for t in eval_tasks}
+                                      fill=float(t.split("@")[1]) if "@" in t else 0.7, prompt=prompt), 4)
+                    for t in eval_tasks}
             log["eval"].append((step, accs))
             log["wall"].append((step, round(time.time() - t0, 1)))
             print(f"step {step} heldout accuracy {accs}", flush=True)
@@ -292,7 +555,7 @@ def train(out: Path, steps: int | None, batch_size: int, lr: float, seed: int, d
             return None
     log["train_seconds"] = round(time.time() - t0, 1)
     log["final_heldout"] = {t: round(evaluate(model, processor, t, final_n if t != "describe" else max(1, final_n // 4),
-                                              device), 4)
+                                              device, prompt=prompt), 4)
                             for t in GENERATORS} if final_n else {}
     print(f"final held-out accuracy (HF, greedy): {log['final_heldout']}", flush=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -354,6 +617,19 @@ def main() -> None:
     ap.add_argument("--stop-after", type=int, default=None, help="leave after this many steps (resume later)")
     ap.add_argument("--keep-every", type=int, default=0, help="also keep --ckpt-dir/step<N>.pt every N steps")
     ap.add_argument("--run-name", default=None)
+    ap.add_argument("--patch-size", type=int, default=None, help="vision patch (default 14: 256 tokens; 28: 64)")
+    ap.add_argument("--grid-tokens", action="store_true", help="add the cell/colour/shape/image words as tokens")
+    ap.add_argument("--numbered-images", action="store_true",
+                    help="chat template that writes ' image k' before each image's tokens")
+    ap.add_argument("--align-cells", type=float, default=0.0,
+                    help="with --pos-init cells and --grid-tokens: start the cell code in one basis from the "
+                         "vision position table to the cell tokens' embeddings, this gain (0: off)")
+    ap.add_argument("--wire-lookup", type=float, default=0.0,
+                    help="with --align-cells: start head 0 of text layer 0 as the cell lookup, this query scale")
+    ap.add_argument("--wire-circuits", type=float, default=0.0,
+                    help="start all five grid circuits (wire_grid_circuits), this scale (0: off)")
+    ap.add_argument("--freeze-circuits", action="store_true",
+                    help="with --wire-circuits: keep the wired weights fixed (freeze_wired); pass it on --resume too")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -364,7 +640,10 @@ def main() -> None:
           batch_sizes=json.loads(args.batch_sizes) if args.batch_sizes else None, ckpt_dir=args.ckpt_dir,
           ckpt_every=args.ckpt_every, resume=args.resume, warmup=args.warmup,
           text_overrides=json.loads(args.text_config) if args.text_config else None, final_n=args.final_n,
-          run_name=args.run_name, stop_after=args.stop_after, keep_every=args.keep_every)
+          run_name=args.run_name, stop_after=args.stop_after, keep_every=args.keep_every,
+          patch_size=args.patch_size, grid_tokens=args.grid_tokens, numbered_images=args.numbered_images,
+          align_cells=args.align_cells, wire_lookup=args.wire_lookup, wire_circuits=args.wire_circuits,
+          freeze_circuits=args.freeze_circuits)
 
 
 if __name__ == "__main__":

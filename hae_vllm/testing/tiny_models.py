@@ -85,6 +85,7 @@ __all__ = [
     "QWEN2VL_IMAGE_TOKENS",
     "build_tiny_llava",
     "build_tiny_qwen2vl",
+    "llava_numbered_prompt",
     "llava_prompt",
     "make_test_image",
     "qwen2vl_prompt",
@@ -158,6 +159,33 @@ QWEN2VL_CHAT_TEMPLATE = (
 def llava_prompt(text: str, num_images: int = 1) -> str:
     """Raw LLaVA prompt (what the chat template renders, minus ``<s>``)."""
     return "USER: " + "<image>\n" * num_images + text + " ASSISTANT:"
+
+
+# A variant that names every image before its tokens (`` image 1<image>\n image 2<image>\n``):
+# all images share the vision tower's position table, so without a marker nothing in an image
+# token says which image it belongs to; with one, a causal attention head can tell.
+LLAVA_NUMBERED_CHAT_TEMPLATE = (
+    "{{- bos_token -}}"
+    "{%- set ns = namespace(k=0) -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}{{- 'SYSTEM:' -}}"
+    "{%- elif message['role'] == 'user' -%}{{- 'USER:' -}}"
+    "{%- else -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
+    "{%- if message['content'] is string -%}{{- ' ' + message['content'] -}}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] in " + _IMAGE_PART_TYPES + " -%}"
+    "{%- set ns.k = ns.k + 1 -%}{{- ' image ' + ns.k|string + '<image>\\n' -}}"
+    "{%- elif part['type'] == 'text' -%}{{- part['text'] -}}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{%- if message['role'] == 'assistant' -%}{{- eos_token -}}{%- else -%}{{- ' ' -}}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
+)
+
+
+def llava_numbered_prompt(text: str, num_images: int = 1) -> str:
+    """Raw prompt of :data:`LLAVA_NUMBERED_CHAT_TEMPLATE` (minus ``<s>``)."""
+    return "USER:" + "".join(f" image {k}<image>\n" for k in range(1, num_images + 1)) + text + " ASSISTANT:"
 
 
 def qwen2vl_prompt(text: str, num_images: int = 1, num_videos: int = 0) -> str:
@@ -360,8 +388,14 @@ def _llava_key(name: str) -> str:
     raise KeyError(f"unexpected LLaVA parameter {name}")
 
 
-def build_tiny_llava(out_dir: str | os.PathLike, *, seed: int = 0) -> pathlib.Path:
-    """Write a tiny random LLaVA checkpoint (+ tokenizer and processor) into ``out_dir``."""
+def build_tiny_llava(out_dir: str | os.PathLike, *, seed: int = 0, patch_size: int = LLAVA_PATCH_SIZE,
+                     added_tokens: tuple[str, ...] = (), numbered_images: bool = False) -> pathlib.Path:
+    """Write a tiny random LLaVA checkpoint (+ tokenizer and processor) into ``out_dir``.
+
+    The keyword options change the defaults the tests use (patch 14, the plain BPE, the plain
+    template) for trained models: ``patch_size`` (28 -> 64 image tokens per image),
+    ``added_tokens`` (whole-word tokens, e.g. `` r2c3``, matched before the byte-level BPE) and
+    ``numbered_images`` (:data:`LLAVA_NUMBERED_CHAT_TEMPLATE`)."""
     import torch
     from transformers import (
         CLIPImageProcessor,
@@ -386,8 +420,15 @@ def build_tiny_llava(out_dir: str | os.PathLike, *, seed: int = 0) -> pathlib.Pa
         pad_token="<pad>",
         extra_special_tokens={"image_token": "<image>"},
     )
+    if added_tokens:
+        from tokenizers import AddedToken
+
+        tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in added_tokens])
+    template = LLAVA_NUMBERED_CHAT_TEMPLATE if numbered_images else LLAVA_CHAT_TEMPLATE
+    tok.chat_template = template
     ids = {t: tok.convert_tokens_to_ids(t) for t in specials}
     vocab = len(tok)
+    image_tokens = (LLAVA_IMAGE_SIZE // patch_size) ** 2
 
     vision = CLIPVisionConfig(
         hidden_size=64,
@@ -395,7 +436,7 @@ def build_tiny_llava(out_dir: str | os.PathLike, *, seed: int = 0) -> pathlib.Pa
         num_hidden_layers=2,
         num_attention_heads=4,
         image_size=LLAVA_IMAGE_SIZE,
-        patch_size=LLAVA_PATCH_SIZE,
+        patch_size=patch_size,
         projection_dim=64,
         hidden_act="quick_gelu",
         layer_norm_eps=1e-5,
@@ -421,7 +462,7 @@ def build_tiny_llava(out_dir: str | os.PathLike, *, seed: int = 0) -> pathlib.Pa
         vision_config=vision,
         text_config=text,
         image_token_index=ids["<image>"],
-        image_seq_length=LLAVA_IMAGE_TOKENS,
+        image_seq_length=image_tokens,
         projector_hidden_act="gelu",
         vision_feature_select_strategy="default",
         vision_feature_layer=-2,
@@ -462,28 +503,31 @@ def build_tiny_llava(out_dir: str | os.PathLike, *, seed: int = 0) -> pathlib.Pa
     processor = LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tok,
-        patch_size=LLAVA_PATCH_SIZE,
+        patch_size=patch_size,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
         image_token="<image>",
-        chat_template=LLAVA_CHAT_TEMPLATE,
+        chat_template=template,
     )
     processor.save_pretrained(out)
     tok.save_pretrained(out)
-    _write_info(
-        out,
-        {
-            "kind": "llava",
-            "version": _VERSIONS["llava"],
-            "seed": seed,
-            "vocab_size": vocab,
-            "image_token": "<image>",
-            "image_token_id": ids["<image>"],
-            "image_tokens_per_image": LLAVA_IMAGE_TOKENS,
-            "prompt_one_image": llava_prompt("{text}", 1),
-            "prompt_two_images": llava_prompt("{text}", 2),
-        },
-    )
+    prompt = llava_numbered_prompt if numbered_images else llava_prompt
+    info = {
+        "kind": "llava",
+        "version": _VERSIONS["llava"],
+        "seed": seed,
+        "vocab_size": vocab,
+        "image_token": "<image>",
+        "image_token_id": ids["<image>"],
+        "image_tokens_per_image": image_tokens,
+        "prompt_one_image": prompt("{text}", 1),
+        "prompt_two_images": prompt("{text}", 2),
+    }
+    if numbered_images:
+        info["prompt_style"] = "numbered"
+    if added_tokens:
+        info["added_tokens"] = list(added_tokens)
+    _write_info(out, info)
     return out
 
 
