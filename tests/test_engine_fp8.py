@@ -19,8 +19,10 @@ from hae_vllm.testing.scenario import RequestSpec, ScenarioSpec, build_prompt, r
 
 pytestmark = pytest.mark.engine
 
+# Scored every 8 steps (the default 32 would score the 48-token request twice: parks, but no
+# restore to replay).
 DECODE = {"kv_eviction_decode_budget": 0.5, "kv_eviction_bin_capacity": 2, "kv_eviction_rescore_interval": 4,
-          "kv_eviction_restore_margin": 0.5}
+          "kv_eviction_restore_margin": 0.5, "kv_eviction_score_interval": 8}
 REQS = [
     RequestSpec(text="Describe the picture please.", images=[1], max_tokens=16),
     RequestSpec(text="Compare the two pictures.", images=[3, 4], max_tokens=16),
