@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from hae_vllm.policies.attention import attention_probs, decode_mass, decode_mass_queued, queued_mass
-from hae_vllm.worker.decode import BinEntry, DecodeActions, choose_parking, decode_limit, weakest_live_value
+from hae_vllm.worker.decode import BinEntry, DecodeActions, DecodeBank, choose_parking, decode_limit, weakest_live_value
 from hae_vllm.worker.state import DecodeTask
 from hae_vllm.worker.trace import EvictionReport
 
@@ -69,6 +69,58 @@ def decode_mass_rows(q: torch.Tensor, rows: np.ndarray, keys: torch.Tensor, L: i
 
 def _decay(tasks: list[DecodeTask]) -> np.ndarray:
     return np.fromiter((dt.state.cfg.decode_decay for dt in tasks), dtype=np.float32, count=len(tasks))
+
+
+def read_pending_keys(bank: DecodeBank, block_size: int, kv_cache, layout, tasks: list[DecodeTask], rows: np.ndarray,
+                      prow: np.ndarray, ppos: np.ndarray) -> None:
+    """The layer-0 keys of queued steps the append-only path left in the paged cache
+    (bank rows ``prow``, positions ``ppos``; ``rows`` are the rows of ``tasks``), read into the
+    bank before scoring.  They are where vLLM wrote them: parking moves tokens only when a row
+    is scored, and a decoded token's slot is its position until then."""
+    table_of = {int(r): dt.block_ids for r, dt in zip(rows, tasks)}
+    slots = np.empty(len(prow), dtype=np.int64)
+    for r in np.unique(prow):
+        sel = prow == r
+        table = np.asarray(table_of[int(r)], dtype=np.int64)
+        p = ppos[sel]
+        slots[sel] = table[p // block_size] * block_size + p % block_size
+    keys = layout.gather_keys(kv_cache, torch.from_numpy(slots))
+    bank.put_keys(prow.tolist(), ppos.tolist(), keys)
+
+
+def queued_mass_rows(bank: DecodeBank, rows: np.ndarray, q: torch.Tensor, qpos: np.ndarray, n: np.ndarray,
+                     decay: np.ndarray, L: int, scale: float) -> torch.Tensor:
+    """``sum_j decay^(n-1-j) * mass_j`` [B, L] of each row's first ``n[b]`` queued queries
+    (:func:`~hae_vllm.policies.attention.queued_mass`), over the bank's keys of the rows'
+    span read as one view when the rows lie in a span at most twice their number (rows of
+    the span without queries get weight 0), gathered otherwise."""
+    B, N = qpos.shape
+    steps = np.arange(N)
+    valid = steps[None, :] < n[:, None]  # [B, N]: padding after a row's queries
+    weights = np.where(valid, decay[:, None] ** np.maximum(n[:, None] - 1 - steps[None, :], 0), 0)
+    # Padding sees every scored key (a finite softmax), with weight 0.
+    qpos = np.where(valid, qpos, L - 1)
+    r0, r1 = int(rows.min()), int(rows.max()) + 1
+    dev = q.device
+    if r1 - r0 == B and (B == 1 or bool((np.diff(rows) == 1).all())):
+        return queued_mass(q, bank.keys[r0:r1, :, :L], scale, ~bank.scored[r0:r1, :L], qpos,
+                           weights.astype(np.float32))
+    if r1 - r0 > 2 * B:
+        rows_t = torch.from_numpy(rows).to(bank.keys.device)
+        return queued_mass(q, bank.keys[:, :, :L].index_select(0, rows_t), scale, ~bank.scored[rows, :L], qpos,
+                           weights.astype(np.float32))
+    local = rows - r0
+    local_t = torch.from_numpy(local).to(dev)
+    span = r1 - r0
+    q_all = q.new_zeros((span,) + tuple(q.shape[1:]))
+    q_all[local_t] = q
+    hidden = np.zeros((span, L), dtype=bool)  # rows without queries: everything visible
+    hidden[local] = ~bank.scored[rows, :L]
+    qpos_all = np.full((span, N), L - 1, dtype=np.int64)
+    qpos_all[local] = qpos
+    w_all = np.zeros((span, N), dtype=np.float32)
+    w_all[local] = weights
+    return queued_mass(q_all, bank.keys[r0:r1, :, :L], scale, hidden, qpos_all, w_all)[local_t]
 
 
 class DecodeStage:
@@ -221,29 +273,11 @@ class DecodeStage:
         bank = self.rt.decode_bank
         prow, ppos = bank.pending_keys(rows)
         if len(prow):
-            self._read_pending_keys(tasks, rows, prow, ppos)
+            read_pending_keys(bank, self.rt.block_size, *self._cache, tasks, rows, prow, ppos)
         q, pos, n = bank.take_queued(rows)  # q: [B, N, H, D]
         for dt, k in zip(tasks, n.tolist()):
             dt.num_scored = k
         self._score_rows(rows, q, pos, _decay(tasks), impl, num_heads, n)
-
-    def _read_pending_keys(self, tasks: list[DecodeTask], rows: np.ndarray, prow: np.ndarray,
-                           ppos: np.ndarray) -> None:
-        """The layer-0 keys of queued steps the append-only path left in the paged cache
-        (bank rows ``prow``, positions ``ppos``), read into the bank before scoring.  They are
-        where vLLM wrote them: parking moves tokens only when a row is scored, and a decoded
-        token's slot is its position until then."""
-        kv_cache, layout = self._cache
-        bs = self.rt.block_size
-        table_of = {int(r): dt.block_ids for r, dt in zip(rows, tasks)}
-        slots = np.empty(len(prow), dtype=np.int64)
-        for r in np.unique(prow):
-            sel = prow == r
-            table = np.asarray(table_of[int(r)], dtype=np.int64)
-            p = ppos[sel]
-            slots[sel] = table[p // bs] * bs + p % bs
-        keys = layout.gather_keys(kv_cache, torch.from_numpy(slots))
-        self.rt.decode_bank.put_keys(prow.tolist(), ppos.tolist(), keys)
 
     def _score_rows(self, rows: np.ndarray, q: torch.Tensor, qpos: np.ndarray, decay: np.ndarray, impl,
                     num_heads: int, n: np.ndarray | None = None) -> None:
@@ -263,7 +297,7 @@ class DecodeStage:
             factor = decay
         else:
             n = np.full(B, N) if n is None else n
-            mass = self._queued_mass(rows, q, qpos, n, decay, L, impl.scale)
+            mass = queued_mass_rows(self.rt.decode_bank, rows, q, qpos, n, decay, L, impl.scale)
             factor = (decay ** n).astype(np.float32)
         if rt.tp_group is not None:
             # Summed in rank order on every rank: the same bits everywhere.
@@ -271,41 +305,6 @@ class DecodeStage:
             num_heads *= rt.tp_group.world_size
         # Unscored columns get zero mass: their scores only decay, as before.
         bank.score[rows, :L] = bank.score[rows, :L] * factor[:, None] + (mass / num_heads).cpu().numpy()
-
-    def _queued_mass(self, rows: np.ndarray, q: torch.Tensor, qpos: np.ndarray, n: np.ndarray,
-                     decay: np.ndarray, L: int, scale: float) -> torch.Tensor:
-        """``sum_j decay^(n-1-j) * mass_j`` [B, L] of each row's first ``n[b]`` queued queries
-        (:func:`~hae_vllm.policies.attention.queued_mass`), over the bank's keys of the rows'
-        span read as one view when the rows lie in a span at most twice their number (rows of
-        the span without queries get weight 0), gathered otherwise."""
-        bank = self.rt.decode_bank
-        B, N = qpos.shape
-        steps = np.arange(N)
-        valid = steps[None, :] < n[:, None]  # [B, N]: padding after a row's queries
-        weights = np.where(valid, decay[:, None] ** np.maximum(n[:, None] - 1 - steps[None, :], 0), 0)
-        # Padding sees every scored key (a finite softmax), with weight 0.
-        qpos = np.where(valid, qpos, L - 1)
-        r0, r1 = int(rows.min()), int(rows.max()) + 1
-        dev = q.device
-        if r1 - r0 == B and (B == 1 or bool((np.diff(rows) == 1).all())):
-            return queued_mass(q, bank.keys[r0:r1, :, :L], scale, ~bank.scored[r0:r1, :L], qpos,
-                               weights.astype(np.float32))
-        if r1 - r0 > 2 * B:
-            rows_t = torch.from_numpy(rows).to(bank.keys.device)
-            return queued_mass(q, bank.keys[:, :, :L].index_select(0, rows_t), scale, ~bank.scored[rows, :L], qpos,
-                               weights.astype(np.float32))
-        local = rows - r0
-        local_t = torch.from_numpy(local).to(dev)
-        span = r1 - r0
-        q_all = q.new_zeros((span,) + tuple(q.shape[1:]))
-        q_all[local_t] = q
-        hidden = np.zeros((span, L), dtype=bool)  # rows without queries: everything visible
-        hidden[local] = ~bank.scored[rows, :L]
-        qpos_all = np.full((span, N), L - 1, dtype=np.int64)
-        qpos_all[local] = qpos
-        w_all = np.zeros((span, N), dtype=np.float32)
-        w_all[local] = weights
-        return queued_mass(q_all, bank.keys[r0:r1, :, :L], scale, hidden, qpos_all, w_all)[local_t]
 
     def _gather_probs(self, q: torch.Tensor, keys: torch.Tensor, qpos: torch.Tensor, key_pos, impl) -> torch.Tensor:
         probs = attention_probs(q, keys, qpos, impl.scale, key_pos)
