@@ -50,6 +50,9 @@ class SlotLayout:
     index: torch.Tensor
     # What an element holds (fp8 bytes and their scales, or the model dtype itself).
     kv_format: KVFormat = field(default_factory=KVFormat)
+    # The CPU compaction path's row views of this engine's caches (move_slots_host), kept
+    # between moves and freed with the layout.
+    host_plans: dict = field(default_factory=dict, repr=False, compare=False)
 
     # -------------------------------------------------------------- construction
     @classmethod
@@ -323,7 +326,7 @@ class SlotLayout:
             return
         groups, others = self._split(caches)
         for geom, group in groups:
-            move_slots(group, geom, a_slots, b_slots, swap=swap)
+            move_slots(group, geom, a_slots, b_slots, swap=swap, plans=self.host_plans)
         for view, a, b in self._pairs(others, a_slots, b_slots):
             va = view[a].clone() if swap else view[a]
             if swap:

@@ -215,7 +215,8 @@ def test_move_slots_reference_on_one_buffer_against_naive(swap, layout, gap):
 def test_move_slots_host_against_naive(swap, layout, gap, dtype):
     """The numpy host path (what the CPU engine runs when it parks and compacts) against the
     element-by-element formula: separate layer caches (gap None), or carved from one buffer,
-    equally spaced (stacked) or not; twice on the same caches (its cached plan reused)."""
+    equally spaced (stacked) or not; twice on the same caches (the plan kept in the caller's
+    dict the second time)."""
     g = torch.Generator().manual_seed(11 + (gap or 0))
     L, nb, bs, H, D = 3, 3, 16, 2, 16
     sep, geom = _caches(L, nb, bs, H, D, dtype, layout, g)
@@ -230,10 +231,12 @@ def test_move_slots_host_against_naive(swap, layout, gap, dtype):
         want_buf = buf.clone()
         want = [want_buf[o : o + per].view(sep[0].shape) for o in starts]
     before = [c.clone() for c in caches]
+    plans: dict = {}
     for src, dst in ((torch.tensor([0, 17, 33]), torch.tensor([5, 40, 18])), (torch.tensor([2]), torch.tensor([47]))):
         _naive_move(want, geom, src, dst, swap)
-        assert move_slots_host(caches, geom, src.numpy(), dst.numpy(), swap)
+        assert move_slots_host(caches, geom, src.numpy(), dst.numpy(), swap, plans)
         assert all(torch.equal(c, w) for c, w in zip(caches, want))
+        assert len(plans) == 1  # the caller's cache holds this set's plan, reused the second time
     assert not all(torch.equal(c, b) for c, b in zip(caches, before))
     if gap is not None:
         assert torch.equal(buf, want_buf)  # the buffer's gaps untouched

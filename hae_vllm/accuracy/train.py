@@ -189,6 +189,19 @@ def _head_rows(h: int, hd: int) -> slice:
     return slice(h * hd, (h + 1) * hd)
 
 
+def _wire_cell_lookup(attn, hd: int, slow, query_channels: slice, gain: float) -> tuple[slice, slice]:
+    """Head 0 of ``attn`` (query and key rows zeroed first): its query reads the cell code in
+    ``query_channels`` (x ``gain``) and its key the patches' cell code (``CH_VIS_CELL``), on
+    the slow rotary dims ``slow`` (positions barely rotate them); returns its (query, key) rows."""
+    qr, kr = _head_rows(0, hd), _head_rows(0, hd)
+    attn.q_proj.weight[qr].zero_()
+    attn.k_proj.weight[kr].zero_()
+    for j, d in enumerate(slow):
+        attn.q_proj.weight[qr.start + d, query_channels.start + j] = gain
+        attn.k_proj.weight[kr.start + d, CH_VIS_CELL.start + j] = 1.0
+    return qr, kr
+
+
 def wire_grid_circuits(model, tokenizer, cells: int = 4, scale: float = 1.0, content_gain: float = 5.0) -> None:
     """Start the text model with the four attention circuits the grid tasks need, in reserved
     residual channels (``CH_*``); every weight is still trained afterwards.
@@ -258,11 +271,7 @@ def wire_grid_circuits(model, tokenizer, cells: int = 4, scale: float = 1.0, con
         slow = _slow_rope_dims(hd, 2 * cells)
         # 3. layer 1, head 0: the previous token's cell -> that cell's patches.
         a = lm.layers[1].self_attn
-        qr, kr = _head_rows(0, hd), _head_rows(0, hd)
-        a.q_proj.weight[qr].zero_(); a.k_proj.weight[kr].zero_()
-        for j, d in enumerate(slow):
-            a.q_proj.weight[qr.start + d, CH_PREV_CELL.start + j] = 7.0 * scale
-            a.k_proj.weight[kr.start + d, CH_VIS_CELL.start + j] = 1.0
+        _wire_cell_lookup(a, hd, slow, CH_PREV_CELL, 7.0 * scale)
         # 4. layer 1, head 2: visual tokens average the image markers before them.
         qr, kr = _head_rows(2, hd), _head_rows(1, hd)
         a.q_proj.weight[qr].zero_(); a.k_proj.weight[kr].zero_(); a.v_proj.weight[kr].zero_()
@@ -274,11 +283,7 @@ def wire_grid_circuits(model, tokenizer, cells: int = 4, scale: float = 1.0, con
             a.o_proj.weight[CH_VIS_IMG.start + j, qr.start + j] = 0.3
         # 5. layer 2, head 0: own cell + previous token's image -> that cell of that image.
         a = lm.layers[2].self_attn
-        qr, kr = _head_rows(0, hd), _head_rows(0, hd)
-        a.q_proj.weight[qr].zero_(); a.k_proj.weight[kr].zero_()
-        for j, d in enumerate(slow):
-            a.q_proj.weight[qr.start + d, CH_TOK_CELL.start + j] = 6.0 * scale
-            a.k_proj.weight[kr.start + d, CH_VIS_CELL.start + j] = 1.0
+        qr, kr = _wire_cell_lookup(a, hd, slow, CH_TOK_CELL, 6.0 * scale)
         # The key holds the mean of the one-hots of images 1..k' (image k' tokens); the query
         # for image k is M[:, k], chosen so that mean_{j<=k'} M[j, k] is largest at k' = k:
         # M[j, k] = -1 (j < k), 2k - 1 (j = k), -(k + 1) (j > k) (1-based).  The next-slowest

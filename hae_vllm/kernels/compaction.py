@@ -214,8 +214,10 @@ def move_slots_ref(caches: list[torch.Tensor], geom: SlotGeometry, src: torch.Te
             rows.index_copy_(0, b, va)
 
 
-def _host_array(t: torch.Tensor) -> np.ndarray | None:
-    """A numpy view of a host tensor (bfloat16 as int16: copies are bit-exact), or None."""
+def host_view(t: torch.Tensor) -> np.ndarray | None:
+    """A numpy view of a host tensor's elements, for bit-exact copies (bfloat16 viewed as
+    int16), or None on a device or for a dtype numpy cannot view (``numpy()`` refuses both:
+    no separate device check, which would be one more attribute read on a hot path)."""
     if t.dtype == torch.bfloat16:
         t = t.view(torch.int16)
     try:
@@ -240,7 +242,7 @@ class _HostPlan:
             group = []
             for views in layers:
                 view = views[p]
-                rows = _host_array(row_view(view, k))
+                rows = host_view(row_view(view, k))
                 if rows is None:
                     raise TypeError("cache dtype has no numpy view")
                 group.append((rows, view.stride()[:k]))
@@ -255,24 +257,23 @@ class _HostPlan:
         return index
 
 
-_HOST_PLANS: dict = {}
-
-
-def move_slots_host(caches: list[torch.Tensor], geom: SlotGeometry, src, dst, swap: bool = False) -> bool:
+def move_slots_host(caches: list[torch.Tensor], geom: SlotGeometry, src, dst, swap: bool = False,
+                    plans: dict | None = None) -> bool:
     """:func:`move_slots_ref` on numpy views of host caches: the same row copies without
-    torch's per-call dispatch (a few microseconds instead of a few hundred for a block's worth
-    of slots on this CPU, every layer).  src/dst: [n] flat slot ids (tensors or arrays),
-    disjoint sets.  Returns False (nothing done) when a cache has no numpy view."""
+    torch's per-call dispatch.  src/dst: [n] flat slot ids (tensors or arrays), disjoint sets.
+    ``plans``: a dict the caller owns (one per :class:`~hae_vllm.layout.SlotLayout`, so the
+    plans' views of the caches live no longer than it) where the row views are kept between
+    calls.  Returns False (nothing done) when a cache has no numpy view."""
     key = (tuple(map(id, caches)), geom)
-    plan = _HOST_PLANS.get(key)
+    plan = plans.get(key) if plans is not None else None
     if plan is None or any(a is not b for a, b in zip(plan.caches, caches)):
         try:
             plan = _HostPlan(caches, geom)
         except TypeError:
             return False
-        if len(_HOST_PLANS) > 8:
-            _HOST_PLANS.clear()
-        _HOST_PLANS[key] = plan
+        if plans is not None:
+            plans.clear()  # one set of caches per layout in practice
+            plans[key] = plan
     a_slots = np.asarray(src, dtype=np.int64)
     b_slots = np.asarray(dst, dtype=np.int64)
     if a_slots.size == 0:
@@ -318,19 +319,22 @@ if HAS_TRITON:
         tl.store(b_ptr, a, mask=emask)
 
 
-def _move_on_host(caches, geom, src, dst, swap: bool, impl: str) -> None:
+def _move_on_host(caches, geom, src, dst, swap: bool, impl: str, plans: dict | None) -> None:
     """Host caches: numpy row copies (:func:`move_slots_host`); the torch reference otherwise
-    (a device without Triton, ``impl="torch"``, or a dtype numpy cannot view)."""
-    if impl != "torch" and os.environ.get("HAE_VLLM_KERNELS") != "torch" and caches[0].device.type == "cpu" and src.device.type == "cpu" and dst.device.type == "cpu" \
-            and move_slots_host(caches, geom, src.numpy(), dst.numpy(), swap):
+    (a device without Triton, ``impl="torch"`` or ``HAE_VLLM_KERNELS=torch``, or a dtype numpy
+    cannot view)."""
+    host = impl != "torch" and os.environ.get("HAE_VLLM_KERNELS") != "torch"
+    if host and caches[0].device.type == "cpu" and src.device.type == "cpu" and dst.device.type == "cpu" \
+            and move_slots_host(caches, geom, src.numpy(), dst.numpy(), swap, plans):
         return
     move_slots_ref(caches, geom, src, dst, swap)
 
 
 def move_slots(caches: list[torch.Tensor], geom: SlotGeometry, src: torch.Tensor, dst: torch.Tensor,
-               swap: bool = False, impl: str = "auto") -> None:
+               swap: bool = False, impl: str = "auto", plans: dict | None = None) -> None:
     """Copy slot ``src[k]`` into ``dst[k]`` (or exchange them, ``swap``) in every cache of
-    ``caches`` (one per layer, all of this geometry, dtype and device) and both planes."""
+    ``caches`` (one per layer, all of this geometry, dtype and device) and both planes.
+    ``plans``: the host path's plan cache (see :func:`move_slots_host`)."""
     if src.shape != dst.shape or src.dim() != 1:
         raise ValueError("src and dst must be 1-D and of the same length")
     if not caches:
@@ -345,9 +349,9 @@ def move_slots(caches: list[torch.Tensor], geom: SlotGeometry, src: torch.Tensor
         # layouts, where the host path is the path anyway.
         if impl == "triton":
             raise ValueError("the Triton kernel moves plain affine geometries only")
-        return _move_on_host(caches, geom, src, dst, swap, impl)
+        return _move_on_host(caches, geom, src, dst, swap, impl, plans)
     if not use_triton(first, impl):
-        return _move_on_host(caches, geom, src, dst, swap, impl)
+        return _move_on_host(caches, geom, src, dst, swap, impl, plans)
     size = first.element_size()
     origin = first.data_ptr() - first.storage_offset() * size
     offsets = []

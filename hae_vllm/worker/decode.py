@@ -32,20 +32,8 @@ import numpy as np
 import torch
 
 from hae_vllm.config import EvictionConfig
+from hae_vllm.kernels.compaction import host_view
 from hae_vllm.plan import apply_plan_to_positions, plan_compaction
-
-
-def host_view(t: torch.Tensor) -> np.ndarray | None:
-    """A numpy view of a host tensor's elements, for bit-exact copies (bfloat16 viewed as
-    int16), or None on a device or for a dtype numpy cannot view."""
-    if t.device.type != "cpu":
-        return None
-    if t.dtype == torch.bfloat16:
-        t = t.view(torch.int16)
-    try:
-        return t.numpy()
-    except (TypeError, RuntimeError):
-        return None
 
 
 @dataclass
@@ -192,11 +180,7 @@ class DecodeBank:
         qq = self.queued_q
         if qq is None or qq.dtype != query.dtype or qq.shape[2:] != query.shape[1:]:
             return False
-        qd = self._host(qq)
-        try:
-            qs = query.numpy()
-        except (TypeError, RuntimeError):  # a device tensor, or a dtype numpy cannot view
-            qs = host_view(query)
+        qd, qs = self._host(qq), host_view(query)
         if qd is None or qs is None:
             return False
         nq, qpos, pend = self.num_queued, self.queued_pos, self.key_pending
