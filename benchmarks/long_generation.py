@@ -11,12 +11,21 @@ tokens each), in three live engines started side by side:
   would hold kept live while generating; recycle bin; scoring every ``score_interval`` steps,
   the default unless ``--config`` sets it).
 
-Two regimes, each in paired rounds (every round runs the three engines back to back on fresh
-images, the order rotating), medians and quartiles of the per-round ratios reported:
+Two regimes, each in paired rounds (every round runs the three engines on fresh images),
+medians and quartiles of the per-round ratios reported.  Within a round the engines take turns
+of ``--slice-steps`` engine steps (A's next 4 steps, then B's, then C's, the order rotating
+every round; :func:`~hae_vllm.testing.scenario.take_turns`), and each engine's time is the sum
+of its own ``llm_engine.step()`` calls.  This shared machine's speed moves by up to 2x between
+consecutive tenths of a second: with whole rounds back to back (seconds apart), single-round
+ratios of identical engines spread 0.7-1.5, and even turns of 32 steps spread +-30% per turn.
+Turns of a few steps put the engines in the same tenth of a second, so a slow phase falls on
+all three alike.  The price: the first step of every turn starts with caches the other engines
+filled (the same for all three; it adds to every engine's time, so it pulls ratios slightly
+towards 1).  ``--slice-steps 0`` runs whole rounds back to back instead.
 
-* batch 1: one request at a time; time per output token from vLLM's request metrics (first to
-  last token: decoding only).  Wall clock, and the engine process's CPU time per output token
-  (less sensitive to other processes on a shared machine);
+* batch 1: one request at a time; time per output token: the engine steps after the first
+  token's, per token after the first (vLLM's own request metric when not sliced).  Wall clock,
+  and CPU time per output token (less sensitive to other processes on a shared machine);
 * saturation: ``--num-requests`` at once on a pool of ``--num-blocks`` blocks of 32 tokens, so
   capacity binds (a request holds up to 49 blocks without eviction); output tokens per second
   of engine stepping time (as ``benchmarks/throughput.py``).
@@ -53,7 +62,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from hae_vllm.testing.scenario import (  # noqa: E402
-    LiveScenario, RequestSpec, ScenarioSpec, build_prompt, environment_info)
+    LiveScenario, RequestSpec, ScenarioSpec, build_prompt, environment_info, take_turns)
 
 ENGINES = ("none", "prefill", "prefill+decode")
 # Image seeds shift every round (fresh images: the prefix cache never serves a round).
@@ -69,7 +78,11 @@ def batch1_reading(rec: dict) -> dict:
     r = rec["results"][0]
     n = len(r["token_ids"])
     prof = rec["step_profile"]
-    return {"tpot_s": r["tpot_s"], "tokens": n, "cpu_s_per_token": rec["generate_cpu_s"] / n,
+    tpot = r["tpot_s"]
+    if "step_wall_s" in rec and n > 1:
+        # One token per step after the first token's step: the last n - 1 steps decode.
+        tpot = sum(rec["step_wall_s"][-(n - 1):]) / (n - 1)
+    return {"tpot_s": tpot, "tokens": n, "cpu_s_per_token": rec["generate_cpu_s"] / n,
             "wall_s_per_token": rec["generate_s"] / n,
             "attention_share": rec["attention_s"] / max(prof["decode_s"] + prof["prefill_s"], 1e-9),
             "forward_ms_per_decode_step": prof["decode_s"] / max(prof["decode_steps"], 1) * 1e3}
@@ -86,6 +99,14 @@ def saturation_reading(rec: dict) -> dict:
             "decode_steps": prof["decode_steps"], "decode_mean_batch": prof["decode_mean_batch"],
             "forward_ms_per_decode_step": prof["decode_s"] / max(prof["decode_steps"], 1) * 1e3,
             "attention_share": rec["attention_s"] / max(prof["decode_s"] + prof["prefill_s"], 1e-9)}
+
+
+def run_round(engines: dict, order: tuple, image_offset: int, subset: list[int] | None, slice_steps: int) -> dict:
+    """Every engine's record of one round: in turns of ``slice_steps`` steps, or whole rounds
+    back to back in ``order`` (0)."""
+    if slice_steps:
+        return take_turns(engines, list(order), image_offset, subset, slice_steps)
+    return {name: engines[name].round(image_offset, subset=subset) for name in order}
 
 
 def resolved_config(eviction: dict) -> dict:
@@ -122,6 +143,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5, help="paired saturation rounds")
     ap.add_argument("--rounds-b1", type=int, default=15,
                     help="paired batch-1 rounds (single rounds on this shared machine spread +-15%%)")
+    ap.add_argument("--slice-steps", type=int, default=4,
+                    help="engine steps per turn when the three engines take turns within a round (0: whole rounds)")
     ap.add_argument("--tag", default="", help="suffix of the result file")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = ap.parse_args()
@@ -151,16 +174,16 @@ def main() -> None:
             engines[name] = LiveScenario(ScenarioSpec(eviction=evictions[name], **common))
         for i in range(args.rounds_b1):
             order = ENGINES[i % 3:] + ENGINES[: i % 3]
+            recs = run_round(engines, order, B1_OFFSET * (i + 1), [0], args.slice_steps)
             for name in order:
-                rec = engines[name].round(B1_OFFSET * (i + 1), subset=[0])
-                b1[name].append(rec)
-                print(f"batch-1 round {i} {name}: {batch1_reading(rec)['tpot_s'] * 1e3:.3f} ms/token", flush=True)
+                b1[name].append(recs[name])
+                print(f"batch-1 round {i} {name}: {batch1_reading(recs[name])['tpot_s'] * 1e3:.3f} ms/token", flush=True)
         for i in range(args.rounds):
             order = ENGINES[i % 3:] + ENGINES[: i % 3]
+            recs = run_round(engines, order, SAT_OFFSET + B1_OFFSET * i, None, args.slice_steps)
             for name in order:
-                rec = engines[name].round(SAT_OFFSET + B1_OFFSET * i)
-                sat[name].append(rec)
-                print(f"saturation round {i} {name}: {saturation_reading(rec)['output_tok_s']:.1f} tok/s", flush=True)
+                sat[name].append(recs[name])
+                print(f"saturation round {i} {name}: {saturation_reading(recs[name])['output_tok_s']:.1f} tok/s", flush=True)
     finally:
         for eng in engines.values():
             eng.close()

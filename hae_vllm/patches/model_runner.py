@@ -12,7 +12,7 @@ from copy import copy
 from hae_vllm.attention.backends import check_attention_backends
 from hae_vllm.config import engine_config_from_additional
 from hae_vllm.patches import is_patched, wraps_patch
-from hae_vllm.worker.runtime import runtime_for
+from hae_vllm.worker.runtime import activate, runtime_for
 from hae_vllm.worker.trace import REPORT_ATTR
 
 
@@ -53,8 +53,9 @@ def patch_execute_model(cls) -> None:
 
     @wraps_patch(original)
     def execute_model(self, scheduler_output, *args, **kwargs):
+        # This runner's attention layers reach this runner's runtime (or none) in this step.
+        rt = activate(self)
         output = original(self, scheduler_output, *args, **kwargs)
-        rt = runtime_for(self)
         if rt is not None:
             # Every layer has written its KV for this step: compaction is safe now.
             rt.after_forward()

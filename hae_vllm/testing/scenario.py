@@ -456,15 +456,40 @@ def _attach_trace(results: list[dict[str, Any]], trace: list[dict[str, Any]]) ->
         res["eviction"] = res["evictions"][-1] if res["evictions"] else None
 
 
+def _stepped(llm, prompts: list, params: list, slice_steps: int, pause) -> tuple[list, list[float], list[float]]:
+    """``llm.generate(prompts, params)`` as vLLM's offline loop runs it (``LLM.enqueue``, then
+    ``llm_engine.step()`` until nothing is unfinished), calling ``pause()`` every
+    ``slice_steps`` steps; returns the finished outputs in request order and each step's
+    wall-clock and CPU seconds (time spent in ``pause`` is in neither)."""
+    llm.enqueue(prompts, params, use_tqdm=False)
+    engine = llm.llm_engine
+    outs, wall, cpu = [], [], []
+    while engine.has_unfinished_requests():
+        if wall and len(wall) % slice_steps == 0:
+            pause()
+        t, c = time.perf_counter(), time.process_time()
+        step_outputs = engine.step()
+        wall.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
+        outs.extend(o for o in step_outputs if o.finished)
+    return sorted(outs, key=lambda o: int(o.request_id)), wall, cpu
+
+
 def _round(llm, kind: str, spec: ScenarioSpec, requests: list[RequestSpec], inst: "_Instruments | None",
-           trace: _TraceReader, model_path: str | None = None) -> dict[str, Any]:
-    """Run ``requests`` once and record what happened."""
+           trace: _TraceReader, model_path: str | None = None, slice_steps: int = 0, pause=None) -> dict[str, Any]:
+    """Run ``requests`` once and record what happened.  With ``slice_steps``, the engine steps
+    in slices of that many steps and calls ``pause()`` between them (another engine runs
+    meanwhile, see :meth:`LiveScenario.start`); the record then has every step's wall-clock and
+    CPU seconds (``step_wall_s``, ``step_cpu_s``), and its engine time excludes the pauses."""
     if inst is not None:
         inst.reset()
     prompts = [build_prompt(kind, r, model_path) for r in requests]
     params = _sampling_params(spec)
     t0, c0 = time.perf_counter(), time.process_time()
-    if spec.sequential:
+    step_wall = step_cpu = None
+    if slice_steps:
+        outs, step_wall, step_cpu = _stepped(llm, prompts, params, slice_steps, pause)
+    elif spec.sequential:
         outs = [llm.generate([p], sp, use_tqdm=False)[0] for p, sp in zip(prompts, params)]
     else:
         outs = llm.generate(prompts, params, use_tqdm=False)
@@ -473,8 +498,13 @@ def _round(llm, kind: str, spec: ScenarioSpec, requests: list[RequestSpec], inst
     # CPU time of this process (the engine core and worker run here): less sensitive than
     # the wall clock to other processes on a shared machine.
     record: dict[str, Any] = {"results": results, "generate_s": t_end - t0, "generate_cpu_s": time.process_time() - c0}
+    if step_wall is not None:
+        record.update(generate_s=sum(step_wall), generate_cpu_s=sum(step_cpu), step_wall_s=step_wall,
+                      step_cpu_s=step_cpu)
     if inst is not None:
         record.update(inst.readings(t_end))
+        if step_wall is not None:
+            record["engine_busy_s"] = sum(step_wall)
     record["trace"] = trace.read()
     _attach_trace(results, record["trace"])
     return record
@@ -557,6 +587,7 @@ def run_in_subprocess(spec: ScenarioSpec, timeout: float = 900) -> dict[str, Any
 
 
 _ROUND_DONE = "@@hae_round "
+_SLICE_DONE = "@@hae_slice"
 
 
 def _serve_rounds(spec: ScenarioSpec, trace_path: str) -> None:
@@ -569,12 +600,20 @@ def _serve_rounds(spec: ScenarioSpec, trace_path: str) -> None:
     trace = _TraceReader(trace_path if spec.trace else None)
     trace.read()  # warm-up records
     print(_ROUND_DONE + "{}", flush=True)  # ready
-    for line in sys.stdin:
+
+    def pause() -> None:  # between slices: until the controller says go on
+        print(_SLICE_DONE, flush=True)
+        if not sys.stdin.readline():
+            raise SystemExit(0)
+
+    while line := sys.stdin.readline():
         cmd = json.loads(line)
         chosen = [spec.requests[i] for i in cmd.get("subset", range(len(spec.requests)))]
         reqs = [RequestSpec(r.text, [i + cmd["image_offset"] for i in r.images], r.image_size, r.max_tokens, r.extra_args)
                 for r in chosen]
-        print(_ROUND_DONE + json.dumps(_round(llm, kind, replace(spec, requests=reqs), reqs, inst, trace, path)), flush=True)
+        record = _round(llm, kind, replace(spec, requests=reqs), reqs, inst, trace, path,
+                        slice_steps=cmd.get("slice_steps", 0), pause=pause)
+        print(_ROUND_DONE + json.dumps(record), flush=True)
 
 
 class LiveScenario:
@@ -597,19 +636,43 @@ class LiveScenario:
         self._wait()  # started and warmed up: a second engine starting now competes with nothing
 
     def round(self, image_offset: int, subset: list[int] | None = None) -> dict[str, Any]:
-        assert self._proc.stdin is not None
+        record = self.start(image_offset, subset)
+        assert record is not None
+        return record
+
+    def start(self, image_offset: int, subset: list[int] | None = None, slice_steps: int = 0) -> dict[str, Any] | None:
+        """Start a round; with ``slice_steps``, run only its first slice of engine steps and
+        return None (:meth:`resume` runs the next), else run it whole and return its record.
+
+        Slices let several engines take turns on one machine (A's next 32 steps, then B's,
+        then C's, ...): each engine's step times are then read in the same seconds as the
+        others', so a slow phase of a shared machine falls on all of them alike, where whole
+        rounds back to back (seconds apart) see different phases."""
         cmd: dict[str, Any] = {"image_offset": image_offset}
         if subset is not None:
             cmd["subset"] = subset
-        self._proc.stdin.write(json.dumps(cmd) + "\n")
+        if slice_steps:
+            cmd["slice_steps"] = slice_steps
+        return self._send(json.dumps(cmd))
+
+    def resume(self) -> dict[str, Any] | None:
+        """The next slice of a round :meth:`start` sliced: None, or the round's record after
+        its last."""
+        return self._send("go")
+
+    def _send(self, line: str) -> dict[str, Any] | None:
+        assert self._proc.stdin is not None
+        self._proc.stdin.write(line + "\n")
         self._proc.stdin.flush()
         return self._wait()
 
-    def _wait(self) -> dict[str, Any]:
+    def _wait(self) -> dict[str, Any] | None:
         assert self._proc.stdout is not None
         for line in self._proc.stdout:
             if line.startswith(_ROUND_DONE):
                 return json.loads(line[len(_ROUND_DONE):])
+            if line.startswith(_SLICE_DONE):
+                return None
         self._log.seek(0)
         raise RuntimeError(f"live scenario exited (code {self._proc.wait()}):\n{self._log.read()[-6000:]}")
 
@@ -628,6 +691,24 @@ class LiveScenario:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def take_turns(engines: dict[str, "LiveScenario"], order: list[str], image_offset: int, subset: list[int] | None,
+               slice_steps: int) -> dict[str, dict[str, Any]]:
+    """One round of every engine in ``order``, run in turns of ``slice_steps`` engine steps
+    (:meth:`LiveScenario.start`) until all have finished; their records by name."""
+    records: dict[str, dict[str, Any]] = {}
+    for name in order:
+        rec = engines[name].start(image_offset, subset, slice_steps)
+        if rec is not None:
+            records[name] = rec
+    while len(records) < len(order):
+        for name in order:
+            if name not in records:
+                rec = engines[name].resume()
+                if rec is not None:
+                    records[name] = rec
+    return records
 
 
 def main(argv: list[str]) -> int:

@@ -312,6 +312,7 @@ class EvictionRuntime:
 
     # ------------------------------------------------------------------ 3. after forward
     def after_forward(self) -> None:
+        self.decode_append = None  # this step's plan only (no dummy run may take it)
         dtasks, self.decode_tasks = self.decode_tasks, []
         # A request compacted at the start of this step (its first decode step) may also park
         # now: both reports reach the scheduler, in one.
@@ -346,6 +347,17 @@ def runtime_for(runner) -> EvictionRuntime | None:
     return rt
 
 
+def activate(runner) -> EvictionRuntime | None:
+    """Make ``runner``'s runtime the one the attention backends call until another runner's
+    step (None when its eviction is off).  The model runner's hooks call this at the start of
+    every step: a process may hold several engines (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), and
+    one's attention must never reach another's runtime."""
+    global _CURRENT
+    _CURRENT = runtime_for(runner)
+    return _CURRENT
+
+
 def current_runtime() -> EvictionRuntime | None:
-    """The runtime of this process's model runner (attention backends have no runner handle)."""
+    """The runtime of the model runner stepping in this process (attention backends have no
+    runner handle): the last one :func:`activate` named, else the last created."""
     return _CURRENT
