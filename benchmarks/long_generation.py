@@ -101,6 +101,24 @@ def saturation_reading(rec: dict) -> dict:
             "attention_share": rec["attention_s"] / max(prof["decode_s"] + prof["prefill_s"], 1e-9)}
 
 
+def cpu_times() -> list[int] | None:
+    """The machine's CPU time counters (/proc/stat: user .. steal), None where not Linux."""
+    try:
+        with open("/proc/stat") as f:
+            return [int(x) for x in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+
+
+def steal_share(start: list[int] | None, end: list[int] | None) -> float | None:
+    """Share of the machine's CPU time the hypervisor gave to other guests between two
+    :func:`cpu_times` readings (a slow phase of a shared VM shows here)."""
+    if not start or not end or len(start) < 8 or len(end) < 8:
+        return None
+    d = [b - a for a, b in zip(start, end)]
+    return d[7] / max(sum(d), 1)
+
+
 def run_round(engines: dict, order: tuple, image_offset: int, subset: list[int] | None, slice_steps: int) -> dict:
     """Every engine's record of one round: in turns of ``slice_steps`` steps, or whole rounds
     back to back in ``order`` (0)."""
@@ -165,6 +183,7 @@ def main() -> None:
                   max_num_batched_tokens=2048, warmup_requests=2, env={"OMP_NUM_THREADS": "1"})
     t0 = time.time()
     load_start = list(os.getloadavg())
+    cpu_start = cpu_times()
     b1: dict[str, list] = {n: [] for n in ENGINES}
     sat: dict[str, list] = {n: [] for n in ENGINES}
     first_b1 = first_sat = None
@@ -248,6 +267,7 @@ def main() -> None:
         "machine": environment_info(),
         # 1/5/15-minute load averages when the run started and ended (a shared 2-core machine).
         "load_average": {"start": load_start, "end": list(os.getloadavg())},
+        "cpu_steal_share": steal_share(cpu_start, cpu_times()),
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

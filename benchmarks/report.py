@@ -320,6 +320,7 @@ def results_doc() -> str:
                 f"({sum(o['events'] for o in de['oracle'])} events), max log-prob difference "
                 f"{max(o['max_logprob_diff'] for o in de['oracle']):.1e}", ""]
     lg = load("long_generation")
+    lgw = load("long_generation_whole_rounds")
     if lg:
         a, b1, sat = lg["args"], lg["batch1"], lg["saturation"]
 
@@ -333,7 +334,19 @@ def results_doc() -> str:
                 f"{lg.get('resolved_configs', {}).get('prefill+decode', {}).get('score_interval', '`score_interval`')} "
                 "steps) in three live engines, paired rounds "
                 f"(order rotating): {a['rounds_b1']} at batch 1, {a['rounds']} at saturation ({a['num_requests']} requests "
-                f"at once on {a['num_blocks']} blocks of 32 tokens). One OpenMP thread per engine. Attention share: "
+                f"at once on {a['num_blocks']} blocks of 32 tokens). One OpenMP thread per engine. "
+                + (f"Within a round the engines take turns of {a['slice_steps']} engine steps, and each engine's time "
+                   "is the sum of its own steps. " if a.get("slice_steps") else "")
+                + (f"Why: the previous run of this benchmark (`long_generation_whole_rounds.json`, whole rounds back to "
+                   "back, vLLM's time per output token; run at commit 01fff1e, whose decode stage differs from "
+                   f"today's only in where its CPU copy plans are cached) read {lgw['batch1']['tpot_ratio']['median']:.2f}x at batch 1 with single rounds from "
+                   f"{lgw['batch1']['tpot_ratio']['min']:.2f}x to {lgw['batch1']['tpot_ratio']['max']:.2f}x: this shared "
+                   "machine's speed moves by up to 2x between tenths of a second. "
+                   if a.get("slice_steps") and lgw else "")
+                + (f"CPU time stolen by the hypervisor during the run: {lg['cpu_steal_share']:.0%} (absolute times "
+                   "depend on it; the ratios are taken in the same tenths of a second). "
+                   if lg.get("cpu_steal_share") is not None else "")
+                + "Attention share: "
                 "vLLM's attention (kernel and KV write, every layer) over the forward time, what a GPU kernel changes.", "",
                 "| engine | batch 1: ms per token | attention share | saturation: tok/s | peak running | preemptions | "
                 "ms per decode step (mean batch) | attention share |",
