@@ -263,3 +263,34 @@ def test_wired_circuits_attend_where_the_tasks_need(tmp_path):
             assert words[t] == " " + name
             r, c = int(name[1]) - 1, int(name[3]) - 1
             assert att[2][0, t, vis[(k - 1) * 64:k * 64][cell(r, c)]].sum() > 0.9, (k, name)
+
+
+def test_curriculum_items_keep_the_asked_cell():
+    """The trainer's curriculum items (``cells``, ``images`` stage keys) and the lookup probe's:
+    fewer shapes per grid with the asked one kept, describe's answer rewritten, needle with
+    fewer images, and the probe's exact-count and same-colour grids."""
+    from hae_vllm.accuracy import probe as P
+    from hae_vllm.accuracy import train as T
+    from hae_vllm.accuracy.tasks import make_item
+
+    def filled(g):
+        return [(r, c) for r in range(4) for c in range(4) if g.cells[r][c] is not None]
+
+    for task in ("cell", "needle", "describe"):
+        it = make_item(task, "train", 7, fill=0.9)
+        for k in (1, 3):
+            s = T.sparsify(it, k)
+            assert all(len(filled(g)) <= k for g in s.grids)
+            assert s.question == it.question
+            if task == "describe":
+                assert s.answer == s.grids[0].describe()
+            else:
+                assert s.answer == it.answer  # the asked cell (and its colour) survives
+    for n in (1, 2):
+        it = T._needle_n(3, (0.1, 0.9), n)
+        assert len(it.grids) == n and it.answer.split()[1] in {str(i) for i in range(1, n + 1)}
+    it = P.cell_item_k(5, 6, same=True)
+    (r, c) = P._target(it)
+    assert len(filled(it.grids[0])) == 6 and it.grids[0].cells[r][c][0] == it.answer.split()[1]
+    assert {it.grids[0].cells[a][b][0] for a, b in filled(it.grids[0])} == {it.answer.split()[1]}
+    assert P.cell_item_k(5, 6, pad=16).question.endswith(f"What color is the shape in {it.answer.split()[0]}?")

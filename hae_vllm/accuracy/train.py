@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from hae_vllm.accuracy.tasks import COLOURS, GENERATORS, SHAPES, cell_name, generate, make_item, score
+from hae_vllm.accuracy.tasks import COLOURS, GENERATORS, SHAPES, Item, cell_name, generate, make_item, score
 from hae_vllm.testing.tiny_models import (_llava_key, _save_weights, build_tiny_llava, llava_numbered_prompt,
                                           llava_prompt)
 
@@ -354,6 +354,46 @@ def freeze_wired(model, cells: int = 4) -> int:
     return int(sum((m == 0).sum().item() for m in masks.values()))
 
 
+def _needle_n(index: int, fill: tuple[float, float], images) -> Item:
+    """Train ``needle`` item ``index`` (the seed ``make_item`` gives it) with ``images`` images
+    (an int or [lo, hi]) instead of three: a curriculum from one image to several."""
+    import numpy as np
+
+    from hae_vllm.accuracy.tasks import SPLIT_SEEDS
+
+    seed = SPLIT_SEEDS["train"] + 1000 * list(GENERATORS).index("needle") + index * 7919
+    rng = np.random.default_rng(seed)
+    f = float(rng.uniform(*fill))
+    n = images if isinstance(images, int) else int(rng.integers(images[0], images[1] + 1))
+    return GENERATORS["needle"](rng, seed, 4, f, num_images=n)
+
+
+def sparsify(item, filled: int):
+    """``item`` with at most ``filled`` shapes left in each grid (a curriculum's sparse stage: fewer
+    distractors).  The cell the question asks about (``cell``, ``needle``) is always kept; the
+    others are drawn from the item's seed; ``describe``'s answer is rewritten for the new grid."""
+    import copy
+
+    rng = random.Random(item.seed * 31 + filled)
+    item = copy.deepcopy(item)
+    words = item.answer.split()
+    keep = {}
+    if item.task == "cell":
+        keep[0] = words[0]
+    elif item.task == "needle":
+        keep[int(words[1]) - 1] = words[2]
+    for gi, g in enumerate(item.grids):
+        spots = [(r, c) for r in range(g.size) for c in range(g.size) if g.cells[r][c] is not None]
+        must = [(int(keep[gi][1]) - 1, int(keep[gi][3]) - 1)] if gi in keep else []
+        rest = [sp for sp in spots if sp not in must]
+        rng.shuffle(rest)
+        for r, c in rest[max(0, filled - len(must)):]:
+            g.cells[r][c] = None
+    if item.task == "describe":
+        item.answer = item.grids[0].describe()
+    return item
+
+
 def _batch(processor, items, device, prompt=llava_prompt):
     """Input ids with labels on the answer tokens only (right padding)."""
     tok = processor.tokenizer
@@ -523,7 +563,14 @@ def train(out: Path, steps: int | None, batch_size: int, lr: float, seed: int, d
         bs = batch_sizes.get(task, batch_size)
         items = []
         for _ in range(bs):
-            items.append(make_item(task, "train", counters.get(task, 0), fill=tuple(st["fill"])))
+            if st.get("images") and task == "needle":  # fewer images first (1 -> 3)
+                it = _needle_n(counters.get(task, 0), tuple(st["fill"]), st["images"])
+            else:
+                it = make_item(task, "train", counters.get(task, 0), fill=tuple(st["fill"]))
+            if st.get("cells"):  # exact-count curriculum: at most this many shapes per grid
+                lo, hi = st["cells"] if isinstance(st["cells"], list) else (st["cells"], st["cells"])
+                it = sparsify(it, random.Random(it.seed).randint(lo, hi))
+            items.append(it)
             counters[task] = counters.get(task, 0) + 1
         cur_lr = lr * min(1.0, step / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
         for g in opt.param_groups:
@@ -607,7 +654,9 @@ def main() -> None:
     ap.add_argument("--eval-tasks", default="single,cell")
     ap.add_argument("--task-weights", default=None, help='JSON, e.g. \'{"cell": 0.7, "describe": 0.3}\'')
     ap.add_argument("--stages", default=None,
-                    help='curriculum, JSON: [{"until": 1000, "weights": {"describe": 1}, "fill": [0.1, 0.5]}, ...]')
+                    help='curriculum, JSON: [{"until": 1000, "weights": {"describe": 1}, "fill": [0.1, 0.5]}, ...]; '
+                         'optional per stage: "cells": n or [lo, hi] (at most that many shapes per grid, the asked one kept), '
+                         '"images": n or [lo, hi] (needle items with that many images)')
     ap.add_argument("--batch-sizes", default=None, help='per-task batch size, JSON, e.g. \'{"needle": 8}\'')
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--text-config", default=None, help='text model sizes, JSON, e.g. \'{"hidden_size": 192}\'')

@@ -1,0 +1,211 @@
+"""Probe: is the cell lookup of the grid tasks learnable without hand-set attention? (issue 21)
+
+    python -m hae_vllm.accuracy.probe --out .cache/v4runs/p1 --steps 600 --curriculum '[[200,1],[400,2],[600,6]]'
+
+Trains the grid-llava-v3 architecture (64 visual tokens per image, one token per cell name,
+numbered images) on ``cell`` questions only, from the standard initialisation (no wired or
+frozen weights), with a curriculum on the exact number of filled cells per grid: with one
+filled cell the colour can be read with attention spread over the whole image, so the value
+and read-out paths learn first; with two or more, only attention on the asked cell answers.
+Every ``--eval-every`` steps it records, on held-out items (70% full, as the benchmark's):
+teacher-forced colour accuracy, and for each text layer the largest share of one head's
+attention that the answer's cell token puts on the asked cell's four patches (uniform over
+the prompt would be ~0.05).  The log (config, loss curve, evaluations) goes to ``--out``/log.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hae_vllm.accuracy.tasks import COLOURS, SHAPES, Grid, Item, cell_name, generate
+from hae_vllm.accuracy.train import (GRID_TOKENS, _batch, _build_model, init_cell_alignment, init_positions_2d,
+                                     init_positions_cells, reinit_for_training)
+from hae_vllm.testing.tiny_models import build_tiny_llava, llava_numbered_prompt
+
+PROBE_SEED = 50_000_000  # train items of the probe: a seed range no task split uses
+
+
+FILLER = "Look again. "
+
+
+def cell_item_k(index: int, k: int, size: int = 4, same: bool = False, pad: int = 0) -> Item:
+    """A ``cell`` question on a grid with exactly ``k`` filled cells (the asked one among them);
+    ``same``: every shape has the asked one's colour (the image's mean colour is the answer)."""
+    rng = np.random.default_rng(PROBE_SEED + index * 7919 + k)
+    cells = [[None] * size for _ in range(size)]
+    spots = rng.permutation(size * size)[:k]
+    for s in spots:
+        cells[s // size][s % size] = (str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES)))
+    g = Grid(size, cells)
+    r, c = divmod(int(spots[0]), size)
+    if same:
+        for s in spots:
+            cells[s // size][s % size] = (cells[r][c][0], cells[s // size][s % size][1])
+    # ``pad``: up to that many filler sentences before the question, so the asked cell token sits
+    # at varying distances from the image (as describe's cell tokens do): a lookup learned at one
+    # query position can lean on rotary phases that hold only there.
+    filler = FILLER * int(rng.integers(0, pad + 1)) if pad else ""
+    return Item("cell", f"{filler}What color is the shape in {cell_name(r, c)}?", f"{cell_name(r, c)} {cells[r][c][0]}",
+                [g])
+
+
+def _target(item: Item) -> tuple[int, int]:
+    name = item.answer.split()[0]
+    return int(name[1]) - 1, int(name[3]) - 1
+
+
+@torch.no_grad()
+def probe_eval(model, processor, items, grid: int = 8, cells: int = 4) -> dict:
+    """Teacher-forced colour accuracy and, per layer, the best head's attention share from the
+    answer's cell token onto the asked cell's patches."""
+    model.eval()
+    enc = _batch(processor, items, "cpu", llava_numbered_prompt)
+    out = model(**{k: v for k, v in enc.items() if k != "labels"}, output_attentions=True)
+    lengths = enc["attention_mask"].sum(1).tolist()
+    img_id = model.config.image_token_index
+    per = grid // cells
+    correct, shares = 0, None
+    for i, it in enumerate(items):
+        end = int(lengths[i])
+        qpos = end - 3  # answer = [cell, colour, </s>]: the cell token predicts the colour
+        correct += int(out.logits[i, qpos].argmax() == enc["input_ids"][i, qpos + 1])
+        vis = (enc["input_ids"][i] == img_id).nonzero().flatten()
+        r, c = _target(it)
+        patches = [(r * per + dr) * grid + c * per + dc for dr in range(per) for dc in range(per)]
+        keys = vis[patches]
+        s = torch.stack([a[i, :, qpos, keys].sum(-1) for a in out.attentions])  # [layers, heads]
+        shares = s if shares is None else shares + s
+    model.train()
+    shares = shares / len(items)
+    return {"acc": round(correct / len(items), 4),
+            "lookup": [round(float(x), 3) for x in shares.max(1).values],
+            "lookup_head": [int(x) for x in shares.max(1).indices]}
+
+
+def export(state_path: Path, out: Path, seed: int = 0, layers: int = 4) -> Path:
+    """Write the probe's weights as a checkpoint ``train.py --init-from`` (and HF/vLLM) loads:
+    the same tokenizer, processor and config as the probe's model (rebuilt from ``seed``)."""
+    from hae_vllm.testing.tiny_models import _llava_key, _save_weights
+
+    out.mkdir(parents=True, exist_ok=True)
+    build_tiny_llava(out, seed=seed, patch_size=28, added_tokens=GRID_TOKENS, numbered_images=True)
+    model = _build_model(out, {"num_hidden_layers": layers})
+    model.load_state_dict(torch.load(state_path, weights_only=True))
+    _save_weights(model.eval(), out, _llava_key)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--curriculum", default="[[200,1],[400,2],[600,6]]",
+                    help="JSON [[until_step, filled_cells or [lo, hi], same_colour (optional, 0/1), "
+                         "filler sentences before the question, up to (optional)], ...]")
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--warmup", type=int, default=50)
+    ap.add_argument("--schedule", choices=("cosine", "constant"), default="constant")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--pos-init", choices=("cells", "sincos", "random"), default="cells")
+    ap.add_argument("--text-config", default=None, help="other text model sizes, JSON")
+    ap.add_argument("--eval-every", type=int, default=50)
+    ap.add_argument("--eval-n", type=int, default=48)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--weight-decay", type=float, default=0.01)
+    ap.add_argument("--align-cells", type=float, default=0.0,
+                    help="with --pos-init cells: start the cell code in one basis from the vision position table "
+                         "to the cell tokens' embeddings (train.init_cell_alignment, no wired head), this gain")
+    ap.add_argument("--init-state", default=None, help="start from a probe's model.pt (continue a probe)")
+    ap.add_argument("--export-only", action="store_true",
+                    help="write --out/model.pt as a checkpoint folder --out/hf (for train.py --init-from) and exit")
+    ap.add_argument("--colour-only-until", type=int, default=0,
+                    help="loss on the colour token alone up to this step (the cell copy and </s> unlabelled)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    if args.export_only:
+        print(export(out / "model.pt", out / "hf", args.seed, args.layers))
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    base = Path(tempfile.mkdtemp(prefix="hae_probe_"))
+    build_tiny_llava(base, seed=args.seed, patch_size=28, added_tokens=GRID_TOKENS, numbered_images=True)
+    overrides = {"num_hidden_layers": args.layers, **(json.loads(args.text_config) if args.text_config else {})}
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    model = _build_model(base, overrides)
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(base)
+    reinit_for_training(model, args.seed)
+    if args.pos_init == "cells":
+        init_positions_cells(model)
+    elif args.pos_init == "sincos":
+        init_positions_2d(model)
+    if args.align_cells:
+        init_cell_alignment(model, processor.tokenizer, gain=args.align_cells, wire=0.0)
+    if args.init_state:
+        model.load_state_dict(torch.load(args.init_state, weights_only=True))
+    model.set_attn_implementation("eager")
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    cur = json.loads(args.curriculum)
+    held = list(generate("cell", "heldout", args.eval_n, fill=0.7))
+    held2 = [cell_item_k(10_000_000 + i, 2) for i in range(args.eval_n)]
+    held_pad = [cell_item_k(20_000_000 + i, 11, pad=12) for i in range(args.eval_n)]
+    log = {"config": vars(args), "loss": [], "eval": []}
+    rng = random.Random(args.seed)
+    t0 = time.time()
+    idx = 0
+    for step in range(1, args.steps + 1):
+        stage = next((c for c in cur if step <= c[0]), cur[-1])
+        k, same = stage[1], bool(stage[2]) if len(stage) > 2 else False
+        pad = stage[3] if len(stage) > 3 else 0
+        items = []
+        for _ in range(args.batch_size):
+            kk = rng.randint(k[0], k[1]) if isinstance(k, list) else k
+            items.append(cell_item_k(idx, kk, same=same, pad=pad))
+            idx += 1
+        lr = args.lr * min(1.0, step / args.warmup)
+        if args.schedule == "cosine":
+            lr *= 0.5 * (1 + math.cos(math.pi * step / args.steps))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        enc = _batch(processor, items, "cpu", llava_numbered_prompt)
+        if step <= args.colour_only_until:
+            end = enc["attention_mask"].sum(1)
+            rows = torch.arange(len(items))
+            enc["labels"][rows, end - 3] = -100
+            enc["labels"][rows, end - 1] = -100
+        loss = model(**enc).loss
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        log["loss"].append((step, k, round(loss.item(), 4)))
+        if step % args.eval_every == 0 or step == args.steps:
+            ev = {"step": step, "filled": k, "wall": round(time.time() - t0, 1),
+                  "heldout70": probe_eval(model, processor, held), "two_cells": probe_eval(model, processor, held2),
+                  "padded11": probe_eval(model, processor, held_pad)}
+            log["eval"].append(ev)
+            print(json.dumps(ev), flush=True)
+            (out / "log.json").write_text(json.dumps(log))
+        elif step % 10 == 0:
+            print(f"step {step} k={k} loss {loss.item():.4f} ({time.time() - t0:.0f}s)", flush=True)
+    (out / "log.json").write_text(json.dumps(log))
+    torch.save(model.state_dict(), out / "model.pt")
+    export(out / "model.pt", out / "hf", args.seed, args.layers)
+
+
+if __name__ == "__main__":
+    main()
