@@ -11,11 +11,14 @@ oracle replays the engine's evict/park/restore trace for some requests.
 
 Last line (stable format):
     peak_kv_blocks_ratio=<hae/none> restores=<n> hf_oracle_match=<true|false> leaked_blocks=<n> tpot_ratio=<hae/none>
-tpot_ratio is wall time per generated token (the run is decode-dominated: all requests are
-admitted at once and generate the same number of tokens), hae over none: the median over
-``--timing-rounds`` paired rounds in two live engines (order flipped every round, fresh images),
-since single runs of the same code minutes apart moved it between 0.99 and 1.36 on this machine.
-The timing engines run one torch thread each (``OMP_NUM_THREADS=1``).
+tpot_ratio is engine stepping time per generated token (the run is decode-dominated: all
+requests are admitted at once and generate the same number of tokens), hae over none: the
+median over ``--timing-rounds`` paired rounds in two live engines (order flipped every round,
+fresh images), since single runs of the same code minutes apart moved it between 0.99 and 1.36
+on this machine.  Within a round the two engines take turns of ``--slice-steps`` engine steps
+(as ``benchmarks/long_generation.py``; 0: whole rounds back to back), so both are timed in the
+same tenths of a second of a machine whose speed moves that fast.  The timing engines run one
+torch thread each (``OMP_NUM_THREADS=1``).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from hae_vllm.testing.scenario import (  # noqa: E402
-    LiveScenario, RequestSpec, ScenarioSpec, build_prompt, environment_info, run_in_subprocess)
+    LiveScenario, RequestSpec, ScenarioSpec, build_prompt, environment_info, run_in_subprocess, take_turns)
 
 
 def main() -> None:
@@ -45,6 +48,7 @@ def main() -> None:
     ap.add_argument("--config", default=None, help="extra settings as inline JSON (bin_capacity, restore_margin, ...)")
     ap.add_argument("--oracle-checks", type=int, default=2)
     ap.add_argument("--timing-rounds", type=int, default=9, help="paired rounds timing tpot_ratio")
+    ap.add_argument("--slice-steps", type=int, default=4, help="engine steps per turn within a timing round (0: whole rounds)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = ap.parse_args()
     if args.max_tokens < 512:
@@ -71,11 +75,15 @@ def main() -> None:
     timing = dict(warmup_requests=2, env={"OMP_NUM_THREADS": "1"}, **common)
     with LiveScenario(ScenarioSpec(eviction="none", **timing)) as eng_none, \
             LiveScenario(ScenarioSpec(eviction=eviction, **timing)) as eng_hae:
+        engines = {"none": eng_none, "hae": eng_hae}
         for i in range(args.timing_rounds):
-            per_tok = {}
-            for name, eng in ((("none", eng_none), ("hae", eng_hae)) if i % 2 == 0 else (("hae", eng_hae), ("none", eng_none))):
-                rec = eng.round(10_000 * (i + 1))
-                per_tok[name] = rec["generate_s"] / sum(len(r["token_ids"]) for r in rec["results"])
+            order = ["none", "hae"] if i % 2 == 0 else ["hae", "none"]
+            if args.slice_steps:
+                recs = take_turns(engines, order, 10_000 * (i + 1), None, args.slice_steps)
+            else:
+                recs = {name: engines[name].round(10_000 * (i + 1)) for name in order}
+            per_tok = {name: rec["generate_s"] / sum(len(r["token_ids"]) for r in rec["results"])
+                       for name, rec in recs.items()}
             paired.append(per_tok["hae"] / per_tok["none"])
     tpot_ratio = statistics.median(paired) if paired else single_tpot_ratio
 

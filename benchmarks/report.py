@@ -158,7 +158,7 @@ def headline() -> str:
         ph, tm = de["physical"], de["timing"]
         slower = " (slower: see limits)" if tm["tpot_ratio"] > 1.0 else ""
         lines.append(f"| Decode eviction (budget {de['args']['decode_budget']}, {de['args']['max_tokens']} new tokens) | peak KV "
-                     f"blocks {ph['peak_kv_blocks_ratio']:.2f}x; time per output token {tm['tpot_ratio']:.2f}x vanilla"
+                     f"blocks {ph['peak_kv_blocks_ratio']:.2f}x; time per output token {tm['tpot_ratio']:.3f}x vanilla"
                      f"{slower} | `python benchmarks/decode_eviction.py` |")
     lg = load("long_generation")
     if lg:
@@ -314,7 +314,9 @@ def results_doc() -> str:
                 f"blocks freed at prefill {ph['freed_at_prefill']}, parked {ph['parked']}, restored {ph['restored']}, "
                 f"released {ph['released']}, lost {ph['lost']}; leaked {ph['leaked_blocks']}",
                 f"- time per output token {tm['tpot_ratio']:.3f}x vanilla (median of {len(tm['paired_tpot_ratios'])} paired "
-                f"rounds: {', '.join(f'{x:.2f}' for x in tm['paired_tpot_ratios'])})",
+                f"rounds: {', '.join(f'{x:.2f}' for x in tm['paired_tpot_ratios'])}"
+                + (f"; the two engines take turns of {de['args']['slice_steps']} steps within a round"
+                   if de["args"].get("slice_steps") else "") + ")",
                 f"- HF oracle replay of every prefill eviction, park and restore: tokens equal in "
                 f"{sum(o['tokens_equal'] for o in de['oracle'])}/{len(de['oracle'])} requests checked "
                 f"({sum(o['events'] for o in de['oracle'])} events), max log-prob difference "
