@@ -149,3 +149,36 @@ def test_decode_mass_queued_is_weighted_sum_of_single_queries():
 def test_score_interval_is_validated(bad):
     with pytest.raises(EvictionConfigError, match="score_interval"):
         EvictionConfig(method="hae", score_interval=bad).validate()
+
+
+def test_logged_steps_join_queues_as_queued_steps_do():
+    """Append-only steps (DecodeBank.log_query) reach the rows' queues at the next use of the
+    queues exactly as DecodeBank.queue would have put them: same queries, positions and
+    counts, in step order, with the batch order changing, a row skipping a step, more steps
+    than the queue held, and a row released in between taking nothing to its next owner."""
+    logged, queued = DecodeBank(), DecodeBank()
+    rng = np.random.default_rng(4)
+    for bank in (logged, queued):
+        for _ in range(3):
+            bank.set_interval(bank.acquire(), 4)
+        bank.queue([0, 1, 2], [0, 0, 0], torch.zeros(3, H, D))  # allocates the queues (width 4)
+        bank.take_queued(np.array([0, 1, 2]))
+    steps = [([0, 1, 2], [2, 0, 1]), ([2, 0], [0, 1]), ([1, 2, 0], [1, 2, 0])] + [([0, 1, 2], [0, 1, 2])] * 3
+    for n, (rows, at) in enumerate(steps):
+        q = torch.from_numpy(rng.standard_normal((len(rows), H, D)).astype(np.float32))
+        pos = [10 + n] * len(rows)
+        assert logged.log_query(rows, pos, at, q)
+        queued.queue(rows, pos, q[at])
+    assert int(queued.num_queued.max()) > 4  # the queues grew
+    ref_q, ref_pos, ref_n = queued.take_queued(np.array([0, 1, 2]))
+    got_q, got_pos, got_n = logged.take_queued(np.array([0, 1, 2]))
+    np.testing.assert_array_equal(got_n, ref_n)
+    for r, k in enumerate(ref_n):
+        np.testing.assert_array_equal(got_pos[r, :k], ref_pos[r, :k])
+        assert torch.equal(got_q[r, :k], ref_q[r, :k])
+    # A row released with logged steps: they leave with it.
+    q = torch.ones(3, H, D)
+    assert logged.log_query([0, 1, 2], [20, 20, 20], [0, 1, 2], q)
+    logged.release(1)
+    assert logged.num_queued[1] == 0 and logged.num_queued[0] == 1 and logged.num_queued[2] == 1
+    assert logged.acquire() == 1 and logged.num_queued[1] == 0

@@ -25,6 +25,7 @@ confirms it (the block may have been reused) and the worker re-inserts it at the
 from __future__ import annotations
 
 import heapq
+from itertools import chain
 import math
 from dataclasses import dataclass, field
 
@@ -60,8 +61,10 @@ class DecodeBank:
       queries of the steps not scored yet, in per-row queues ``queued_q`` [rows, queue,
       num_heads, head_dim] with their positions ``queued_pos`` [rows, queue] (step order) and
       counts ``num_queued`` [rows]: one indexed copy per step, whatever the batch.  Keys go to
-      ``keys`` at once (every step), so nothing but the queries waits.  ``interval`` [rows]:
-      each row's ``score_interval``.
+      ``keys`` at once (every step), so nothing but the queries waits.  Append-only steps
+      (nothing due) are cheaper still: their queries go to a step log in one copy, their keys
+      stay in the paged cache, and the log joins the queues at the next use of the queues
+      (:meth:`log_query`, :meth:`flush`).  ``interval`` [rows]: each row's ``score_interval``.
 
     Rows are recycled when a request's state is dropped; both dimensions grow by doubling
     (capacity up to ``max_len``), and a :class:`DecodeState` reads its row through the bank,
@@ -79,9 +82,13 @@ class DecodeBank:
         self.num_staging_rows = 0  # rows in use with interval > 1
         self.queued_pos = np.zeros((0, 1), dtype=np.int64)
         # Queued steps whose key is still only in the paged cache (append-only steps, see
-        # append_query): read from the cache when the row is scored (:meth:`pending_keys`).
+        # log_query): read from the cache when the row is scored (:meth:`pending_keys`).
         self.key_pending = np.zeros((0, 1), dtype=bool)
         self.queued_q: torch.Tensor | None = None
+        # Append-only steps not yet in the queues (see log_query): each step's (rows,
+        # positions, batch rows), and its batch's queries in a host buffer [steps, batch, ...].
+        self._log: list[tuple] = []
+        self._log_q: np.ndarray | None = None
         self._host_views: dict[int, tuple] = {}  # id -> (tensor, numpy view or None)
         self._free: list[int] = []
         self.in_use = 0
@@ -99,6 +106,7 @@ class DecodeBank:
         return heapq.heappop(self._free)
 
     def release(self, row: int) -> None:
+        self.flush()
         self.slot_pos[row] = -1
         self.score[row] = 0.0
         self.scored[row] = False
@@ -133,6 +141,7 @@ class DecodeBank:
         queries ``query[at]`` [B, num_heads, head_dim] join the rows' queues.  On the host
         these are a handful of numpy copies (what every decode step pays); elsewhere
         :meth:`put_keys` and :meth:`queue`."""
+        self.flush()
         keys, qq = self.keys, self.queued_q
         B = len(rows)
         kd = self._host(keys)
@@ -172,40 +181,64 @@ class DecodeBank:
         self.key_pending[rows, slots] = False
         nq[rows] = slots + 1
 
-    def append_query(self, rows: list[int], positions: list[int], at: list[int], query: torch.Tensor) -> bool:
-        """An append-only step (no row due): the queries ``query[at]`` join the rows' queues
-        and their keys stay in the paged cache until the row is scored (``key_pending``), one
-        host copy per step instead of two.  False (nothing done) when this cannot be done on
-        host views or a queue is full: the caller takes :meth:`append`."""
+    def log_query(self, rows: list[int], positions: list[int], at: list[int], query: torch.Tensor) -> bool:
+        """An append-only step (no row due, every row one token): the batch's queries are copied
+        as they are, in one copy, and the step's rows, positions and batch rows ``at`` are
+        logged; they join the rows' queues at the next :meth:`flush` (any other use of the
+        queues flushes first), where all logged steps take a handful of array operations
+        together.  The keys stay in the paged cache until the row is scored (``key_pending``).
+        On this CPU path the number of array operations per step, not their size, is what a
+        step pays.  False (nothing done) when the queries have no host view."""
         qq = self.queued_q
         if qq is None or qq.dtype != query.dtype or qq.shape[2:] != query.shape[1:]:
             return False
-        qd, qs = self._host(qq), host_view(query)
-        if qd is None or qs is None:
+        qs = host_view(query)
+        if qs is None:
             return False
-        nq, qpos, pend = self.num_queued, self.queued_pos, self.key_pending
-        if len(rows) == 1:
-            r = rows[0]
-            s = int(nq[r])
-            if s >= qd.shape[1]:
-                return False
-            qd[r, s] = qs[at[0]]
-            qpos[r, s] = positions[0]
-            pend[r, s] = True
-            nq[r] = s + 1
-            return True
-        slots = nq[rows]
-        if int(slots.max()) >= qd.shape[1]:
-            return False
-        qd[rows, slots] = qs[at]
-        qpos[rows, slots] = positions
-        pend[rows, slots] = True
-        nq[rows] = slots + 1
+        n = max(at) + 1
+        buf, k = self._log_q, len(self._log)
+        if buf is None or k >= buf.shape[0] or n > buf.shape[1] or buf.dtype != qs.dtype or buf.shape[2:] != qs.shape[1:]:
+            self.flush()
+            k = 0
+            if buf is None or n > buf.shape[1] or buf.dtype != qs.dtype or buf.shape[2:] != qs.shape[1:]:
+                width = max(n, 8 if buf is None else 2 * buf.shape[1])
+                step_bytes = width * qs[0].nbytes
+                steps = max(2, min(64, (8 << 20) // step_bytes))  # at most ~8 MiB of queries
+                buf = self._log_q = np.empty((steps, width) + qs.shape[1:], dtype=qs.dtype)
+        buf[k, :n] = qs[:n]
+        self._log.append((rows, positions, at))
         return True
+
+    def flush(self) -> None:
+        """The logged append-only steps' queries into their rows' queues, in step order."""
+        log = self._log
+        if not log:
+            return
+        self._log = []
+        lens = [len(e[0]) for e in log]
+        total = sum(lens)
+        rows = np.fromiter(chain.from_iterable(e[0] for e in log), dtype=np.int64, count=total)
+        pos = np.fromiter(chain.from_iterable(e[1] for e in log), dtype=np.int64, count=total)
+        at = np.fromiter(chain.from_iterable(e[2] for e in log), dtype=np.int64, count=total)
+        step = np.repeat(np.arange(len(log)), lens)
+        # Each entry's rank among its row's entries (step order): a stable sort by row.
+        order = np.argsort(rows, kind="stable")
+        by_row = rows[order]
+        rank = np.empty(total, dtype=np.int64)
+        rank[order] = np.arange(total) - np.searchsorted(by_row, by_row, side="left")
+        slots = self.num_queued[rows] + rank
+        need = int(slots.max()) + 1
+        if need > self.queued_q.shape[1]:
+            self._resize_queue(need, self.queued_q[0])
+        self._host(self.queued_q)[rows, slots] = self._log_q[step, at]
+        self.queued_pos[rows, slots] = pos
+        self.key_pending[rows, slots] = True
+        self.num_queued += np.bincount(rows, minlength=len(self.num_queued))
 
     def pending_keys(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(bank row, position) of every queued step of ``rows`` whose key is still only in the
         paged cache; marks them filled (the caller writes them to ``keys``)."""
+        self.flush()
         width = self.key_pending.shape[1]
         pend = self.key_pending[rows] & (np.arange(width)[None, :] < self.num_queued[rows][:, None])
         if not pend.any():
@@ -232,6 +265,7 @@ class DecodeBank:
         """One decode step of ``rows`` (distinct): queries ``q`` [B, num_heads, head_dim] at
         ``positions`` join their rows' queues.  The caller scores a row when it has
         ``interval`` steps queued (more are kept, not lost: the queue grows)."""
+        self.flush()
         nq, qpos = self.num_queued, self.queued_pos
         slots = [int(nq[r]) for r in rows]
         qq = self.queued_q
@@ -265,6 +299,7 @@ class DecodeBank:
         """Empty the rows' queues: returns (queries [len(rows), N, num_heads, head_dim],
         positions [len(rows), N], counts [len(rows)]), N the longest queue (shorter rows
         padded with whatever the queue holds)."""
+        self.flush()
         n = self.num_queued[rows]
         N = int(n.max())
         qq = self.queued_q
@@ -294,6 +329,7 @@ class DecodeBank:
         self.key_pending = pend
 
     def _resize(self, rows: int, cap: int) -> None:
+        self.flush()
         old_rows, old_cap = self.slot_pos.shape
 
         def grow(a, fill):

@@ -162,7 +162,7 @@ class DecodeStage:
         _, rows, starts, at = plan
         bank = self.rt.decode_bank
         # The keys stay in the paged cache until the row is scored (one host copy per step).
-        if not bank.append_query(rows, starts, at, query):
+        if not bank.log_query(rows, starts, at, query):
             bank.append(rows, starts, at, query, key)
         self.num_steps += 1
 
@@ -180,6 +180,7 @@ class DecodeStage:
         request."""
         rt = self.rt
         bank = rt.decode_bank
+        bank.flush()  # append-only steps' queries into the queues (read below)
         self._cache = (kv_cache, layout)  # where queued keys not yet in the bank are read
         rows_l, starts_l, at = [], [], []
         single = True
