@@ -343,7 +343,7 @@ def results_doc() -> str:
                    "back, vLLM's time per output token; run at commit 01fff1e, whose decode stage differs from "
                    f"today's only in where its CPU copy plans are cached) read {lgw['batch1']['tpot_ratio']['median']:.2f}x at batch 1 with single rounds from "
                    f"{lgw['batch1']['tpot_ratio']['min']:.2f}x to {lgw['batch1']['tpot_ratio']['max']:.2f}x: this shared "
-                   "machine's speed moves by up to 2x between tenths of a second. "
+                   "machine's speed changes within tenths of a second. "
                    if a.get("slice_steps") and lgw else "")
                 + (f"CPU time stolen by the hypervisor during the run: {lg['cpu_steal_share']:.0%} (absolute times "
                    "depend on it; the ratios are taken in the same tenths of a second). "
