@@ -294,3 +294,76 @@ def test_curriculum_items_keep_the_asked_cell():
     assert len(filled(it.grids[0])) == 6 and it.grids[0].cells[r][c][0] == it.answer.split()[1]
     assert {it.grids[0].cells[a][b][0] for a, b in filled(it.grids[0])} == {it.answer.split()[1]}
     assert P.cell_item_k(5, 6, pad=16).question.endswith(f"What color is the shape in {it.answer.split()[0]}?")
+
+
+def test_probe_multi_cell_items_and_their_labels():
+    """The probe's several-cells questions: every named cell is filled and answered with its
+    colour, in the question's (random) order; only the first cell name and the colours keep a
+    loss.  Fails if an answer names the wrong colour, if the order is fixed, or if the mask
+    hides a colour or keeps a repeated cell name."""
+    from pathlib import Path
+
+    import torch
+    from transformers import AutoProcessor
+
+    from hae_vllm.accuracy import probe as P
+    from hae_vllm.accuracy.tasks import cell_name
+    from hae_vllm.accuracy.train import _batch
+    from hae_vllm.testing.tiny_models import llava_numbered_prompt
+
+    firsts = set()
+    for i in range(12):
+        it = P.cell_item_k(i, 8, pad=3, queries=4)
+        g = it.grids[0]
+        asked = it.question.split("shapes in ")[1].rstrip("?").replace(" and", ",").split(", ")
+        pairs = [p.split() for p in it.answer.split(", ")]
+        assert [n for n, _ in pairs] == asked and len(set(asked)) == 4
+        for name, colour in pairs:
+            assert g.cells[int(name[1]) - 1][int(name[3]) - 1][0] == colour
+        firsts.add(asked[0])
+    assert len(firsts) > 3  # the order is drawn, not the grid's
+    assert P.cell_item_k(3, 2, queries=4).answer.count(",") == 1  # never more cells than shapes
+    proc = AutoProcessor.from_pretrained(Path(__file__).resolve().parents[1] / "models" / "grid-llava-v3")
+    tok = proc.tokenizer
+    cell_ids = torch.tensor([tok.convert_tokens_to_ids(f" {cell_name(r, c)}") for r in range(4) for c in range(4)])
+    items = [P.cell_item_k(1, 8, queries=3), P.cell_item_k(2, 8)]
+    enc = _batch(proc, items, "cpu", llava_numbered_prompt)
+    before = enc["labels"].clone()
+    P.mask_repeated_cells(enc["labels"], items, cell_ids)
+    assert torch.equal(enc["labels"][1], before[1])  # one cell asked: unchanged
+    kept = [tok.convert_ids_to_tokens(int(t)).strip("Ġ ") for t in enc["labels"][0] if t != -100]
+    names = [p.split()[0] for p in items[0].answer.split(", ")]
+    colours = [p.split()[1] for p in items[0].answer.split(", ")]
+    assert [w for w in kept if w in {cell_name(r, c) for r in range(4) for c in range(4)}] == [names[0]]
+    assert [w for w in kept if w in colours] == colours
+
+
+def test_probe_grown_model_computes_what_the_probe_did(tmp_path):
+    """``probe --export-only --grow-to``: the probe's layers first, new layers that add nothing
+    yet - the grown checkpoint's logits equal the probe's.  Fails if a new layer writes to the
+    residual stream or a probe weight lands in the wrong place."""
+    import torch
+    from transformers import AutoProcessor
+
+    from hae_vllm.accuracy import probe as P
+    from hae_vllm.accuracy.train import GRID_TOKENS, _batch, _build_model, reinit_for_training
+    from hae_vllm.testing.tiny_models import build_tiny_llava, llava_numbered_prompt
+
+    base = tmp_path / "base"
+    build_tiny_llava(base, seed=0, patch_size=28, added_tokens=GRID_TOKENS, numbered_images=True)
+    small = _build_model(base, {"num_hidden_layers": 1})
+    reinit_for_training(small, 3)
+    with torch.no_grad():  # weights far from the initialisation the grown model starts from
+        for p in small.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    torch.save(small.state_dict(), tmp_path / "model.pt")
+    grown_dir = P.export(tmp_path / "model.pt", tmp_path / "hf3", layers=1, grow_to=3)
+    grown = _build_model(grown_dir, None)
+    assert grown.config.text_config.num_hidden_layers == 3
+    proc = AutoProcessor.from_pretrained(grown_dir)
+    enc = _batch(proc, [P.cell_item_k(i, 6, queries=2) for i in range(2)], "cpu", llava_numbered_prompt)
+    enc.pop("labels")
+    with torch.no_grad():
+        a, b = small.eval()(**enc).logits, grown.eval()(**enc).logits
+    assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+    assert any(p.abs().sum() > 0 for p in grown.model.language_model.layers[2].self_attn.q_proj.parameters())

@@ -37,9 +37,12 @@ PROBE_SEED = 50_000_000  # train items of the probe: a seed range no task split 
 FILLER = "Look again. "
 
 
-def cell_item_k(index: int, k: int, size: int = 4, same: bool = False, pad: int = 0) -> Item:
+def cell_item_k(index: int, k: int, size: int = 4, same: bool = False, pad: int = 0, queries: int = 1) -> Item:
     """A ``cell`` question on a grid with exactly ``k`` filled cells (the asked one among them);
-    ``same``: every shape has the asked one's colour (the image's mean colour is the answer)."""
+    ``same``: every shape has the asked one's colour (the image's mean colour is the answer).
+    ``queries`` > 1: that many filled cells asked in one question, in random order, answered
+    ``r2c3 red, r1c4 blue, ...`` - each colour is predicted at a cell token whose distance from
+    the image differs from item to item, so no lookup tied to one query position answers."""
     rng = np.random.default_rng(PROBE_SEED + index * 7919 + k)
     cells = [[None] * size for _ in range(size)]
     spots = rng.permutation(size * size)[:k]
@@ -54,8 +57,25 @@ def cell_item_k(index: int, k: int, size: int = 4, same: bool = False, pad: int 
     # at varying distances from the image (as describe's cell tokens do): a lookup learned at one
     # query position can lean on rotary phases that hold only there.
     filler = FILLER * int(rng.integers(0, pad + 1)) if pad else ""
+    q = min(queries, k)
+    if q > 1:
+        asked = [divmod(int(s), size) for s in rng.permutation(spots)[:q]]
+        names = [cell_name(a, b) for a, b in asked]
+        return Item("cells", f"{filler}What colors are the shapes in {', '.join(names[:-1])} and {names[-1]}?",
+                    ", ".join(f"{n} {cells[a][b][0]}" for n, (a, b) in zip(names, asked)), [g])
     return Item("cell", f"{filler}What color is the shape in {cell_name(r, c)}?", f"{cell_name(r, c)} {cells[r][c][0]}",
                 [g])
+
+
+def mask_repeated_cells(labels: torch.Tensor, items: list[Item], cell_ids: torch.Tensor) -> None:
+    """In items asking several cells, no loss on the answer's cell names after the first: they
+    are copies of the question's list in its order (an induction step this probe does not
+    study).  The colours, each predicted at the cell token before it, keep their loss."""
+    for i, it in enumerate(items):
+        if it.task == "cells":
+            row = labels[i]
+            cell_pos = torch.isin(row, cell_ids).nonzero().flatten()
+            row[cell_pos[1:]] = -100
 
 
 def _target(item: Item) -> tuple[int, int]:
@@ -91,15 +111,28 @@ def probe_eval(model, processor, items, grid: int = 8, cells: int = 4) -> dict:
             "lookup_head": [int(x) for x in shares.max(1).indices]}
 
 
-def export(state_path: Path, out: Path, seed: int = 0, layers: int = 4) -> Path:
+def export(state_path: Path, out: Path, seed: int = 0, layers: int = 4, grow_to: int | None = None) -> Path:
     """Write the probe's weights as a checkpoint ``train.py --init-from`` (and HF/vLLM) loads:
-    the same tokenizer, processor and config as the probe's model (rebuilt from ``seed``)."""
+    the same tokenizer, processor and config as the probe's model (rebuilt from ``seed``).
+
+    ``grow_to``: a deeper text model whose first ``layers`` layers are the probe's; the new
+    layers start with the standard initialisation and zero output projections (attention
+    ``o_proj``, MLP ``down_proj``), so they add nothing to the residual stream at first and the
+    grown model computes what the probe's did (progressive stacking)."""
     from hae_vllm.testing.tiny_models import _llava_key, _save_weights
 
     out.mkdir(parents=True, exist_ok=True)
     build_tiny_llava(out, seed=seed, patch_size=28, added_tokens=GRID_TOKENS, numbered_images=True)
-    model = _build_model(out, {"num_hidden_layers": layers})
-    model.load_state_dict(torch.load(state_path, weights_only=True))
+    model = _build_model(out, {"num_hidden_layers": grow_to or layers})
+    reinit_for_training(model, seed)
+    missing, unexpected = model.load_state_dict(torch.load(state_path, weights_only=True), strict=not grow_to)
+    assert not unexpected, unexpected
+    prefix = "model.language_model.layers."
+    assert all(k.startswith(prefix) and int(k[len(prefix):].split(".")[0]) >= layers for k in missing), missing
+    with torch.no_grad():
+        for layer in model.model.language_model.layers[layers:]:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
     _save_weights(model.eval(), out, _llava_key)
     return out
 
@@ -110,7 +143,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--curriculum", default="[[200,1],[400,2],[600,6]]",
                     help="JSON [[until_step, filled_cells or [lo, hi], same_colour (optional, 0/1), "
-                         "filler sentences before the question, up to (optional)], ...]")
+                         "filler sentences before the question, up to (optional), "
+                         "cells asked per question, n or [lo, hi] (optional)], ...]")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--warmup", type=int, default=50)
     ap.add_argument("--schedule", choices=("cosine", "constant"), default="constant")
@@ -126,16 +160,24 @@ def main() -> None:
     ap.add_argument("--align-cells", type=float, default=0.0,
                     help="with --pos-init cells: start the cell code in one basis from the vision position table "
                          "to the cell tokens' embeddings (train.init_cell_alignment, no wired head), this gain")
+    ap.add_argument("--center-code", action="store_true",
+                    help="with --align-cells: the cell tokens' code minus its mean (zero sum over the 8 channels)")
     ap.add_argument("--init-state", default=None, help="start from a probe's model.pt (continue a probe)")
     ap.add_argument("--export-only", action="store_true",
                     help="write --out/model.pt as a checkpoint folder --out/hf (for train.py --init-from) and exit")
+    ap.add_argument("--grow-to", type=int, default=None,
+                    help="with --export-only: that many text layers, the new ones adding nothing at first "
+                         "(written to --out/hf<N>)")
+    ap.add_argument("--mask-multi-cells", action="store_true",
+                    help="in items asking several cells, no loss on the answer's second and later cell names")
     ap.add_argument("--colour-only-until", type=int, default=0,
                     help="loss on the colour token alone up to this step (the cell copy and </s> unlabelled)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     if args.export_only:
-        print(export(out / "model.pt", out / "hf", args.seed, args.layers))
+        print(export(out / "model.pt", out / (f"hf{args.grow_to}" if args.grow_to else "hf"), args.seed, args.layers,
+                     args.grow_to))
         return
     out.mkdir(parents=True, exist_ok=True)
     base = Path(tempfile.mkdtemp(prefix="hae_probe_"))
@@ -154,12 +196,25 @@ def main() -> None:
         init_positions_2d(model)
     if args.align_cells:
         init_cell_alignment(model, processor.tokenizer, gain=args.align_cells, wire=0.0)
+    if args.center_code:
+        # the cell tokens' code without its mean over cells: every code then has the same
+        # projection on the all-ones direction (zero), so no part of the code says only
+        # "a cell token" and the first thing attention learns from it cannot be "look at any
+        # patch" - what it can learn from the code is which cell
+        emb = model.get_input_embeddings().weight
+        with torch.no_grad():
+            for r in range(4):
+                for c in range(4):
+                    tid = processor.tokenizer.convert_tokens_to_ids(f" {cell_name(r, c)}")
+                    emb[tid, 8:16] -= emb[tid, 8:16].mean() if args.align_cells else 0.0
     if args.init_state:
         model.load_state_dict(torch.load(args.init_state, weights_only=True))
     model.set_attn_implementation("eager")
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     cur = json.loads(args.curriculum)
+    cell_ids = torch.tensor([processor.tokenizer.convert_tokens_to_ids(f" {cell_name(r, c)}")
+                             for r in range(4) for c in range(4)])
     held = list(generate("cell", "heldout", args.eval_n, fill=0.7))
     held2 = [cell_item_k(10_000_000 + i, 2) for i in range(args.eval_n)]
     held_pad = [cell_item_k(20_000_000 + i, 11, pad=12) for i in range(args.eval_n)]
@@ -171,10 +226,12 @@ def main() -> None:
         stage = next((c for c in cur if step <= c[0]), cur[-1])
         k, same = stage[1], bool(stage[2]) if len(stage) > 2 else False
         pad = stage[3] if len(stage) > 3 else 0
+        nq = stage[4] if len(stage) > 4 else 1
         items = []
         for _ in range(args.batch_size):
             kk = rng.randint(k[0], k[1]) if isinstance(k, list) else k
-            items.append(cell_item_k(idx, kk, same=same, pad=pad))
+            qq = rng.randint(nq[0], nq[1]) if isinstance(nq, list) else nq
+            items.append(cell_item_k(idx, kk, same=same, pad=pad, queries=qq))
             idx += 1
         lr = args.lr * min(1.0, step / args.warmup)
         if args.schedule == "cosine":
@@ -182,6 +239,8 @@ def main() -> None:
         for g in opt.param_groups:
             g["lr"] = lr
         enc = _batch(processor, items, "cpu", llava_numbered_prompt)
+        if args.mask_multi_cells:
+            mask_repeated_cells(enc["labels"], items, cell_ids)
         if step <= args.colour_only_until:
             end = enc["attention_mask"].sum(1)
             rows = torch.arange(len(items))
@@ -200,6 +259,7 @@ def main() -> None:
             log["eval"].append(ev)
             print(json.dumps(ev), flush=True)
             (out / "log.json").write_text(json.dumps(log))
+            torch.save(model.state_dict(), out / "model.pt")  # a stopped run continues with --init-state
         elif step % 10 == 0:
             print(f"step {step} k={k} loss {loss.item():.4f} ({time.time() - t0:.0f}s)", flush=True)
     (out / "log.json").write_text(json.dumps(log))
