@@ -367,3 +367,36 @@ def test_probe_grown_model_computes_what_the_probe_did(tmp_path):
         a, b = small.eval()(**enc).logits, grown.eval()(**enc).logits
     assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
     assert any(p.abs().sum() > 0 for p in grown.model.language_model.layers[2].self_attn.q_proj.parameters())
+
+
+def test_code_bilinear_tells_a_cell_lookup_from_a_look_at_any_patch(tmp_path):
+    """``probe.code_bilinear`` on a first layer whose head 0 is set as the cell lookup
+    (``init_cell_alignment(wire=...)``): head 0's form is mostly the matching pattern; the same
+    model with that head's query replaced by one vector for every cell (the "any cell token"
+    form) has no matching part and equal rows.  Fails if the measure reads the wrong channels,
+    dimensions or heads."""
+    import torch
+    from transformers import AutoProcessor
+
+    from hae_vllm.accuracy import probe as P
+    from hae_vllm.accuracy.train import (GRID_TOKENS, _build_model, init_cell_alignment, init_positions_cells,
+                                         reinit_for_training)
+    from hae_vllm.testing.tiny_models import build_tiny_llava
+
+    base = tmp_path / "base"
+    build_tiny_llava(base, seed=0, patch_size=28, added_tokens=GRID_TOKENS, numbered_images=True)
+    proc = AutoProcessor.from_pretrained(base)
+    model = _build_model(base, {"num_hidden_layers": 1})
+    reinit_for_training(model, 0)
+    init_positions_cells(model)
+    init_cell_alignment(model, proc.tokenizer, gain=1.0, wire=2.0)
+    model.set_attn_implementation("eager")
+    res = P.code_bilinear(model, proc, batches=2, batch_size=2)
+    h0, h2 = res["heads"][0], res["heads"][2]
+    assert h0["matching"] > 0.5 * h0["norm"] and h0["row_spread"] > 0.5
+    assert abs(h2["matching"]) < 0.1 * h0["matching"]  # another key-value head: random, small
+    q = model.model.language_model.layers[0].self_attn.q_proj.weight
+    with torch.no_grad():
+        q[:32, 8:16] = q[:32, 8:16].sum(1, keepdim=True) / 8  # same query for every cell code
+    any_cell = P.code_bilinear(model, proc, batches=1, batch_size=2)["heads"][0]
+    assert abs(any_cell["matching"]) < 1e-3 and any_cell["row_spread"] < 1e-3

@@ -111,6 +111,46 @@ def probe_eval(model, processor, items, grid: int = 8, cells: int = 4) -> dict:
             "lookup_head": [int(x) for x in shares.max(1).indices]}
 
 
+def code_bilinear(model, processor, batches: int = 8, batch_size: int = 32, filled: int = 11, pad: int = 12) -> dict:
+    """For a model started with ``--align-cells`` (cell code of the patches in text channels
+    0-7, of the cell tokens in 8-15): per first-layer head, the bilinear form between the two
+    codes in the slow rotary dimensions (frequency index >= 10 of 16: phases that move < 0.5
+    rad over 150 tokens, so a match there holds at any query distance), and how much of it is
+    *which cell* - its projection on the centred matching pattern (row with row, column with
+    column) - against its norm.  A form with equal rows says "a cell token looks at these
+    patches" whatever the cell.  Also the gradient of the loss along that pattern over
+    ``batches`` independent batches (mean, std): what the next steps would add."""
+    attn = model.model.language_model.layers[0].self_attn
+    hd, nq, nkv = attn.head_dim, model.config.text_config.num_attention_heads, model.config.text_config.num_key_value_heads
+    half = hd // 2
+    slow = [i for i in range(10, half)] + [i + half for i in range(10, half)]
+    centred = torch.eye(4) - 0.25
+    pattern = torch.zeros(8, 8)
+    pattern[:4, :4], pattern[4:, 4:] = centred, centred
+    pattern /= pattern.norm()
+    wq, wk = attn.q_proj.weight, attn.k_proj.weight
+    grads = []
+    for b in range(batches):
+        items = [cell_item_k(30_000_000 + b * batch_size + i, filled, pad=pad) for i in range(batch_size)]
+        model.zero_grad()
+        model(**_batch(processor, items, "cpu", llava_numbered_prompt)).loss.backward()
+        grads.append((wq.grad.clone(), wk.grad.clone()))
+    model.zero_grad()
+    out = []
+    with torch.no_grad():
+        for h in range(nq):
+            rq = [h * hd + d for d in slow]
+            rk = [(h // (nq // nkv)) * hd + d for d in slow]
+            q, k = wq[rq][:, 8:16], wk[rk][:, 0:8]
+            m = q.T @ k
+            along = torch.tensor([-float(((gq[rq][:, 8:16].T @ k + q.T @ gk[rk][:, 0:8]) * pattern).sum())
+                                  for gq, gk in grads])
+            out.append({"head": h, "norm": round(float(m.norm()), 4), "matching": round(float((m * pattern).sum()), 4),
+                        "row_spread": round(float((m - m.mean(0)).norm() / m.norm()), 4),
+                        "descent_along_matching_mean": float(along.mean()), "descent_along_matching_std": float(along.std()) if len(along) > 1 else 0.0})
+    return {"heads": out, "batches": batches, "batch_size": batch_size, "filled": filled, "pad": pad}
+
+
 def export(state_path: Path, out: Path, seed: int = 0, layers: int = 4, grow_to: int | None = None) -> Path:
     """Write the probe's weights as a checkpoint ``train.py --init-from`` (and HF/vLLM) loads:
     the same tokenizer, processor and config as the probe's model (rebuilt from ``seed``).
@@ -165,6 +205,9 @@ def main() -> None:
     ap.add_argument("--init-state", default=None, help="start from a probe's model.pt (continue a probe)")
     ap.add_argument("--export-only", action="store_true",
                     help="write --out/model.pt as a checkpoint folder --out/hf (for train.py --init-from) and exit")
+    ap.add_argument("--diagnose", action="store_true",
+                    help="for an --align-cells run: the first layer's code-to-code attention form (code_bilinear), "
+                         "written to --out/diagnose.json")
     ap.add_argument("--grow-to", type=int, default=None,
                     help="with --export-only: that many text layers, the new ones adding nothing at first "
                          "(written to --out/hf<N>)")
@@ -175,6 +218,17 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
+    if args.diagnose:
+        base = out / "hf"
+        from transformers import AutoProcessor
+
+        model = _build_model(base, None)
+        model.load_state_dict(torch.load(out / "model.pt", weights_only=True))
+        model.set_attn_implementation("eager")
+        res = {"run": str(out), **code_bilinear(model.train(), AutoProcessor.from_pretrained(base))}
+        (out / "diagnose.json").write_text(json.dumps(res, indent=1))
+        print(json.dumps(res, indent=1))
+        return
     if args.export_only:
         print(export(out / "model.pt", out / (f"hf{args.grow_to}" if args.grow_to else "hf"), args.seed, args.layers,
                      args.grow_to))
