@@ -400,3 +400,35 @@ def test_code_bilinear_tells_a_cell_lookup_from_a_look_at_any_patch(tmp_path):
         q[:32, 8:16] = q[:32, 8:16].sum(1, keepdim=True) / 8  # same query for every cell code
     any_cell = P.code_bilinear(model, proc, batches=1, batch_size=2)["heads"][0]
     assert abs(any_cell["matching"]) < 1e-3 and any_cell["row_spread"] < 1e-3
+
+
+def test_probe_frozen_parts_keep_their_weights(tmp_path):
+    """``probe --freeze vision,projector``: a training step changes the text model and leaves
+    the vision tower and the projector as they were; ``--freeze vision`` alone lets the
+    projector train.  Fails if a frozen part moves or the freeze reaches too far."""
+    import torch
+    from transformers import AutoProcessor
+
+    from hae_vllm.accuracy import probe as P
+    from hae_vllm.accuracy.train import GRID_TOKENS, _batch, _build_model, reinit_for_training
+    from hae_vllm.testing.tiny_models import build_tiny_llava, llava_numbered_prompt
+
+    base = tmp_path / "base"
+    build_tiny_llava(base, seed=0, patch_size=28, added_tokens=GRID_TOKENS, numbered_images=True)
+    proc = AutoProcessor.from_pretrained(base)
+    enc = _batch(proc, [P.cell_item_k(i, 6, queries=2) for i in range(2)], "cpu", llava_numbered_prompt)
+    for parts, still in (("vision,projector", ("vision_tower", "multi_modal_projector")), ("vision", ("vision_tower",))):
+        model = _build_model(base, {"num_hidden_layers": 1})
+        reinit_for_training(model, 0)
+        names = P.frozen_parts(model, parts)
+        assert names and all(n.split(".")[0] in parts.split(",") for n in names)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        model(**enc).loss.backward()
+        opt.step()
+        for n, p in model.named_parameters():
+            moved = not torch.equal(p, before[n])
+            if any(s in n for s in still):
+                assert not moved, n
+            elif n.endswith("q_proj.weight") or "multi_modal_projector" in n:
+                assert moved, n
