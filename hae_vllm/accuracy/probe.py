@@ -291,7 +291,7 @@ def main() -> None:
     held = list(generate("cell", "heldout", args.eval_n, fill=0.7))
     held2 = [cell_item_k(10_000_000 + i, 2) for i in range(args.eval_n)]
     held_pad = [cell_item_k(20_000_000 + i, 11, pad=12) for i in range(args.eval_n)]
-    log = {"config": vars(args), "loss": [], "eval": []}
+    log = {"config": vars(args), "frozen_tensors": len(frozen), "loss": [], "eval": []}
     rng = random.Random(args.seed)
     t0 = time.time()
     idx = 0
