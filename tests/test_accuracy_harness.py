@@ -410,7 +410,7 @@ def test_probe_frozen_parts_keep_their_weights(tmp_path):
     from transformers import AutoProcessor
 
     from hae_vllm.accuracy import probe as P
-    from hae_vllm.accuracy.train import GRID_TOKENS, _batch, _build_model, reinit_for_training
+    from hae_vllm.accuracy.train import GRID_TOKENS, _batch, _build_model, frozen_parts, reinit_for_training
     from hae_vllm.testing.tiny_models import build_tiny_llava, llava_numbered_prompt
 
     base = tmp_path / "base"
@@ -420,7 +420,7 @@ def test_probe_frozen_parts_keep_their_weights(tmp_path):
     for parts, still in (("vision,projector", ("vision_tower", "multi_modal_projector")), ("vision", ("vision_tower",))):
         model = _build_model(base, {"num_hidden_layers": 1})
         reinit_for_training(model, 0)
-        names = P.frozen_parts(model, parts)
+        names = frozen_parts(model, parts)
         assert names and all(n.split(".")[0] in parts.split(",") for n in names)
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from hae_vllm.accuracy.tasks import COLOURS, SHAPES, Grid, Item, cell_name, generate
-from hae_vllm.accuracy.train import (GRID_TOKENS, _batch, _build_model, init_cell_alignment, init_positions_2d,
-                                     init_positions_cells, reinit_for_training)
+from hae_vllm.accuracy.train import (GRID_TOKENS, _batch, _build_model, frozen_parts, init_cell_alignment,
+                                     init_positions_2d, init_positions_cells, reinit_for_training)
 from hae_vllm.testing.tiny_models import build_tiny_llava, llava_numbered_prompt
 
 PROBE_SEED = 50_000_000  # train items of the probe: a seed range no task split uses
@@ -65,21 +65,6 @@ def cell_item_k(index: int, k: int, size: int = 4, same: bool = False, pad: int 
                     ", ".join(f"{n} {cells[a][b][0]}" for n, (a, b) in zip(names, asked)), [g])
     return Item("cell", f"{filler}What color is the shape in {cell_name(r, c)}?", f"{cell_name(r, c)} {cells[r][c][0]}",
                 [g])
-
-
-def frozen_parts(model, parts: str | None) -> list[str]:
-    """Freeze whole parts of the model (``vision``: the vision tower, as LLaVA keeps its CLIP
-    encoder frozen; ``projector``): their weights keep their initial values.  Trained freely,
-    the projector learned to drop the cell code the vision tower carries (a linear read-out of
-    the cell from its output fell from 0.98 at initialisation to chance in p5, p8 and q5), so
-    the keys of the text model no longer said which cell a patch is in."""
-    names = []
-    for part in filter(None, (parts or "").split(",")):
-        mod = {"vision": model.model.vision_tower, "projector": model.model.multi_modal_projector}[part]
-        for n, p in mod.named_parameters():
-            p.requires_grad_(False)
-            names.append(f"{part}.{n}")
-    return names
 
 
 def mask_repeated_cells(labels: torch.Tensor, items: list[Item], cell_ids: torch.Tensor) -> None:

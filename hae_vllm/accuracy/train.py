@@ -296,6 +296,21 @@ def wire_grid_circuits(model, tokenizer, cells: int = 4, scale: float = 1.0, con
                 a.q_proj.weight[qr.start + d, CH_PREV_IMG.start + k] = 8.0 * scale * m
 
 
+def frozen_parts(model, parts: str | None) -> list[str]:
+    """Freeze whole parts of the model (``vision``: the vision tower, as LLaVA keeps its CLIP
+    encoder frozen; ``projector``): their weights keep their initial values.  Trained freely,
+    the projector learned to drop the cell code the vision tower carries (a linear read-out of
+    the cell from its output fell from 0.98 at initialisation to chance in p5, p8 and q5), so
+    the keys of the text model no longer said which cell a patch is in."""
+    names = []
+    for part in filter(None, (parts or "").split(",")):
+        mod = {"vision": model.model.vision_tower, "projector": model.model.multi_modal_projector}[part]
+        for n, p in mod.named_parameters():
+            p.requires_grad_(False)
+            names.append(f"{part}.{n}")
+    return names
+
+
 def freeze_wired(model, cells: int = 4) -> int:
     """Keep what :func:`wire_grid_circuits` set fixed during training (gradient masks): the
     reserved residual channels (what writes them, and the cell code in the vision tower), the
@@ -464,7 +479,8 @@ def train(out: Path, steps: int | None, batch_size: int, lr: float, seed: int, d
           text_overrides: dict | None = None, final_n: int = 200, run_name: str | None = None,
           stop_after: int | None = None, keep_every: int = 0, patch_size: int | None = None,
           grid_tokens: bool = False, numbered_images: bool = False, align_cells: float = 0.0,
-          wire_lookup: float = 0.0, wire_circuits: float = 0.0, freeze_circuits: bool = False) -> dict | None:
+          wire_lookup: float = 0.0, wire_circuits: float = 0.0, freeze_circuits: bool = False,
+          freeze: str | None = None) -> dict | None:
     """Train and write the checkpoint to ``out``.  With ``ckpt_dir``, a resumable checkpoint
     (weights, optimizer, step, RNG states, data position, log) is written there every
     ``ckpt_every`` steps; ``resume`` continues from it with the saved configuration.
@@ -517,7 +533,11 @@ def train(out: Path, steps: int | None, batch_size: int, lr: float, seed: int, d
         freeze_circuits = True  # the resumed run's choice
     if freeze_circuits:
         print(f"frozen: {freeze_wired(model)} wired entries", flush=True)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    if state is not None:
+        freeze = state["log"]["config"].get("freeze")  # the resumed run's choice
+    if freeze:
+        print(f"frozen: {len(frozen_parts(model, freeze))} tensors ({freeze})", flush=True)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.01)
     rng = random.Random(seed)
     counters: dict[str, int] = {}
     log = {"config": {"run_name": run_name, "steps": steps, "batch_size": batch_size, "batch_sizes": batch_sizes,
@@ -525,7 +545,7 @@ def train(out: Path, steps: int | None, batch_size: int, lr: float, seed: int, d
                       "pos_init": pos_init, "init_from": init_from, "text_overrides": text_overrides,
                       "patch_size": patch_size, "grid_tokens": grid_tokens, "numbered_images": numbered_images,
                       "align_cells": align_cells, "wire_lookup": wire_lookup,
-                      "wire_circuits": wire_circuits, "freeze_circuits": freeze_circuits,
+                      "wire_circuits": wire_circuits, "freeze_circuits": freeze_circuits, "freeze": freeze,
                       "content_gain": 5.0 if wire_circuits else None,
                       "torch_threads": torch.get_num_threads()},
            "machine": _machine(device), "loss": [], "eval": [], "wall": []}
@@ -682,6 +702,8 @@ def main() -> None:
                     help="with --align-cells: start head 0 of text layer 0 as the cell lookup, this query scale")
     ap.add_argument("--wire-circuits", type=float, default=0.0,
                     help="start all five grid circuits (wire_grid_circuits), this scale (0: off)")
+    ap.add_argument("--freeze", default=None,
+                    help="comma list of parts kept at their starting weights: vision, projector (see frozen_parts)")
     ap.add_argument("--freeze-circuits", action="store_true",
                     help="with --wire-circuits: keep the wired weights fixed (freeze_wired); pass it on --resume too")
     args = ap.parse_args()
@@ -697,7 +719,7 @@ def main() -> None:
           run_name=args.run_name, stop_after=args.stop_after, keep_every=args.keep_every,
           patch_size=args.patch_size, grid_tokens=args.grid_tokens, numbered_images=args.numbered_images,
           align_cells=args.align_cells, wire_lookup=args.wire_lookup, wire_circuits=args.wire_circuits,
-          freeze_circuits=args.freeze_circuits)
+          freeze_circuits=args.freeze_circuits, freeze=args.freeze)
 
 
 if __name__ == "__main__":
