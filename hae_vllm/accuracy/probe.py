@@ -111,6 +111,34 @@ def probe_eval(model, processor, items, grid: int = 8, cells: int = 4) -> dict:
             "lookup_head": [int(x) for x in shares.max(1).indices]}
 
 
+@torch.no_grad()
+def cell_readout(model, processor, images: int = 64, filled: int = 11) -> dict:
+    """How well a linear read-out (least squares; the patches of the first 3/4 of the images
+    fitted, the rest held out) tells a patch's grid cell from what carries it into the text
+    model: the vision tower's hidden states (embeddings, then after each layer) and the
+    projector's output, which is what the text model's keys are computed from.  1.0: the cell is
+    there; 1/16: it is not."""
+    items = [cell_item_k(60_000_000 + i, filled) for i in range(images)]
+    enc = _batch(processor, items, "cpu", llava_numbered_prompt)
+    tower = model.model.vision_tower
+    out = tower(enc["pixel_values"], output_hidden_states=True)
+    layer = model.config.vision_feature_layer
+    proj = model.model.multi_modal_projector(out.hidden_states[layer][:, 1:])
+
+    def acc(feats):
+        f = feats.reshape(-1, feats.shape[-1]).float()
+        n = f.shape[0]
+        pos = torch.arange(n) % 64
+        cell = ((pos // 8) // 2) * 4 + (pos % 8) // 2
+        x = torch.cat([f, torch.ones(n, 1)], 1)
+        fit = torch.arange(n) < n * 3 // 4
+        w = torch.linalg.lstsq(x[fit], torch.nn.functional.one_hot(cell, 16).float()[fit]).solution
+        return round(float(((x[~fit] @ w).argmax(1) == cell[~fit]).float().mean()), 4)
+
+    return {"vision_hidden_states": [acc(h[:, 1:]) for h in out.hidden_states], "vision_feature_layer": layer,
+            "projector_output": acc(proj), "images": images}
+
+
 def code_bilinear(model, processor, batches: int = 8, batch_size: int = 32, filled: int = 11, pad: int = 12) -> dict:
     """For a model started with ``--align-cells`` (cell code of the patches in text channels
     0-7, of the cell tokens in 8-15): per first-layer head, the bilinear form between the two
@@ -208,8 +236,9 @@ def main() -> None:
                     help="write --out/model.pt as a checkpoint folder --out/hf (for train.py --init-from) and exit")
     ap.add_argument("--freeze", default=None, help="comma list of parts kept at their initial weights: vision, projector")
     ap.add_argument("--diagnose", action="store_true",
-                    help="for an --align-cells run: the first layer's code-to-code attention form (code_bilinear), "
-                         "written to --out/diagnose.json")
+                    help="after a run: how well the cell can be read from what reaches the text model, at "
+                         "initialisation and now (cell_readout); for an --align-cells run also the first layer's "
+                         "code-to-code attention form (code_bilinear); written to --out/diagnose.json")
     ap.add_argument("--grow-to", type=int, default=None,
                     help="with --export-only: that many text layers, the new ones adding nothing at first "
                          "(written to --out/hf<N>)")
@@ -225,9 +254,21 @@ def main() -> None:
         from transformers import AutoProcessor
 
         model = _build_model(base, None)
+        processor = AutoProcessor.from_pretrained(base)
+        cfg = json.loads((out / "log.json").read_text())["config"]
+        init = _build_model(base, None)  # the run's initialisation, rebuilt as main() does
+        reinit_for_training(init, cfg["seed"])
+        if cfg["pos_init"] == "cells":
+            init_positions_cells(init)
+        if cfg.get("align_cells"):
+            init_cell_alignment(init, processor.tokenizer, gain=cfg["align_cells"], wire=0.0)
         model.load_state_dict(torch.load(out / "model.pt", weights_only=True))
         model.set_attn_implementation("eager")
-        res = {"run": str(out), **code_bilinear(model.train(), AutoProcessor.from_pretrained(base))}
+        res = {"run": str(out), "started_from": cfg.get("init_state") or "its initialisation",
+               "cell_readout_at_init": cell_readout(init.eval(), processor),
+               "cell_readout": cell_readout(model.eval(), processor)}
+        if cfg.get("align_cells"):
+            res.update(code_bilinear(model.train(), processor))
         (out / "diagnose.json").write_text(json.dumps(res, indent=1))
         print(json.dumps(res, indent=1))
         return
