@@ -78,6 +78,12 @@ def accuracy_summary(d: dict) -> dict:
             "best": base["method"], "best_acc": base["accuracy"], "n": hae["n"]}
 
 
+def accuracy_at(d: dict, budget: float) -> dict:
+    """:func:`accuracy_summary` over one budget of a sweep (``full`` plus every method at it)."""
+    rows = [s for s in d["summary"] if s["method"] == "full" or s["budget"] == budget]
+    return accuracy_summary({**d, "summary": rows})
+
+
 def accuracy_table(summary: list[dict]) -> str:
     from hae_vllm.accuracy.harness import markdown_table
 
@@ -131,6 +137,14 @@ def headline() -> str:
                      f"{Path(hard['model']).name}, whose lookup heads are hand-set: see its model card; {a['n']} items) | "
                      f"hae {a['hae']:.2f}, full cache {a['full']:.2f}, best baseline "
                      f"{a['best']} {a['best_acc']:.2f} | `python benchmarks/accuracy.py --quick --suite hard` |")
+    learned = load("accuracy_hard_v4")
+    if learned:
+        a = accuracy_at(learned, 0.4)
+        tasks = ", ".join(sorted({r["task"] for r in learned["rows"]}))
+        lines.append(f"| Accuracy under distractors, learned attention ({tasks}; {pct(a['kept'])} of KV blocks kept, "
+                     f"{Path(learned['model']).name}, no hand-set weights; {a['n']} items) | hae {a['hae']:.2f}, full "
+                     f"cache {a['full']:.2f}, best baseline {a['best']} {a['best_acc']:.2f} | "
+                     f"`python {' '.join(['benchmarks/accuracy.py'] + learned['argv'])}` |")
     dec = load("accuracy_decode_quick")
     if dec:
         by = {s.get("group", s["method"]): s for s in dec["summary"]}
@@ -243,6 +257,16 @@ def results_doc() -> str:
                 "methods that score tokens by attention. Accuracy per task at each method's physical KV kept:", "",
                 accuracy_table(hard["summary"]), "",
                 f"![accuracy against KV kept, one panel per task](../benchmarks/results/{hard_name}.png)", ""]
+    learned = load("accuracy_hard_v4")
+    if learned:
+        tasks = ", ".join(sorted({r["task"] for r in learned["rows"]}))
+        out += ["## Accuracy under distractors, learned attention", "",
+                f"`python {' '.join(['benchmarks/accuracy.py'] + learned['argv'])}` on "
+                f"`models/{Path(learned['model']).name}` ({tasks}). No weight of this model was set by hand: the "
+                "heads that find the cell learned it (see its model card), so the attention the methods score is a "
+                "trained model's. Accuracy per task at each method's physical KV kept:", "",
+                accuracy_table(learned["summary"]), "",
+                "![accuracy against KV kept, learned attention](../benchmarks/results/accuracy_hard_v4.png)", ""]
     dec = load("accuracy_decode_full")
     if dec:
         out += ["## Decode stage: greedy eviction against the recycle bin", "",

@@ -432,3 +432,18 @@ def test_probe_frozen_parts_keep_their_weights(tmp_path):
                 assert not moved, n
             elif n.endswith("q_proj.weight") or "multi_modal_projector" in n:
                 assert moved, n
+
+
+def test_copy_drill_items():
+    """train.copy_item: a number of the asked length, given in the question and repeated in the
+    answer, one image, and different numbers for different indices (seeded)."""
+    from hae_vllm.accuracy.train import copy_item
+
+    seen = set()
+    for i in range(20):
+        it = copy_item(i, (0.1, 0.9), [4, 12])
+        assert it.answer.isdigit() and 4 <= len(it.answer) <= 12
+        assert it.question == f"The secret number is {it.answer}. Repeat the secret number." and len(it.grids) == 1
+        seen.add(it.answer)
+    assert len(seen) == 20 and copy_item(3, (0.1, 0.9), 7).answer == copy_item(3, (0.1, 0.9), 7).answer
+    assert len(copy_item(3, (0.1, 0.9), 7).answer) == 7

@@ -383,6 +383,28 @@ def _needle_n(index: int, fill: tuple[float, float], images) -> Item:
     return GENERATORS["needle"](rng, seed, 4, f, num_images=n)
 
 
+COPY_SEED = 70_000_000  # the copy drill's items: a seed range no task split uses
+
+
+def copy_item(index: int, fill: tuple[float, float], digits) -> Item:
+    """A training drill, not a task: one image the question does not ask about and a number of
+    ``digits`` (an int or [lo, hi]) random digits to repeat.  ``needle`` ends by repeating a
+    3-digit number, which takes an induction step (find the earlier place of the current digit,
+    copy the one after it); with three digits per item a model trained on ``needle`` alone had
+    not learned it after thousands of steps (grid-llava-v4 runs A, C, D).  Here every digit after
+    the first is such a step."""
+    import numpy as np
+
+    from hae_vllm.accuracy.tasks import Grid
+
+    rng = np.random.default_rng(COPY_SEED + index * 7919)
+    g = Grid.random(rng, 4, float(rng.uniform(*fill)))
+    n = digits if isinstance(digits, int) else int(rng.integers(digits[0], digits[1] + 1))
+    code = "".join(str(int(d)) for d in rng.integers(0, 10, n))
+    return Item("copy", f"The secret number is {code}. Repeat the secret number.", code, [g],
+                seed=COPY_SEED + index)
+
+
 def sparsify(item, filled: int):
     """``item`` with at most ``filled`` shapes left in each grid (a curriculum's sparse stage: fewer
     distractors).  The cell the question asks about (``cell``, ``needle``) is always kept; the
@@ -583,7 +605,9 @@ def train(out: Path, steps: int | None, batch_size: int, lr: float, seed: int, d
         bs = batch_sizes.get(task, batch_size)
         items = []
         for _ in range(bs):
-            if st.get("images") and task == "needle":  # fewer images first (1 -> 3)
+            if task == "copy":  # the digit-copy drill (stage key "digits": [lo, hi])
+                it = copy_item(counters.get(task, 0), tuple(st["fill"]), st.get("digits", [4, 12]))
+            elif st.get("images") and task == "needle":  # fewer images first (1 -> 3)
                 it = _needle_n(counters.get(task, 0), tuple(st["fill"]), st["images"])
             else:
                 it = make_item(task, "train", counters.get(task, 0), fill=tuple(st["fill"]))
