@@ -142,7 +142,7 @@ def headline() -> str:
         a = accuracy_at(learned, 0.4)
         tasks = ", ".join(sorted({r["task"] for r in learned["rows"]}))
         lines.append(f"| Accuracy under distractors, learned attention ({tasks}; {pct(a['kept'])} of KV blocks kept, "
-                     f"{Path(learned['model']).name}, no hand-set weights; {a['n']} items) | hae {a['hae']:.2f}, full "
+                     f"{Path(learned['model']).name}, attention learned, no hand-set heads; {a['n']} items) | hae {a['hae']:.2f}, full "
                      f"cache {a['full']:.2f}, best baseline {a['best']} {a['best_acc']:.2f} | "
                      f"`python {' '.join(['benchmarks/accuracy.py'] + learned['argv'])}` |")
     dec = load("accuracy_decode_quick")
@@ -262,11 +262,18 @@ def results_doc() -> str:
         tasks = ", ".join(sorted({r["task"] for r in learned["rows"]}))
         out += ["## Accuracy under distractors, learned attention", "",
                 f"`python {' '.join(['benchmarks/accuracy.py'] + learned['argv'])}` on "
-                f"`models/{Path(learned['model']).name}` ({tasks}). No weight of this model was set by hand: the "
-                "heads that find the cell learned it (see its model card), so the attention the methods score is a "
-                "trained model's. Accuracy per task at each method's physical KV kept:", "",
+                f"`models/{Path(learned['model']).name}` ({tasks}). No attention weight of this model was set by hand: "
+                "the heads that find the cell learned to (see its model card), so the attention the methods score is "
+                "a trained model's. Its vision tower is frozen at its initialisation (a random encoder whose position "
+                "table is a fixed code of each patch's grid cell). It does not answer `needle` yet. Accuracy per task "
+                "at each method's physical KV kept:", "",
                 accuracy_table(learned["summary"]), "",
                 "![accuracy against KV kept, learned attention](../benchmarks/results/accuracy_hard_v4.png)", ""]
+    dec4 = load("accuracy_decode_v4")
+    if dec4:
+        out += [f"The decode stage on the same model: `python {' '.join(['benchmarks/accuracy.py'] + dec4['argv'])}` "
+                f"(describe, decode budget {dec4['decode_budget']:g}, no prefill eviction; greedy = bin capacity 0).", "",
+                decode_comparison_table(dec4["summary"]), ""]
     dec = load("accuracy_decode_full")
     if dec:
         out += ["## Decode stage: greedy eviction against the recycle bin", "",

@@ -447,3 +447,17 @@ def test_copy_drill_items():
         seen.add(it.answer)
     assert len(seen) == 20 and copy_item(3, (0.1, 0.9), 7).answer == copy_item(3, (0.1, 0.9), 7).answer
     assert len(copy_item(3, (0.1, 0.9), 7).answer) == 7
+
+
+def test_answer_token_accuracy_reads_the_answer_tokens():
+    """probe.answer_token_accuracy on grid-llava-v3, which answers needle (1.00 held out): every
+    answer token right, in the answer's order (image, cell, colour, space, 3 digits, </s>).
+    Fails if the logits are read one position off (they then predict the wrong tokens)."""
+    from pathlib import Path
+
+    from hae_vllm.accuracy import probe as P
+
+    res = P.answer_token_accuracy(Path(__file__).resolve().parents[1] / "models" / "grid-llava-v3", n=8)
+    assert len(res["accuracy_per_answer_token"]) == 8 and res["first_item_answer_tokens"][-1] == "</s>"
+    assert res["first_item_answer_tokens"][0].startswith(" image")
+    assert min(res["accuracy_per_answer_token"]) >= 0.85, res

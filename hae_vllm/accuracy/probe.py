@@ -179,6 +179,31 @@ def code_bilinear(model, processor, batches: int = 8, batch_size: int = 32, fill
     return {"heads": out, "batches": batches, "batch_size": batch_size, "filled": filled, "pad": pad}
 
 
+@torch.no_grad()
+def answer_token_accuracy(model_dir: Path, task: str = "needle", n: int = 48) -> dict:
+    """Teacher-forced accuracy of each answer token of ``task``'s held-out items (all answers of
+    the task must have the same number of tokens, as ``needle``'s: image, cell, colour, a space,
+    three digits, ``</s>``): which step of the answer a model has not learned."""
+    from transformers import AutoProcessor
+
+    from hae_vllm.accuracy.train import prompt_format
+
+    model = _build_model(Path(model_dir), None).eval()
+    processor = AutoProcessor.from_pretrained(model_dir)
+    items = list(generate(task, "heldout", n))
+    enc = _batch(processor, items, "cpu", prompt_format(Path(model_dir)))
+    labels = enc.pop("labels")
+    logits = model(**enc).logits
+    rows = []
+    for i in range(len(items)):
+        pos = (labels[i] != -100).nonzero().flatten()
+        rows.append((logits[i, pos - 1].argmax(-1) == labels[i, pos]).float())
+    assert len({len(r) for r in rows}) == 1, "answers of different lengths"
+    tokens = [processor.tokenizer.convert_ids_to_tokens(int(t)) for t in labels[0][labels[0] != -100]]
+    return {"model": str(model_dir), "task": task, "n": n, "first_item_answer_tokens": tokens,
+            "accuracy_per_answer_token": [round(float(x), 4) for x in torch.stack(rows).mean(0)]}
+
+
 def export(state_path: Path, out: Path, seed: int = 0, layers: int = 4, grow_to: int | None = None,
            text_overrides: dict | None = None) -> Path:
     """Write the probe's weights as a checkpoint ``train.py --init-from`` (and HF/vLLM) loads:
@@ -235,6 +260,8 @@ def main() -> None:
     ap.add_argument("--export-only", action="store_true",
                     help="write --out/model.pt as a checkpoint folder --out/hf (for train.py --init-from) and exit")
     ap.add_argument("--freeze", default=None, help="comma list of parts kept at their initial weights: vision, projector")
+    ap.add_argument("--answer-tokens", default=None, metavar="MODEL_DIR",
+                    help="teacher-forced accuracy of each needle answer token of MODEL_DIR, written to --out (a file)")
     ap.add_argument("--diagnose", action="store_true",
                     help="after a run: how well the cell can be read from what reaches the text model, at "
                          "initialisation and now (cell_readout); for an --align-cells run also the first layer's "
@@ -248,6 +275,11 @@ def main() -> None:
                     help="loss on the colour token alone up to this step (the cell copy and </s> unlabelled)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.answer_tokens:
+        res = answer_token_accuracy(Path(args.answer_tokens))
+        Path(args.out).write_text(json.dumps(res, indent=1))
+        print(json.dumps(res))
+        return
     out = Path(args.out)
     if args.diagnose:
         base = out / "hf"
