@@ -192,6 +192,13 @@ def test_trainer_resumes_bit_exactly(tmp_path):
     a = json.loads((tmp_path / "a" / "train_log.json").read_text())
     assert log["model_sha256"] == a["model_sha256"] and log["resumed_at"] == [2]
     assert [list(x) for x in log["loss"]] == a["loss"]
+    # A run resumed with more steps than it was planned for: its last stage runs to the new end
+    # (this raised StopIteration before; only a shorter run was handled).
+    assert T.train(tmp_path / "c", ckpt_dir=str(tmp_path / "cc"), stop_after=2, **kw) is None
+    again = {k: v for k, v in kw.items() if k != "stages"}  # the saved stages, as `--resume --steps` gives
+    longer = T.train(tmp_path / "c", ckpt_dir=str(tmp_path / "cc"), resume=True, **{**again, "steps": 4})
+    assert [x[0] for x in longer["loss"]] == [1, 2, 3, 4] and [list(c) for c in longer["length_changes"]] == [[2, 3, 4]]
+    assert longer["config"]["stages"][-1]["until"] == 4
 
 
 def test_grid_checkpoint_numbers_images_and_has_cell_tokens(tmp_path):

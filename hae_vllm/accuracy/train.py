@@ -588,7 +588,9 @@ def train(out: Path, steps: int | None, batch_size: int, lr: float, seed: int, d
             log["config"]["stages"] = stages
         if steps != log["config"]["steps"]:  # a new length: the cosine re-aims at it from here
             log.setdefault("length_changes", []).append((start - 1, log["config"]["steps"], steps))
-            stages = [st for st in stages if st["until"] < steps] + [dict(next(st for st in stages if st["until"] >= steps))]
+            # the stage running at the new end (the last one, when the run gets longer) ends there
+            stages = [st for st in stages if st["until"] < steps] + [
+                dict(next((st for st in stages if st["until"] >= steps), stages[-1]))]
             stages[-1]["until"] = steps
             log["config"]["steps"], log["config"]["stages"] = steps, stages
         log.setdefault("resumed_at", []).append(start - 1)
