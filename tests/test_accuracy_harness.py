@@ -468,3 +468,20 @@ def test_answer_token_accuracy_reads_the_answer_tokens():
     assert len(res["accuracy_per_answer_token"]) == 8 and res["first_item_answer_tokens"][-1] == "</s>"
     assert res["first_item_answer_tokens"][0].startswith(" image")
     assert min(res["accuracy_per_answer_token"]) >= 0.85, res
+
+
+def test_export_checkpoint_continues_a_run_elsewhere(tmp_path):
+    """train.export_checkpoint: a resumable checkpoint written as a folder that --init-from
+    loads - the same weights (the logits equal the trainer's own export at that step)."""
+    import torch
+
+    from hae_vllm.accuracy import train as T
+
+    torch.set_num_threads(1)
+    kw = dict(steps=2, batch_size=2, lr=1e-3, seed=0, device="cpu", eval_every=0, eval_n=1, final_n=0,
+              stages=[{"until": 2, "weights": {"cell": 1.0}, "fill": [0.1, 0.5]}], warmup=1, ckpt_every=1)
+    done = T.train(tmp_path / "a", ckpt_dir=str(tmp_path / "ca"), **kw)
+    log = T.export_checkpoint(tmp_path / "ca", tmp_path / "fork")
+    assert log["exported_at_step"] == 2 and (tmp_path / "fork" / "tokenizer.json").is_file()
+    assert (tmp_path / "fork" / "model.safetensors").read_bytes() == (tmp_path / "a" / "model.safetensors").read_bytes()
+    assert done["model_sha256"]

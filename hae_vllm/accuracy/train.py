@@ -493,6 +493,23 @@ def _build_model(base: Path, text_overrides: dict | None, weights: bool = True):
     return LlavaForConditionalGeneration(config).to(torch.float32)
 
 
+def export_checkpoint(ckpt: Path, out: Path) -> dict:
+    """Write a resumable checkpoint's weights (``ckpt``/last.pt) as a checkpoint folder that
+    ``--init-from`` (and HF/vLLM) loads, with the run's log up to there in ``train_log.json``:
+    how a run is continued under a new plan (a fork) rather than resumed."""
+    state = torch.load(ckpt / "last.pt", weights_only=False)
+    out.mkdir(parents=True, exist_ok=True)
+    for f in (ckpt / "base").iterdir():
+        if f.is_file() and f.name not in ("model.safetensors", "train_log.json", "README.md"):
+            shutil.copy(f, out / f.name)
+    model = _build_model(ckpt / "base", None, weights=False)
+    model.load_state_dict(state["model"])
+    _save_weights(model.eval(), out, _llava_key)
+    log = {**state["log"], "exported_at_step": state["step"]}
+    (out / "train_log.json").write_text(json.dumps(log, indent=1))
+    return log
+
+
 def train(out: Path, steps: int | None, batch_size: int, lr: float, seed: int, device: str, eval_every: int, eval_n: int,
           task_weights: dict[str, float] | None = None, pos_init: str = "sincos",
           init_from: str | None = None, eval_tasks: tuple[str, ...] = ("single", "cell"),
@@ -728,6 +745,8 @@ def main() -> None:
                     help="with --align-cells: start head 0 of text layer 0 as the cell lookup, this query scale")
     ap.add_argument("--wire-circuits", type=float, default=0.0,
                     help="start all five grid circuits (wire_grid_circuits), this scale (0: off)")
+    ap.add_argument("--export-ckpt", action="store_true",
+                    help="write --ckpt-dir/last.pt as a checkpoint folder --out (for --init-from) and exit")
     ap.add_argument("--freeze", default=None,
                     help="comma list of parts kept at their starting weights: vision, projector (see frozen_parts)")
     ap.add_argument("--freeze-circuits", action="store_true",
@@ -735,6 +754,12 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.export_ckpt:
+        if not args.ckpt_dir:
+            ap.error("--export-ckpt needs --ckpt-dir")
+        log = export_checkpoint(Path(args.ckpt_dir), Path(args.out))
+        print(f"wrote {args.out} (step {log['exported_at_step']})")
+        return
     train(Path(args.out), args.steps, args.batch_size, args.lr, args.seed, args.device, args.eval_every, args.eval_n,
           task_weights=json.loads(args.task_weights) if args.task_weights else None, pos_init=args.pos_init,
           init_from=args.init_from, eval_tasks=tuple(args.eval_tasks.split(",")),
