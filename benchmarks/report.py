@@ -265,7 +265,7 @@ def results_doc() -> str:
                 f"`models/{Path(learned['model']).name}` ({tasks}). No attention weight of this model was set by hand: "
                 "the heads that find the cell learned to (see its model card), so the attention the methods score is "
                 "a trained model's. Its vision tower is frozen at its initialisation (a random encoder whose position "
-                "table is a fixed code of each patch's grid cell). It does not answer `needle` yet. Accuracy per task "
+                "table is a fixed code of each patch's grid cell). Accuracy per task "
                 "at each method's physical KV kept:", "",
                 accuracy_table(learned["summary"]), "",
                 "![accuracy against KV kept, learned attention](../benchmarks/results/accuracy_hard_v4.png)", ""]
