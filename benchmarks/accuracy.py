@@ -20,7 +20,7 @@ Last line (stable format), at --default-budget:
 ``--suite hard``: the tasks that need the right tokens among look-alikes - ``cell`` (a cell
 named by row and column among the other filled cells), ``needle`` (one cell of one of three
 images, plus a number given in the text) and ``describe`` (the whole grid, cell by cell, scored
-per cell) - on models/grid-llava-v3 (64 visual tokens per image, see its README.md).  Last line:
+per cell) - on models/grid-llava-v4 (64 visual tokens per image, attention learned; see its README.md).  Last line:
     full_acc=<x> hae_acc=<y> best_baseline_acc=<z> best_baseline=<name> budget=<b> kv_kept_frac=<k>
 
 ``--decode``: the decode stage on ``describe`` (long grounded generation): full cache, greedy
@@ -47,7 +47,7 @@ from hae_vllm.accuracy import harness as H  # noqa: E402
 from hae_vllm.testing.scenario import environment_info  # noqa: E402
 
 DEFAULT_MODEL = REPO / "models" / "grid-llava-v1"
-HARD_MODEL = REPO / "models" / "grid-llava-v3"
+HARD_MODEL = REPO / "models" / "grid-llava-v4"
 HARD_TASKS = "cell,needle,describe"
 BASELINES = ["madakv", "snapkv", "h2o", "fastv", "streamingllm", "random"]
 

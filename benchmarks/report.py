@@ -133,8 +133,10 @@ def headline() -> str:
     hard = load("accuracy_hard_quick")
     if hard:
         a = accuracy_summary(hard)
+        heads = ("whose lookup heads are hand-set" if Path(hard["model"]).name == "grid-llava-v3"
+                 else "attention learned, no hand-set heads")
         lines.append(f"| Accuracy under distractors (cell, needle, describe; {pct(a['kept'])} of KV blocks kept, "
-                     f"{Path(hard['model']).name}, whose lookup heads are hand-set: see its model card; {a['n']} items) | "
+                     f"{Path(hard['model']).name}, {heads}: see its model card; {a['n']} items) | "
                      f"hae {a['hae']:.2f}, full cache {a['full']:.2f}, best baseline "
                      f"{a['best']} {a['best_acc']:.2f} | `python benchmarks/accuracy.py --quick --suite hard` |")
     learned = load("accuracy_hard_v4")

@@ -66,7 +66,7 @@ def test_kv_kept_is_physical_and_reports_are_written(quick):
     assert "| hae@0.4 |" in md and "| streamingllm@0.4 |" in md and "| full |" in md
 
 
-MODEL_HARD = REPO / "models" / "grid-llava-v3"
+MODEL_HARD = REPO / "models" / "grid-llava-v4"
 HARD_LINE = re.compile(r"^full_acc=(\S+) hae_acc=(\S+) best_baseline_acc=(\S+) best_baseline=(\S+) budget=(\S+) "
                        r"kv_kept_frac=(\S+)$")
 DECODE_LINE = re.compile(r"^describe_full=(\S+) greedy=(\S+) bin=(\S+) kv_kept_frac=(\S+)$")
@@ -79,9 +79,9 @@ def _run(args, out):
     return proc.stdout.strip().splitlines()[-1]
 
 
-@pytest.mark.skipif(not (MODEL_HARD / "config.json").is_file(), reason="models/grid-llava-v3 not trained")
+@pytest.mark.skipif(not (MODEL_HARD / "config.json").is_file(), reason="models/grid-llava-v4 not trained")
 def test_hard_suite_and_decode_lines(tmp_path):
-    """--suite hard: the v3 model answers the distractor tasks through vLLM at full cache, the last
+    """--suite hard: the v4 model answers the distractor tasks through vLLM at full cache, the last
     line names the best baseline; --decode: greedy (bin capacity 0) never restores, the bin's
     restores and parks are read from the traces, both settings end at the same live KV."""
     line = _run(["--suite", "hard", "--quick", "--n", "1", "--methods", "hae,random"], tmp_path)
@@ -108,7 +108,7 @@ def test_hard_suite_and_decode_lines(tmp_path):
             # The decode budget holds live blocks to about half of what the request would hold.
             assert r["final_live_blocks"] <= math.ceil(0.5 * r["full_blocks"]) + 2, r
     # Greedy never restores, so it ends below the full cache; the bin ends at most there (with
-    # grid-llava-v3's short describe, ~5 blocks, the bin restores the one parked block: 1.0).
+    # the short describe of the grid models, ~5 blocks, the bin restores what it parked).
     live = {g: sum(r["final_live_blocks"] for r in by[g]) for g in by}
     assert live["greedy"] < live["full"] and live["bin4"] <= live["full"]
     assert float(m.group(4)) == pytest.approx(live["bin4"] / sum(r["full_blocks"] for r in by["bin4"]), abs=1e-4)

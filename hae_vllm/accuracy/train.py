@@ -746,7 +746,8 @@ def main() -> None:
     ap.add_argument("--wire-circuits", type=float, default=0.0,
                     help="start all five grid circuits (wire_grid_circuits), this scale (0: off)")
     ap.add_argument("--export-ckpt", action="store_true",
-                    help="write --ckpt-dir/last.pt as a checkpoint folder --out (for --init-from) and exit")
+                    help="write --ckpt-dir/last.pt as a checkpoint folder --out (for --init-from) and exit; with "
+                         "--final-n, also the held-out accuracy on --eval-tasks in its train_log.json")
     ap.add_argument("--freeze", default=None,
                     help="comma list of parts kept at their starting weights: vision, projector (see frozen_parts)")
     ap.add_argument("--freeze-circuits", action="store_true",
@@ -758,7 +759,16 @@ def main() -> None:
         if not args.ckpt_dir:
             ap.error("--export-ckpt needs --ckpt-dir")
         log = export_checkpoint(Path(args.ckpt_dir), Path(args.out))
-        print(f"wrote {args.out} (step {log['exported_at_step']})")
+        if args.final_n:  # the trainer's final evaluation, on --eval-tasks, for the exported step
+            from transformers import AutoProcessor
+
+            out = Path(args.out)
+            model, processor = _build_model(out, None), AutoProcessor.from_pretrained(out)
+            log["final_heldout"] = {t: round(evaluate(model, processor, t, args.final_n if t != "describe" else
+                                                      max(1, args.final_n // 4), "cpu", prompt=prompt_format(out)), 4)
+                                    for t in args.eval_tasks.split(",")}
+            (out / "train_log.json").write_text(json.dumps(log, indent=1))
+        print(f"wrote {args.out} (step {log['exported_at_step']}) {log.get('final_heldout', '')}")
         return
     train(Path(args.out), args.steps, args.batch_size, args.lr, args.seed, args.device, args.eval_every, args.eval_n,
           task_weights=json.loads(args.task_weights) if args.task_weights else None, pos_init=args.pos_init,
