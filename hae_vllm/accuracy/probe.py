@@ -275,6 +275,8 @@ def main() -> None:
                     help="loss on the colour token alone up to this step (the cell copy and </s> unlabelled)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.center_code and not args.align_cells:
+        ap.error("--center-code centres the code --align-cells writes into the cell tokens: give --align-cells too")
     if args.answer_tokens:
         res = answer_token_accuracy(Path(args.answer_tokens))
         Path(args.out).write_text(json.dumps(res, indent=1))
@@ -326,8 +328,8 @@ def main() -> None:
     if args.align_cells:
         init_cell_alignment(model, processor.tokenizer, gain=args.align_cells, wire=0.0)
     if args.center_code:
-        # the cell tokens' code without its mean over cells: every code then has the same
-        # projection on the all-ones direction (zero), so no part of the code says only
+        # each cell token's code minus its mean over its 8 channels: every code then has the
+        # same projection on the all-ones direction (zero), so no part of the code says only
         # "a cell token" and the first thing attention learns from it cannot be "look at any
         # patch" - what it can learn from the code is which cell
         emb = model.get_input_embeddings().weight
@@ -335,7 +337,7 @@ def main() -> None:
             for r in range(4):
                 for c in range(4):
                     tid = processor.tokenizer.convert_tokens_to_ids(f" {cell_name(r, c)}")
-                    emb[tid, 8:16] -= emb[tid, 8:16].mean() if args.align_cells else 0.0
+                    emb[tid, 8:16] -= emb[tid, 8:16].mean()
     if args.init_state:
         model.load_state_dict(torch.load(args.init_state, weights_only=True))
     model.set_attn_implementation("eager")

@@ -746,8 +746,8 @@ def main() -> None:
     ap.add_argument("--wire-circuits", type=float, default=0.0,
                     help="start all five grid circuits (wire_grid_circuits), this scale (0: off)")
     ap.add_argument("--export-ckpt", action="store_true",
-                    help="write --ckpt-dir/last.pt as a checkpoint folder --out (for --init-from) and exit; with "
-                         "--final-n, also the held-out accuracy on --eval-tasks in its train_log.json")
+                    help="write --ckpt-dir/last.pt as a checkpoint folder --out (for --init-from) and exit, with the "
+                         "held-out accuracy on --eval-tasks (--final-n items; 0: none) in its train_log.json")
     ap.add_argument("--freeze", default=None,
                     help="comma list of parts kept at their starting weights: vision, projector (see frozen_parts)")
     ap.add_argument("--freeze-circuits", action="store_true",
