@@ -1,7 +1,7 @@
 """HAE ablations in one engine: each variant of a YAML sweep is applied per request.
 
-    python benchmarks/ablation.py configs/ablations/hae_r_sweep.yaml
-    python benchmarks/ablation.py configs/ablations/hae_per_layer_overlap.yaml
+    python benchmarks/ablation.py benchmarks/configs/ablations/hae_r_sweep.yaml
+    python benchmarks/ablation.py benchmarks/configs/ablations/hae_per_layer_overlap.yaml
 
 A sweep file has ``base`` (settings shared by all variants) and ``variants`` (a list of
 overrides); a plain preset file is one variant.  For each variant: logical eviction (share of

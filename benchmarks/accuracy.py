@@ -5,8 +5,8 @@
     python benchmarks/accuracy.py --model /path/to/hf-vlm --dataset data.jsonl --dtype bfloat16
 
 Default model: the VLM trained in this repository (models/grid-llava-v1, see its README.md);
-default data: held-out items of the procedural tasks (hae_vllm/accuracy/tasks.py).  Any local HF
-VLM that vLLM serves and any JSONL dataset (see hae_vllm.accuracy.harness.load_jsonl) work too.
+default data: held-out items of the procedural tasks (hae_lab/accuracy/tasks.py).  Any local HF
+VLM that vLLM serves and any JSONL dataset (see hae_lab.accuracy.harness.load_jsonl) work too.
 
 All settings run in one engine (per-request method and budget knobs), so every method sees the
 same batches.  ``kv_kept_frac`` is physical: KV blocks actually returned to vLLM's pool, over the
@@ -43,7 +43,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from hae_vllm.accuracy import harness as H  # noqa: E402
+from hae_lab.accuracy import harness as H  # noqa: E402
 from hae_vllm.testing.scenario import environment_info  # noqa: E402
 
 DEFAULT_MODEL = REPO / "models" / "grid-llava-v1"
@@ -91,7 +91,7 @@ def main() -> None:
     n = args.n or (4 if args.quick and hard else 100)
     if not (model / "config.json").is_file():
         sys.exit(f"error: {model} is not a HF model directory (no config.json). The default models are "
-                 "trained by `python -m hae_vllm.accuracy.train` (their README.md gives the command).")
+                 "trained by `python -m hae_lab.accuracy.train` (their README.md gives the command).")
     methods = [m for m in args.methods.split(",") if m]
     if "hae" not in methods:
         sys.exit("error: --methods must include hae (the last line compares it with the baselines)")

@@ -69,7 +69,7 @@ def main() -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm import LLM, SamplingParams
 
-    from hae_vllm.testing.tiny_models import tiny_model_path
+    from hae_lab.tiny_models import tiny_model_path
     import importlib
 
     spent: collections.Counter = collections.Counter()

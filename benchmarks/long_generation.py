@@ -224,7 +224,7 @@ def main() -> None:
     leaked = sum(r["free_blocks_before"] - r["free_blocks_after"] for recs in (b1, sat) for rs in recs.values() for r in rs)
 
     from hae_vllm.testing.oracle import HFOracle, MaskedReplay
-    from hae_vllm.testing.tiny_models import tiny_model_path
+    from hae_lab.tiny_models import tiny_model_path
 
     replay = MaskedReplay(HFOracle(str(tiny_model_path("llava"))))
     # The saturation request with the most parks and restores among those never preempted (a

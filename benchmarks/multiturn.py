@@ -7,7 +7,7 @@ first question) and ``--turns`` turns; every turn's prompt is the whole conversa
 (system prompt, earlier questions and answers), as chat clients send it.  The conversations
 are interleaved: turn t of all of them is one batch.  The same conversations run on an engine
 without eviction (``none``) and on one with the method, each in its own process, prefix
-caching on (``hae_vllm.testing.conversation``).  With the method, a follow-up turn continues
+caching on (``hae_lab.conversation``).  With the method, a follow-up turn continues
 from the cache the previous turn's eviction left (``hae_vllm.engine.sessions``).  Per turn: the
 share of prompt tokens served from cache (``RequestOutput.num_cached_tokens``), prompt tokens
 computed, median TTFT; per engine the peak KV blocks in use (read from the block pool after
@@ -60,10 +60,10 @@ def main() -> None:
     ap.add_argument("--tag", default="", help="suffix of the result file name")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = ap.parse_args()
-    from hae_vllm.testing.conversation import ConversationSpec, oracle_check, run_in_subprocess
+    from hae_lab.conversation import ConversationSpec, oracle_check, run_in_subprocess
     from hae_vllm.testing.oracle import HFOracle, Tolerance
     from hae_vllm.testing.scenario import environment_info
-    from hae_vllm.testing.tiny_models import tiny_model_path
+    from hae_lab.tiny_models import tiny_model_path
 
     t0 = time.time()
     common = dict(conversations=args.conversations, turns=args.turns, images=args.images, max_tokens=args.max_tokens,

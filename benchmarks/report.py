@@ -85,13 +85,13 @@ def accuracy_at(d: dict, budget: float) -> dict:
 
 
 def accuracy_table(summary: list[dict]) -> str:
-    from hae_vllm.accuracy.harness import markdown_table
+    from hae_lab.accuracy.harness import markdown_table
 
     return markdown_table(summary).rstrip("\n")
 
 
 def decode_comparison_table(summary: list[dict]) -> str:
-    from hae_vllm.accuracy.harness import decode_table
+    from hae_lab.accuracy.harness import decode_table
 
     return decode_table(summary).rstrip("\n")
 

@@ -61,7 +61,7 @@ async def run_load(base: str, model: str, n: int, concurrency: int, seed: int) -
     import httpx
     import openai
 
-    from hae_vllm.testing.server import image_data_url
+    from hae_lab.server import image_data_url
 
     client = openai.AsyncOpenAI(base_url=base + "/v1", api_key="x", max_retries=0, timeout=300)
     images = [image_data_url(i) for i in range(6)]
@@ -152,8 +152,8 @@ def main() -> None:
     import requests as http
 
     from hae_vllm.testing.scenario import environment_info
-    from hae_vllm.testing.server import is_alive, vllm_server
-    from hae_vllm.testing.tiny_models import tiny_model_path
+    from hae_lab.server import is_alive, vllm_server
+    from hae_lab.tiny_models import tiny_model_path
 
     model = str(tiny_model_path("llava"))
     out = Path(args.out)

@@ -14,6 +14,8 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass, fields
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -28,7 +30,21 @@ def methods() -> dict[str, str]:
     return {"none": "no eviction: identical to vanilla vLLM", **{n: c.description for n, c in POLICIES.items()}}
 
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+def presets() -> dict[str, Traversable]:
+    """Preset name -> its YAML file: the package data in ``hae_vllm/presets/`` (found through
+    ``importlib.resources``, so an installed wheel has them as a source checkout does)."""
+    root = resources.files("hae_vllm") / "presets"
+    return {f.name[: -len(".yaml")]: f for f in root.iterdir() if f.name.endswith(".yaml")}
+
+
+def _preset(name: str) -> Traversable:
+    found = presets()
+    if name not in found:
+        raise EvictionConfigError(
+            f"no preset named {name!r}; the presets are: {', '.join(sorted(found))} "
+            "(or pass inline JSON or a YAML file path)"
+        )
+    return found[name]
 
 
 class EvictionConfigError(ValueError):
@@ -212,7 +228,7 @@ REQUEST_FIELDS = tuple(
 
 def load_config_source(source: str | None) -> dict[str, Any]:
     """Parse ``--kv-eviction-config``: inline JSON, a YAML/JSON file path, or a preset name
-    from ``configs/`` (e.g. ``hae`` -> ``configs/hae.yaml``)."""
+    (e.g. ``hae_thresholds_only`` -> ``hae_vllm/presets/hae_thresholds_only.yaml``)."""
     if source is None or source == "":
         return {}
     text = source.strip()
@@ -222,22 +238,15 @@ def load_config_source(source: str | None) -> dict[str, Any]:
         except json.JSONDecodeError as e:
             raise EvictionConfigError(f"--kv-eviction-config is not valid JSON: {e}") from e
     else:
-        path = Path(text)
+        path: Path | Traversable = Path(text)
         if not path.exists():
-            preset = CONFIG_DIR / f"{text}.yaml"
-            if preset.exists():
-                path = preset
-            else:
+            if text not in presets():
                 raise EvictionConfigError(
-                    f"--kv-eviction-config {text!r}: no such file, and no preset {preset.name} in "
-                    f"{CONFIG_DIR}; pass inline JSON, a YAML file, or a preset name"
+                    f"--kv-eviction-config {text!r}: no such file and no such preset; the presets are: "
+                    f"{', '.join(sorted(presets()))} (or pass inline JSON or a YAML file path)"
                 )
-        import yaml
-
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise EvictionConfigError(f"{path} is not valid YAML: {e}") from e
+            path = _preset(text)
+        data = _read_yaml(path)
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -247,15 +256,28 @@ def load_config_source(source: str | None) -> dict[str, Any]:
     return data
 
 
+def _read_yaml(path: Path | Traversable) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise EvictionConfigError(f"{path} is not valid YAML: {e}") from e
+
+
 def build_engine_config(method: str | None, source: str | None = None, **overrides: Any) -> EvictionConfig:
-    """Merge: dataclass defaults <- preset for the method (if it exists) <- config source <-
+    """Merge: dataclass defaults <- the method's preset <- config source <-
     explicit overrides <- method."""
     data: dict[str, Any] = {}
     src = load_config_source(source)
     meth = method or overrides.get("method") or src.get("method") or "none"
-    preset = CONFIG_DIR / f"{meth}.yaml"
-    if meth != "none" and preset.exists():
-        data.update(load_config_source(str(preset)))
+    if meth != "none" and meth in methods():
+        # Every registered method ships a preset; a missing one is a broken install, not a
+        # method without defaults (it would silently lose e.g. hae's budget).
+        preset = _read_yaml(_preset(meth)) or {}
+        if not isinstance(preset, dict):
+            raise EvictionConfigError(f"preset {meth!r} must describe a mapping of settings")
+        data.update(preset)
     data.update(src)
     data.update(overrides)
     data["method"] = meth

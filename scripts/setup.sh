@@ -19,5 +19,11 @@ if [ "$target" = cpu ]; then
 else
   uv pip install --python .venv/bin/python -e ".[cuda,test,bench]"
 fi
+# The lab (hae_lab/: tiny-model builders, training, the test and benchmark harnesses) is not part
+# of the installed package; this environment imports it from the checkout.
+.venv/bin/python - "$PWD" <<'PY'
+import pathlib, sys, sysconfig
+pathlib.Path(sysconfig.get_paths()["purelib"], "hae_lab_checkout.pth").write_text(sys.argv[1] + "\n")
+PY
 .venv/bin/python -m hae_vllm.launcher --install-check
-HF_HUB_OFFLINE=1 .venv/bin/python -m hae_vllm.testing.tiny_models --kind all
+HF_HUB_OFFLINE=1 .venv/bin/python -m hae_lab.tiny_models --kind all

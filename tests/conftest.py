@@ -13,14 +13,14 @@ os.environ.setdefault("HAE_VLLM_CHECK_DECODE", "1")
 
 @pytest.fixture(scope="session")
 def llava_path():
-    from hae_vllm.testing.tiny_models import tiny_model_path
+    from hae_lab.tiny_models import tiny_model_path
 
     return str(tiny_model_path("llava"))
 
 
 @pytest.fixture(scope="session")
 def qwen2vl_path():
-    from hae_vllm.testing.tiny_models import tiny_model_path
+    from hae_lab.tiny_models import tiny_model_path
 
     return str(tiny_model_path("qwen2vl"))
 

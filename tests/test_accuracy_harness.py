@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from hae_vllm.accuracy import harness as H
-from hae_vllm.accuracy.tasks import Grid, score
+from hae_lab.accuracy import harness as H
+from hae_lab.accuracy.tasks import Grid, score
 
 
 def _png(tmp_path, name="a.png"):
@@ -161,7 +161,7 @@ def test_decode_settings_and_line():
 
 
 def test_cell_and_needle_answers_name_the_cell_before_the_colour():
-    from hae_vllm.accuracy.tasks import generate, make_item
+    from hae_lab.accuracy.tasks import generate, make_item
 
     for it in generate("cell", "heldout", 20):
         name = it.question.rstrip("?").split()[-1]  # "r2c3": the cell is named in the answer's words
@@ -180,7 +180,7 @@ def test_trainer_resumes_bit_exactly(tmp_path):
     data position and RNG all travel in the checkpoint); labels cover the answer tokens only."""
     import torch
 
-    from hae_vllm.accuracy import train as T
+    from hae_lab.accuracy import train as T
 
     torch.set_num_threads(1)
     kw = dict(steps=3, batch_size=2, lr=1e-3, seed=0, device="cpu", eval_every=0, eval_n=1, final_n=0,
@@ -206,8 +206,8 @@ def test_grid_checkpoint_numbers_images_and_has_cell_tokens(tmp_path):
     and a chat template that renders exactly what the trainer trains on."""
     from transformers import AutoProcessor
 
-    from hae_vllm.accuracy import train as T
-    from hae_vllm.testing.tiny_models import build_tiny_llava
+    from hae_lab.accuracy import train as T
+    from hae_lab.tiny_models import build_tiny_llava
 
     base = build_tiny_llava(tmp_path / "m", patch_size=28, added_tokens=T.GRID_TOKENS, numbered_images=True)
     proc = AutoProcessor.from_pretrained(base)
@@ -228,9 +228,9 @@ def test_wired_circuits_attend_where_the_tasks_need(tmp_path):
     import torch
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from hae_vllm.accuracy import train as T
-    from hae_vllm.accuracy.tasks import generate
-    from hae_vllm.testing.tiny_models import build_tiny_llava
+    from hae_lab.accuracy import train as T
+    from hae_lab.accuracy.tasks import generate
+    from hae_lab.tiny_models import build_tiny_llava
 
     torch.set_num_threads(1)
     base = build_tiny_llava(tmp_path / "m", patch_size=28, added_tokens=T.GRID_TOKENS, numbered_images=True)
@@ -276,9 +276,9 @@ def test_curriculum_items_keep_the_asked_cell():
     """The trainer's curriculum items (``cells``, ``images`` stage keys) and the lookup probe's:
     fewer shapes per grid with the asked one kept, describe's answer rewritten, needle with
     fewer images, and the probe's exact-count and same-colour grids."""
-    from hae_vllm.accuracy import probe as P
-    from hae_vllm.accuracy import train as T
-    from hae_vllm.accuracy.tasks import make_item
+    from hae_lab.accuracy import probe as P
+    from hae_lab.accuracy import train as T
+    from hae_lab.accuracy.tasks import make_item
 
     def filled(g):
         return [(r, c) for r in range(4) for c in range(4) if g.cells[r][c] is not None]
@@ -313,10 +313,10 @@ def test_probe_multi_cell_items_and_their_labels():
     import torch
     from transformers import AutoProcessor
 
-    from hae_vllm.accuracy import probe as P
-    from hae_vllm.accuracy.tasks import cell_name
-    from hae_vllm.accuracy.train import _batch
-    from hae_vllm.testing.tiny_models import llava_numbered_prompt
+    from hae_lab.accuracy import probe as P
+    from hae_lab.accuracy.tasks import cell_name
+    from hae_lab.accuracy.train import _batch
+    from hae_lab.tiny_models import llava_numbered_prompt
 
     firsts = set()
     for i in range(12):
@@ -352,9 +352,9 @@ def test_probe_grown_model_computes_what_the_probe_did(tmp_path):
     import torch
     from transformers import AutoProcessor
 
-    from hae_vllm.accuracy import probe as P
-    from hae_vllm.accuracy.train import GRID_TOKENS, _batch, _build_model, reinit_for_training
-    from hae_vllm.testing.tiny_models import build_tiny_llava, llava_numbered_prompt
+    from hae_lab.accuracy import probe as P
+    from hae_lab.accuracy.train import GRID_TOKENS, _batch, _build_model, reinit_for_training
+    from hae_lab.tiny_models import build_tiny_llava, llava_numbered_prompt
 
     base = tmp_path / "base"
     build_tiny_llava(base, seed=0, patch_size=28, added_tokens=GRID_TOKENS, numbered_images=True)
@@ -385,10 +385,10 @@ def test_code_bilinear_tells_a_cell_lookup_from_a_look_at_any_patch(tmp_path):
     import torch
     from transformers import AutoProcessor
 
-    from hae_vllm.accuracy import probe as P
-    from hae_vllm.accuracy.train import (GRID_TOKENS, _build_model, init_cell_alignment, init_positions_cells,
+    from hae_lab.accuracy import probe as P
+    from hae_lab.accuracy.train import (GRID_TOKENS, _build_model, init_cell_alignment, init_positions_cells,
                                          reinit_for_training)
-    from hae_vllm.testing.tiny_models import build_tiny_llava
+    from hae_lab.tiny_models import build_tiny_llava
 
     base = tmp_path / "base"
     build_tiny_llava(base, seed=0, patch_size=28, added_tokens=GRID_TOKENS, numbered_images=True)
@@ -416,9 +416,9 @@ def test_probe_frozen_parts_keep_their_weights(tmp_path):
     import torch
     from transformers import AutoProcessor
 
-    from hae_vllm.accuracy import probe as P
-    from hae_vllm.accuracy.train import GRID_TOKENS, _batch, _build_model, frozen_parts, reinit_for_training
-    from hae_vllm.testing.tiny_models import build_tiny_llava, llava_numbered_prompt
+    from hae_lab.accuracy import probe as P
+    from hae_lab.accuracy.train import GRID_TOKENS, _batch, _build_model, frozen_parts, reinit_for_training
+    from hae_lab.tiny_models import build_tiny_llava, llava_numbered_prompt
 
     base = tmp_path / "base"
     build_tiny_llava(base, seed=0, patch_size=28, added_tokens=GRID_TOKENS, numbered_images=True)
@@ -444,7 +444,7 @@ def test_probe_frozen_parts_keep_their_weights(tmp_path):
 def test_copy_drill_items():
     """train.copy_item: a number of the asked length, given in the question and repeated in the
     answer, one image, and different numbers for different indices (seeded)."""
-    from hae_vllm.accuracy.train import copy_item
+    from hae_lab.accuracy.train import copy_item
 
     seen = set()
     for i in range(20):
@@ -462,7 +462,7 @@ def test_answer_token_accuracy_reads_the_answer_tokens():
     Fails if the logits are read one position off (they then predict the wrong tokens)."""
     from pathlib import Path
 
-    from hae_vllm.accuracy import probe as P
+    from hae_lab.accuracy import probe as P
 
     res = P.answer_token_accuracy(Path(__file__).resolve().parents[1] / "models" / "grid-llava-v3", n=8)
     assert len(res["accuracy_per_answer_token"]) == 8 and res["first_item_answer_tokens"][-1] == "</s>"
@@ -475,7 +475,7 @@ def test_export_checkpoint_continues_a_run_elsewhere(tmp_path):
     loads - the same weights (the logits equal the trainer's own export at that step)."""
     import torch
 
-    from hae_vllm.accuracy import train as T
+    from hae_lab.accuracy import train as T
 
     torch.set_num_threads(1)
     kw = dict(steps=2, batch_size=2, lr=1e-3, seed=0, device="cpu", eval_every=0, eval_n=1, final_n=0,

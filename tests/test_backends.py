@@ -158,7 +158,7 @@ def test_a_plain_backend_is_refused():
 def test_serve_refuses_a_backend_it_does_not_patch(llava_path, tmp_path, monkeypatch):
     """`vllm serve --kv-eviction hae` with CPU_ATTN left plain (test-only switch) stops at
     start-up naming the backend; without eviction the same server starts."""
-    from hae_vllm.testing.server import ServerError, vllm_server
+    from hae_lab.server import ServerError, vllm_server
 
     monkeypatch.setenv("HAE_VLLM_TEST_UNREGISTERED_BACKENDS", "CPU_ATTN")
     vllm = str(__import__("pathlib").Path(sys.executable).parent / "vllm")

@@ -67,7 +67,7 @@ def test_async_scheduling_refused(llava_path):
 
 def _tiny_text_model(tmp_path, **config):
     """A config-only checkpoint: start-up checks run before any weight is read."""
-    from hae_vllm.testing.tiny_models import tiny_model_path
+    from hae_lab.tiny_models import tiny_model_path
 
     src = tiny_model_path("llava")
     for name in ("tokenizer.json", "tokenizer_config.json"):

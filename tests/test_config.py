@@ -17,7 +17,7 @@ from hae_vllm.config import (
 def test_defaults_preset_inline_and_overrides_layer_in_order(tmp_path):
     assert EvictionConfig().method == "none" and not EvictionConfig().enabled
     preset = build_engine_config("hae")
-    assert preset.budget == 0.5  # from configs/hae.yaml
+    assert preset.budget == 0.5  # from hae_vllm/presets/hae.yaml
     inline = build_engine_config("hae", '{"budget": 0.3, "sink_tokens": 2}')
     assert (inline.budget, inline.sink_tokens, inline.r_global) == (0.3, 2, preset.r_global)
     f = tmp_path / "mine.yaml"
@@ -100,3 +100,12 @@ def test_request_knobs():
 def test_config_round_trips_through_json():
     cfg = build_engine_config("hae", '{"budget": 0.4}')
     assert EvictionConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+def test_every_method_has_a_preset_and_an_unknown_preset_lists_them():
+    from hae_vllm.config import methods, presets
+
+    assert set(methods()) - {"none"} <= set(presets())
+    with pytest.raises(EvictionConfigError) as e:
+        build_engine_config("hae", "snapkvv")
+    assert "snapkvv" in str(e.value) and "snapkv" in str(e.value) and "hae_thresholds_only" in str(e.value)

@@ -4,7 +4,7 @@ replays the conversation on one masked cache."""
 
 import pytest
 
-from hae_vllm.testing.conversation import ConversationSpec, oracle_check, run_in_subprocess
+from hae_lab.conversation import ConversationSpec, oracle_check, run_in_subprocess
 from hae_vllm.testing.oracle import Tolerance
 
 pytestmark = pytest.mark.engine

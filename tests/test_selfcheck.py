@@ -12,7 +12,7 @@ import pytest
 from hae_vllm import selfcheck
 from hae_vllm.testing import scenario
 from hae_vllm.testing.oracle import OracleResult, Tolerance, compare_with_oracle
-from hae_vllm.testing.tiny_models import llava_prompt, qwen2vl_prompt
+from hae_lab.tiny_models import llava_prompt, qwen2vl_prompt
 
 LAST_LINE = r"selfcheck=(pass|fail) requests=(\d+) token_match=(\d+)/(\d+) max_logprob_diff=(\S+)"
 
@@ -114,7 +114,7 @@ def test_request_plan_covers_every_kind_and_cycles(tmp_path):
     _, reqs = selfcheck.plan_requests(6, 16, 0.5, 0.4)
     assert reqs[5].extra_args is None and reqs[5].max_tokens == 32
     # Images from a directory, cycling.
-    from hae_vllm.testing.tiny_models import make_test_image
+    from hae_lab.tiny_models import make_test_image
 
     for name in ("b.png", "a.jpg"):
         make_test_image(len(name), 64).save(tmp_path / name)

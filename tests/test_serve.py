@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from hae_vllm.testing.server import ServerError, image_data_url, vllm_server
+from hae_lab.server import ServerError, image_data_url, vllm_server
 
 pytestmark = pytest.mark.engine
 

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from hae_vllm.accuracy.tasks import COLOURS, GENERATORS, Grid, generate, score
+from hae_lab.accuracy.tasks import COLOURS, GENERATORS, Grid, generate, score
 
 
 def test_generation_is_deterministic_and_splits_disjoint():

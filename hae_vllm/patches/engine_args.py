@@ -26,7 +26,7 @@ def _help_method() -> str:
     )
 _HELP_CONFIG = (
     "Settings of the eviction method: inline JSON (e.g. '{\"budget\": 0.4}'), a YAML file, or "
-    "the name of a preset in hae_vllm's configs/ directory. Per request: vllm_xargs "
+    "the name of a preset shipped in hae_vllm/presets/. Per request: vllm_xargs "
     "kv_eviction=<method>, kv_eviction_<setting>=<value>."
 )
 

@@ -70,10 +70,10 @@ class ScenarioSpec:
 
 
 def _model_kind_and_path(model: str) -> tuple[str, str]:
-    from hae_vllm.testing.tiny_models import tiny_model_path
+    from hae_vllm.testing.inputs import KINDS, tiny_model_dir
 
-    if model in ("llava", "qwen2vl"):
-        return model, str(tiny_model_path(model))
+    if model in KINDS:
+        return model, str(tiny_model_dir(model))
     return model_kind(model), model
 
 
@@ -103,7 +103,7 @@ def model_kind(model: str) -> str:
 
 
 def is_tiny_checkpoint(model_path: str) -> bool:
-    """A checkpoint built by :mod:`hae_vllm.testing.tiny_models` (raw prompt format known)."""
+    """A tiny test checkpoint (built by ``python -m hae_lab.tiny_models``; raw prompt format known)."""
     return (Path(model_path) / "tiny_model_info.json").is_file()
 
 
@@ -132,7 +132,7 @@ def chat_prompt(model_path: str, text: str, num_images: int) -> str:
 def build_prompt(kind: str, req: RequestSpec, model_path: str | None = None) -> dict:
     """The ``LLM.generate`` prompt of ``req``.  Tiny checkpoints (or no ``model_path``) use
     their raw prompt format; any other checkpoint its own chat template."""
-    from hae_vllm.testing.tiny_models import llava_prompt, make_test_image, make_test_video, qwen2vl_prompt
+    from hae_vllm.testing.inputs import llava_prompt, make_test_image, make_test_video, qwen2vl_prompt
 
     if req.videos and (kind != "qwen2vl" or (model_path is not None and not is_tiny_checkpoint(model_path))):
         raise ValueError("video requests are built for the tiny Qwen2-VL only")
@@ -256,7 +256,7 @@ def _step_profile(steps: list[tuple[float, int, int]]) -> dict[str, Any]:
     }
 
 
-class _Instruments:
+class EngineInstruments:
     """Block-pool and step readings of an in-process engine core, reset every round.
 
     Peak blocks in use and running requests are sampled after every ``schedule()`` (when a
@@ -475,7 +475,7 @@ def _stepped(llm, prompts: list, params: list, slice_steps: int, pause) -> tuple
     return sorted(outs, key=lambda o: int(o.request_id)), wall, cpu
 
 
-def _round(llm, kind: str, spec: ScenarioSpec, requests: list[RequestSpec], inst: "_Instruments | None",
+def _round(llm, kind: str, spec: ScenarioSpec, requests: list[RequestSpec], inst: "EngineInstruments | None",
            trace: _TraceReader, model_path: str | None = None, slice_steps: int = 0, pause=None) -> dict[str, Any]:
     """Run ``requests`` once and record what happened.  With ``slice_steps``, the engine steps
     in slices of that many steps and calls ``pause()`` between them (another engine runs
@@ -512,7 +512,7 @@ def _round(llm, kind: str, spec: ScenarioSpec, requests: list[RequestSpec], inst
 
 def _run(spec: ScenarioSpec, trace_path: str | None) -> dict[str, Any]:
     llm, kind, path, t_start = _engine(spec, trace_path)
-    inst = None if spec.multiprocessing else _Instruments(llm, spec.time_attention)
+    inst = None if spec.multiprocessing else EngineInstruments(llm, spec.time_attention)
     record = _round(llm, kind, spec, spec.requests, inst, _TraceReader(trace_path if spec.trace else None), path)
     # The dtype vLLM resolved (``auto`` depends on the platform and the checkpoint).
     dtype = str(llm.llm_engine.model_config.dtype).removeprefix("torch.")
@@ -596,7 +596,7 @@ def _serve_rounds(spec: ScenarioSpec, trace_path: str) -> None:
     all) with every image seed shifted by k, so the prefix cache never serves a round.  Each
     round's record (what :func:`run_in_subprocess` returns) goes to stdout as one marked line."""
     llm, kind, path, _ = _engine(spec, trace_path)
-    inst = None if spec.multiprocessing else _Instruments(llm, spec.time_attention)
+    inst = None if spec.multiprocessing else EngineInstruments(llm, spec.time_attention)
     trace = _TraceReader(trace_path if spec.trace else None)
     trace.read()  # warm-up records
     print(_ROUND_DONE + "{}", flush=True)  # ready

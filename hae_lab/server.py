@@ -25,7 +25,7 @@ def free_port() -> int:
 
 
 def image_data_url(seed: int, size: int = 224) -> str:
-    from hae_vllm.testing.tiny_models import make_test_image
+    from hae_lab.tiny_models import make_test_image
 
     buf = io.BytesIO()
     make_test_image(seed, size).save(buf, format="PNG")

@@ -74,8 +74,8 @@ def run(spec: ConversationSpec, trace_path: str | None) -> dict[str, Any]:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm import LLM, SamplingParams
 
-    from hae_vllm.testing.scenario import _Instruments
-    from hae_vllm.testing.tiny_models import make_test_image, tiny_model_path
+    from hae_vllm.testing.scenario import EngineInstruments
+    from hae_lab.tiny_models import make_test_image, tiny_model_path
 
     eviction: dict[str, Any] = {"method": spec.method, **spec.eviction}
     if spec.method != "none":
@@ -95,7 +95,7 @@ def run(spec: ConversationSpec, trace_path: str | None) -> dict[str, Any]:
         if getattr(spec, name) is not None:
             kwargs[name] = getattr(spec, name)
     llm = LLM(**kwargs)
-    inst = _Instruments(llm)
+    inst = EngineInstruments(llm)
     blocks = _BlockLog(inst.sched)
     sp = SamplingParams(max_tokens=spec.max_tokens, temperature=0.0, ignore_eos=True, logprobs=1,
                         extra_args=dict(spec.extra_args) or None)
@@ -199,7 +199,7 @@ def run_in_subprocess(spec: ConversationSpec, timeout: float = 1200) -> dict[str
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         if spec.tensor_parallel_size > 1:
             env["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"  # one core per CPU worker
-        proc = subprocess.run([sys.executable, "-m", "hae_vllm.testing.conversation", str(Path(tmp) / "spec.json"),
+        proc = subprocess.run([sys.executable, "-m", "hae_lab.conversation", str(Path(tmp) / "spec.json"),
                                str(out), str(trace_path)], env=env, capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0 or not out.exists():
             raise RuntimeError(f"conversation run failed (exit {proc.returncode}):\n{proc.stderr[-6000:]}")
@@ -214,7 +214,7 @@ def oracle_check(record: dict[str, Any], oracle, tolerance) -> list[dict[str, An
     turn after turn on one HF cache per conversation.  A request that started from a session
     must have started from its own conversation's previous turn (or from itself, resumed)."""
     from hae_vllm.testing.oracle import SessionReplay, compare_with_oracle, session_events
-    from hae_vllm.testing.tiny_models import make_test_image
+    from hae_lab.tiny_models import make_test_image
 
     by_conv: dict[int, list[dict]] = {}
     for reqs in record["turns"]:

@@ -1,6 +1,6 @@
 """Probe: is the cell lookup of the grid tasks learnable without hand-set attention? (issue 21)
 
-    python -m hae_vllm.accuracy.probe --out .cache/v4runs/p1 --steps 600 --curriculum '[[200,1],[400,2],[600,6]]'
+    python -m hae_lab.accuracy.probe --out .cache/v4runs/p1 --steps 600 --curriculum '[[200,1],[400,2],[600,6]]'
 
 Trains the grid-llava-v3 architecture (64 visual tokens per image, one token per cell name,
 numbered images) on ``cell`` questions only, from the standard initialisation (no wired or
@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hae_vllm.accuracy.tasks import COLOURS, SHAPES, Grid, Item, cell_name, generate
-from hae_vllm.accuracy.train import (GRID_TOKENS, _batch, _build_model, frozen_parts, init_cell_alignment,
+from hae_lab.accuracy.tasks import COLOURS, SHAPES, Grid, Item, cell_name, generate
+from hae_lab.accuracy.train import (GRID_TOKENS, _batch, _build_model, frozen_parts, init_cell_alignment,
                                      init_positions_2d, init_positions_cells, reinit_for_training)
-from hae_vllm.testing.tiny_models import build_tiny_llava, llava_numbered_prompt
+from hae_lab.tiny_models import build_tiny_llava, llava_numbered_prompt
 
 PROBE_SEED = 50_000_000  # train items of the probe: a seed range no task split uses
 
@@ -186,7 +186,7 @@ def answer_token_accuracy(model_dir: Path, task: str = "needle", n: int = 48) ->
     three digits, ``</s>``): which step of the answer a model has not learned."""
     from transformers import AutoProcessor
 
-    from hae_vllm.accuracy.train import prompt_format
+    from hae_lab.accuracy.train import prompt_format
 
     model = _build_model(Path(model_dir), None).eval()
     processor = AutoProcessor.from_pretrained(model_dir)
@@ -213,7 +213,7 @@ def export(state_path: Path, out: Path, seed: int = 0, layers: int = 4, grow_to:
     layers start with the standard initialisation and zero output projections (attention
     ``o_proj``, MLP ``down_proj``), so they add nothing to the residual stream at first and the
     grown model computes what the probe's did (progressive stacking)."""
-    from hae_vllm.testing.tiny_models import _llava_key, _save_weights
+    from hae_lab.tiny_models import _llava_key, _save_weights
 
     out.mkdir(parents=True, exist_ok=True)
     build_tiny_llava(out, seed=seed, patch_size=28, added_tokens=GRID_TOKENS, numbered_images=True)

@@ -50,7 +50,7 @@ Checkpoint layout (key names in ``model.safetensors``):
 
 Cache: :func:`tiny_model_path` keeps checkpoints in ``$HAE_VLLM_MODEL_CACHE`` or
 ``<repo>/.cache/tiny_models``, in directories whose name carries a version tag
-(``tiny-llava-v1``); bump ``_VERSIONS`` whenever a builder changes.  Builds go to a
+(``tiny-llava-v1``); bump ``hae_vllm.testing.inputs.TINY_MODEL_VERSIONS`` whenever a builder changes.  Builds go to a
 temporary sibling directory that is renamed into place, so concurrent test processes never
 see a half-written checkpoint.
 
@@ -62,7 +62,7 @@ Prompt formats (what the chat templates render; the raw forms work with
 * Qwen2-VL: ``<|im_start|>user\\n<|vision_start|><|image_pad|><|vision_end|>{text}<|im_end|>\\n``
   ``<|im_start|>assistant\\n`` (one vision block per image; no BOS).
 
-CLI: ``python -m hae_vllm.testing.tiny_models [--kind llava|qwen2vl|all] [--out DIR] [--force]``.
+CLI: ``python -m hae_lab.tiny_models [--kind llava|qwen2vl|all] [--out DIR] [--force]``.
 """
 
 from __future__ import annotations
@@ -78,6 +78,27 @@ from typing import Callable
 
 import numpy as np
 
+from hae_vllm.testing.inputs import (  # noqa: F401  (re-exported: the builders' prompts and images)
+    KINDS,
+    LLAVA_IMAGE_SIZE,
+    LLAVA_IMAGE_TOKENS,
+    LLAVA_PATCH_SIZE,
+    QWEN2VL_IMAGE_SIZE,
+    QWEN2VL_IMAGE_TOKENS,
+    QWEN2VL_MAX_PIXELS,
+    QWEN2VL_MERGE_SIZE,
+    QWEN2VL_MIN_PIXELS,
+    QWEN2VL_PATCH_SIZE,
+    TINY_MODEL_VERSIONS as _VERSIONS,
+    llava_numbered_prompt,
+    llava_prompt,
+    make_test_image,
+    make_test_video,
+    qwen2vl_prompt,
+    tiny_model_cache_root as _cache_root,
+    tiny_model_dir_name as _dir_name,
+)
+
 __all__ = [
     "KINDS",
     "LLAVA_IMAGE_TOKENS",
@@ -91,21 +112,6 @@ __all__ = [
     "qwen2vl_prompt",
     "tiny_model_path",
 ]
-
-# Bump a version whenever the corresponding builder output changes.
-_VERSIONS = {"llava": 1, "qwen2vl": 1}
-KINDS = tuple(_VERSIONS)
-
-LLAVA_IMAGE_SIZE = 224
-LLAVA_PATCH_SIZE = 14
-LLAVA_IMAGE_TOKENS = (LLAVA_IMAGE_SIZE // LLAVA_PATCH_SIZE) ** 2  # 256 (CLS dropped)
-
-QWEN2VL_PATCH_SIZE = 14
-QWEN2VL_MERGE_SIZE = 2
-QWEN2VL_IMAGE_SIZE = 448
-QWEN2VL_MAX_PIXELS = QWEN2VL_IMAGE_SIZE * QWEN2VL_IMAGE_SIZE
-QWEN2VL_MIN_PIXELS = QWEN2VL_MAX_PIXELS
-QWEN2VL_IMAGE_TOKENS = (QWEN2VL_IMAGE_SIZE // (QWEN2VL_PATCH_SIZE * QWEN2VL_MERGE_SIZE)) ** 2  # 256
 
 _VOCAB_SIZE = 512
 _TEXT_STD = 0.15
@@ -156,9 +162,6 @@ QWEN2VL_CHAT_TEMPLATE = (
 )
 
 
-def llava_prompt(text: str, num_images: int = 1) -> str:
-    """Raw LLaVA prompt (what the chat template renders, minus ``<s>``)."""
-    return "USER: " + "<image>\n" * num_images + text + " ASSISTANT:"
 
 
 # A variant that names every image before its tokens (`` image 1<image>\n image 2<image>\n``):
@@ -183,48 +186,10 @@ LLAVA_NUMBERED_CHAT_TEMPLATE = (
 )
 
 
-def llava_numbered_prompt(text: str, num_images: int = 1) -> str:
-    """Raw prompt of :data:`LLAVA_NUMBERED_CHAT_TEMPLATE` (minus ``<s>``)."""
-    return "USER:" + "".join(f" image {k}<image>\n" for k in range(1, num_images + 1)) + text + " ASSISTANT:"
-
-
-def qwen2vl_prompt(text: str, num_images: int = 1, num_videos: int = 0) -> str:
-    """Raw Qwen2-VL prompt (what the chat template renders): images first, then videos."""
-    vision = "<|vision_start|><|image_pad|><|vision_end|>" * num_images
-    vision += "<|vision_start|><|video_pad|><|vision_end|>" * num_videos
-    return f"<|im_start|>user\n{vision}{text}<|im_end|>\n<|im_start|>assistant\n"
-
 
 # --------------------------------------------------------------------------------------
 # Test images
 # --------------------------------------------------------------------------------------
-
-
-def make_test_image(seed: int, size: int = 224):
-    """A deterministic ``size`` x ``size`` RGB image of random coloured rectangles."""
-    from PIL import Image
-
-    rs = np.random.RandomState(seed)
-    img = np.empty((size, size, 3), dtype=np.uint8)
-    img[:] = rs.randint(0, 256, size=3, dtype=np.uint8)
-    for _ in range(int(rs.randint(4, 12))):
-        y0, y1 = sorted(int(v) for v in rs.randint(0, size + 1, size=2))
-        x0, x1 = sorted(int(v) for v in rs.randint(0, size + 1, size=2))
-        img[y0 : max(y1, y0 + 1), x0 : max(x1, x0 + 1)] = rs.randint(0, 256, size=3, dtype=np.uint8)
-    # A little per-pixel noise so that no two patches are exactly identical.
-    noise = rs.randint(-8, 9, size=img.shape)
-    img = np.clip(img.astype(np.int16) + noise, 0, 255).astype(np.uint8)
-    return Image.fromarray(img, mode="RGB")
-
-
-def make_test_video(seed: int, num_frames: int = 8, size: int = 224) -> np.ndarray:
-    """A deterministic video, ``[num_frames, size, size, 3]`` uint8: a test image panning
-    right by ``size // 16`` pixels a frame, with fresh noise in every frame (frames differ,
-    and consecutive ones share most of their content, as in a real clip)."""
-    base = np.asarray(make_test_image(seed, size), dtype=np.int16)
-    rs = np.random.RandomState(seed + 7919)
-    frames = [np.roll(base, t * (size // 16), axis=1) + rs.randint(-4, 5, size=base.shape) for t in range(num_frames)]
-    return np.clip(np.stack(frames), 0, 255).astype(np.uint8)
 
 
 # --------------------------------------------------------------------------------------
@@ -699,17 +664,6 @@ _BUILDERS: dict[str, Callable[..., pathlib.Path]] = {
 }
 
 
-def _cache_root() -> pathlib.Path:
-    env = os.environ.get("HAE_VLLM_MODEL_CACHE")
-    if env:
-        return pathlib.Path(env).expanduser()
-    return pathlib.Path(__file__).resolve().parents[2] / ".cache" / "tiny_models"
-
-
-def _dir_name(kind: str) -> str:
-    return f"tiny-{kind}-v{_VERSIONS[kind]}"
-
-
 def _build_atomically(kind: str, root: pathlib.Path, force: bool) -> pathlib.Path:
     final = root / _dir_name(kind)
     if final.is_dir() and not force:
@@ -748,7 +702,7 @@ def tiny_model_path(kind: str) -> pathlib.Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m hae_vllm.testing.tiny_models",
+        prog="python -m hae_lab.tiny_models",
         description="Build the tiny random-weight VLM checkpoints used by the tests.",
     )
     parser.add_argument("--kind", choices=[*KINDS, "all"], default="all")

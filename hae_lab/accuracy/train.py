@@ -1,8 +1,8 @@
 """Train the small LLaVA-architecture VLM on the procedural tasks (seeded, reproducible).
 
-    python -m hae_vllm.accuracy.train --out .cache/trained_vlm [--steps 3000] [--device cuda]
+    python -m hae_lab.accuracy.train --out .cache/trained_vlm [--steps 3000] [--device cuda]
 
-Starts from the tiny LLaVA architecture of ``hae_vllm.testing.tiny_models`` (CLIP 2x64 vision
+Starts from the tiny LLaVA architecture of ``hae_lab.tiny_models`` (CLIP 2x64 vision
 tower, 256 visual tokens per 224-px image, Llama 4x128 text model), trains every parameter with
 next-token loss on the answer tokens only, and writes a checkpoint vLLM and HuggingFace load
 (same layout as the tiny models).  Held-out accuracy on single-cell questions is evaluated
@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from hae_vllm.accuracy.tasks import COLOURS, GENERATORS, SHAPES, Item, cell_name, generate, make_item, score
-from hae_vllm.testing.tiny_models import (_llava_key, _save_weights, build_tiny_llava, llava_numbered_prompt,
+from hae_lab.accuracy.tasks import COLOURS, GENERATORS, SHAPES, Item, cell_name, generate, make_item, score
+from hae_lab.tiny_models import (_llava_key, _save_weights, build_tiny_llava, llava_numbered_prompt,
                                           llava_prompt)
 
 # Whole-word tokens of the grid tasks (``--grid-tokens``): the 16 cell names, the image names of
@@ -374,7 +374,7 @@ def _needle_n(index: int, fill: tuple[float, float], images) -> Item:
     (an int or [lo, hi]) instead of three: a curriculum from one image to several."""
     import numpy as np
 
-    from hae_vllm.accuracy.tasks import SPLIT_SEEDS
+    from hae_lab.accuracy.tasks import SPLIT_SEEDS
 
     seed = SPLIT_SEEDS["train"] + 1000 * list(GENERATORS).index("needle") + index * 7919
     rng = np.random.default_rng(seed)
@@ -395,7 +395,7 @@ def copy_item(index: int, fill: tuple[float, float], digits) -> Item:
     the first is such a step."""
     import numpy as np
 
-    from hae_vllm.accuracy.tasks import Grid
+    from hae_lab.accuracy.tasks import Grid
 
     rng = np.random.default_rng(COPY_SEED + index * 7919)
     g = Grid.random(rng, 4, float(rng.uniform(*fill)))

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from hae_vllm.accuracy.tasks import SCORING_MODES, generate, score
+from hae_lab.accuracy.tasks import SCORING_MODES, generate, score
 
 FULL = "full"
 
@@ -137,7 +137,7 @@ def load_jsonl(path: str | os.PathLike) -> list[EvalItem]:
 
 
 def procedural_items(tasks: Iterable[str], n: int, split: str = "heldout") -> list[EvalItem]:
-    """Held-out items of the repository's procedural tasks (hae_vllm.accuracy.tasks)."""
+    """Held-out items of the repository's procedural tasks (hae_lab.accuracy.tasks)."""
     out = []
     for task in tasks:
         for it in generate(task, split, n):
