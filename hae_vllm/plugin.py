@@ -35,13 +35,13 @@ def register_attention_backends() -> None:
 
     ``HAE_VLLM_TEST_UNREGISTERED_BACKENDS`` (comma-separated enum names) is for tests only: it
     leaves those backends plain, to prove that eviction refuses to start on them."""
-    import os
-
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
     from hae_vllm.attention.backends import SUPPORTED, eviction_class_path
 
-    skip = {s.strip() for s in os.environ.get("HAE_VLLM_TEST_UNREGISTERED_BACKENDS", "").split(",") if s.strip()}
+    from hae_vllm import envs
+
+    skip = envs.unregistered_backends()
     for member in SUPPORTED:
         if member not in skip:
             register_backend(getattr(AttentionBackendEnum, member), eviction_class_path(member))

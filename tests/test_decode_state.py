@@ -1,4 +1,4 @@
-"""DecodeBank: every request's decode state in dense rows (hae_vllm/worker/decode.py).
+"""DecodeBank: every request's decode state in dense rows (hae_vllm/worker/decode_bank.py).
 
 The engine tests check the bank's bookkeeping against a recomputation on every decode step
 (HAE_VLLM_CHECK_DECODE=1, set in conftest); these check the bank itself: rows recycled clean,
@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from hae_vllm.plan import apply_plan_to_positions, plan_compaction
-from hae_vllm.worker.decode import DecodeBank, DecodeState, choose_parking
+from hae_vllm.worker.decode_bank import DecodeBank, DecodeState, choose_parking
 from hae_vllm.config import EvictionConfig
 
 
@@ -100,7 +100,7 @@ def test_decode_mass_over_bank_rows_matches_gathered_rows():
     rows not in the step zeroed and dropped) or gathers scattered rows: both must give each
     query its own row's attention, as decode_mass over the gathered rows does."""
     from hae_vllm.policies.attention import decode_mass
-    from hae_vllm.worker.decode_stage import decode_mass_rows
+    from hae_vllm.policies.attention import decode_mass_rows
 
     g = torch.Generator().manual_seed(0)
     num_rows, H, Hkv, cap, D, L = 12, 4, 2, 40, 8, 29

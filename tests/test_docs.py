@@ -1,5 +1,6 @@
 """The README and docs cannot drift from the result files, and the package keeps its shape
-(issue 18): no import circle, no class over 350 lines."""
+(issues 18, 32): no import circle (annotation-only and deferred imports count), no class over
+300 lines, no import of the lab from the runtime package."""
 
 import ast
 import subprocess
@@ -40,20 +41,12 @@ def _modules() -> dict[str, Path]:
     return mods
 
 
-def _runtime_imports(path: Path, known: set[str]) -> set[str]:
-    """Modules of ours that ``path`` imports when it runs (function bodies included: they run
-    too), leaving out ``if TYPE_CHECKING:`` blocks."""
+def _imports(path: Path) -> set[str]:
+    """Every module ``path`` names in an import: module level, deferred (function bodies) and
+    ``if TYPE_CHECKING:`` blocks alike (an annotation-only import is still a dependency)."""
     found: set[str] = set()
 
     class Visitor(ast.NodeVisitor):
-        def visit_If(self, node):
-            t = node.test
-            if getattr(t, "id", None) == "TYPE_CHECKING" or getattr(t, "attr", None) == "TYPE_CHECKING":
-                for n in node.orelse:
-                    self.visit(n)
-                return
-            self.generic_visit(node)
-
         def visit_Import(self, node):
             found.update(a.name for a in node.names)
 
@@ -63,12 +56,12 @@ def _runtime_imports(path: Path, known: set[str]) -> set[str]:
                 found.update(f"{node.module}.{a.name}" for a in node.names)
 
     Visitor().visit(ast.parse(path.read_text()))
-    return {m for m in found if m in known}
+    return found
 
 
 def test_no_import_circle_inside_the_package():
     mods = _modules()
-    graph = {m: _runtime_imports(p, set(mods)) - {m} for m, p in mods.items()}
+    graph = {m: (_imports(p) & set(mods)) - {m} for m, p in mods.items()}
     # Depth-first search for a back edge; report the circle.
     state: dict[str, int] = {}
     stack: list[str] = []
@@ -89,10 +82,18 @@ def test_no_import_circle_inside_the_package():
             visit(m)
 
 
-def test_no_class_over_350_lines():
+def test_the_runtime_package_never_imports_the_lab():
+    """hae_lab (builders, training, probes, harnesses) is not in the wheel: nothing a serving
+    user installs may import it."""
+    bad = {name: sorted(m for m in _imports(path) if m == "hae_lab" or m.startswith("hae_lab."))
+           for name, path in _modules().items()}
+    assert not {k: v for k, v in bad.items() if v}
+
+
+def test_no_class_over_300_lines():
     long = []
     for name, path in _modules().items():
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > 350:
+            if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > 300:
                 long.append(f"{name}.{node.name}: {node.end_lineno - node.lineno + 1} lines")
     assert not long, long

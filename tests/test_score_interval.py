@@ -14,7 +14,7 @@ import torch
 from hae_vllm.config import EvictionConfig, EvictionConfigError
 from hae_vllm.plan import plan_compaction
 from hae_vllm.policies.attention import decode_mass, decode_mass_queued
-from hae_vllm.worker.decode import DecodeBank, DecodeState
+from hae_vllm.worker.decode_bank import DecodeBank, DecodeState
 from hae_vllm.worker.decode_stage import DecodeStage
 from hae_vllm.worker.state import DecodeTask
 
@@ -27,11 +27,11 @@ class _Engine:
 
     def __init__(self, intervals: list[int], prompt_lens: list[int], seed: int = 0, fast: bool = False) -> None:
         self.bank = DecodeBank()
-        self.rt = SimpleNamespace(decode_bank=self.bank, block_size=BS, tp_group=None, scoring_layer="layers.0")
+        self.view = SimpleNamespace(block_size=BS, tp_group=None, scoring_layer="layers.0")
         # fast: steps DecodeStage.append_plan accepts take its append-only path (what the runtime
         # does for a batch of single-token decodes), counted in appended.
         self.fast, self.appended = fast, 0
-        self.stage = DecodeStage(self.rt, check=True)
+        self.stage = DecodeStage(self.view, self.bank, trace=None, check=True)
         self.g = torch.Generator().manual_seed(seed)
         self.cache = torch.zeros(4096, HKV, D)
         self.layout = SimpleNamespace(gather_keys=lambda kv, slots: self.cache[slots])
@@ -63,7 +63,7 @@ class _Engine:
             self.cache[dt.block_ids[0] * BS + dt.start] = key[t]
         plan = self.stage.append_plan(tasks) if self.fast else None
         if plan is not None:
-            assert plan[0] == "layers.0" and all(not dt.due for dt in tasks)
+            assert plan.layer == "layers.0" and all(not dt.due for dt in tasks)
             self.stage.append(plan, query, key)
             self.appended += 1
         else:

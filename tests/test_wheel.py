@@ -8,6 +8,7 @@ outside the checkout, and the first check is that ``hae_vllm`` was imported from
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -71,6 +72,11 @@ def wheel_env(tmp_path_factory):
     return wheel, py, site, tmp
 
 
+def _env() -> dict[str, str]:
+    """The environment without anything that would put the checkout on the path."""
+    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+
+
 def test_wheel_holds_the_runtime_and_its_presets_and_not_the_lab(wheel_env):
     wheel = wheel_env[0]
     names = zipfile.ZipFile(wheel).namelist()
@@ -83,12 +89,12 @@ def test_wheel_holds_the_runtime_and_its_presets_and_not_the_lab(wheel_env):
 def test_installed_wheel_lists_methods_and_applies_presets(wheel_env, llava_path):
     _, py, site, tmp = wheel_env
     listed = subprocess.run([str(py), "-m", "hae_vllm.policies"], cwd=tmp, capture_output=True, text=True,
-                            timeout=300)
+                            timeout=300, env=_env())
     assert listed.returncode == 0, listed.stderr[-3000:]
     assert {ln.split()[0] for ln in listed.stdout.splitlines()} >= {"none", "hae", "snapkv", "h2o"}
 
     proc = subprocess.run([str(py), "-c", CHECK, str(Path(site).resolve()), llava_path], cwd=tmp, capture_output=True,
-                          text=True, timeout=600)
+                          text=True, timeout=600, env=_env())
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("@@")]
     assert proc.returncode == 0 and lines, proc.stderr[-4000:]
     import json

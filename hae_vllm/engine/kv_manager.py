@@ -17,21 +17,22 @@ from __future__ import annotations
 
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 
-MAY_EVICT_ATTR = "_hae_may_evict"
-UNTOUCHED_ATTR = "_hae_untouched_tokens"  # tokens before the request's first eviction candidate
-
-
 class EvictionAccountingError(RuntimeError):
     pass
 
 
 class EvictableFullAttentionManager(FullAttentionManager):
-    """No state of its own: existing FullAttentionManager instances are re-classed in place
-    by :class:`hae_vllm.engine.scheduler.EvictionScheduler`."""
+    """Existing FullAttentionManager instances are re-classed in place
+    (:func:`hae_vllm.patches.kv_cache_manager.patch_full_attention_manager`, called by
+    :class:`hae_vllm.engine.scheduler.EvictionScheduler`), which then hands it ``records``: the
+    scheduler's per-request records (``RequestRecord``), read here, never written."""
+
+    records: dict = {}
 
     def cache_blocks(self, request, num_tokens, retention_interval=None, *, replay_boundaries):
-        if getattr(request, MAY_EVICT_ATTR, False):
-            num_tokens = min(num_tokens, getattr(request, UNTOUCHED_ATTR, 0))
+        rec = self.records.get(request.request_id)
+        if rec is not None and rec.may_evict:
+            num_tokens = min(num_tokens, rec.untouched_tokens)
             if num_tokens < self.block_size:
                 return
         super().cache_blocks(

@@ -18,15 +18,7 @@ Invariants (tested with exact block ids in tests/test_recycle_bin.py):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
-
-@dataclass
-class BinUpdates:
-    """Scheduler -> worker, per request: bin blocks restored (logical index, block id) or lost."""
-
-    restored: list[tuple[int, int]] = field(default_factory=list)
-    lost: list[int] = field(default_factory=list)
+from hae_vllm.protocol import BinUpdates
 
 
 class RecycleBin:

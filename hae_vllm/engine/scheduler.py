@@ -8,25 +8,38 @@ output is processed, so the very next ``schedule()`` can hand those blocks to ot
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from typing import Any
 
 from vllm.v1.core.sched.scheduler import Scheduler
-from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
-from hae_vllm.config import EvictionConfigError, engine_config_from_additional, request_config
-from hae_vllm.engine.kv_manager import MAY_EVICT_ATTR, UNTOUCHED_ATTR, EvictableFullAttentionManager
+from hae_vllm.config import EvictionConfig, EvictionConfigError, engine_config_from_additional, request_config
+from hae_vllm.engine.kv_manager import EvictableFullAttentionManager
 from hae_vllm.engine.recycle_bin import RecycleBin
 from hae_vllm.engine.sessions import SessionCache, settings_signature
+from hae_vllm.patches.kv_cache_manager import patch_full_attention_manager, patch_get_computed_blocks
 from hae_vllm.prefix import has_candidates_after, untouched_prefix_tokens, visual_mask_from_features
-from hae_vllm.worker.trace import BIN_UPDATES_ATTR, PRESSURE_ATTR, REPORT_ATTR, SESSION_ATTR
-
-# Per-request records of the scheduler (attributes of vLLM's Request).
-_CFG_ATTR = "_hae_config"  # the request's EvictionConfig (None: eviction refused for it)
-_HIT_ATTR = "_hae_hit"  # (tokens served at the last (re)start, SessionHit or None)
-_SIGNATURE_ATTR = "_hae_settings_signature"  # what its sessions are bound to (sessions.py)
-_DECIDED_ATTR = "_hae_decided_tokens"  # prompt tokens the worker's eviction decision saw (0: none)
+from hae_vllm.protocol import BIN_UPDATES_ATTR, PRESSURE_ATTR, REPORT_ATTR, SESSION_ATTR, SessionStart
 
 logger = logging.getLogger("vllm.hae_vllm")  # under vLLM's logger: its handlers and level apply
+
+
+@dataclass
+class RequestRecord:
+    """What the scheduler keeps about one request (from ``add_request`` to its free)."""
+
+    config: EvictionConfig | None  # the request's settings (None: eviction refused for it)
+    may_evict: bool = False
+    untouched_tokens: int = 0  # prompt tokens before its first eviction candidate
+    signature: Any = None  # what its sessions are bound to (sessions.settings_signature; None: none)
+    hit_tokens: int = 0  # tokens served from a cache at the last (re)start
+    hit: Any = None  # the SessionHit it started from (None: none)
+    decided_tokens: int = 0  # prompt tokens the worker's eviction decision saw (0: none yet)
+
+    def restart(self) -> None:
+        """Preempted: it recomputes (or resumes from a session), and decides again."""
+        self.hit_tokens, self.hit, self.decided_tokens = 0, None, 0
 
 
 class EvictionStats:
@@ -68,19 +81,19 @@ class EvictionScheduler(Scheduler):
             )
         self._evict_manager: EvictableFullAttentionManager | None = None
         for mgr in self.kv_cache_manager.coordinator.single_type_managers:
-            if type(mgr) is FullAttentionManager:
-                mgr.__class__ = EvictableFullAttentionManager
+            if patch_full_attention_manager(mgr):
                 self._evict_manager = mgr  # type: ignore[assignment]
         if self._evict_manager is None:
             raise EvictionConfigError("no full-attention KV cache manager found; eviction unsupported")
+        self.records: dict[str, RequestRecord] = {}
+        self._evict_manager.records = self.records
         self.recycle_bin = RecycleBin(self.kv_cache_manager.block_pool, self._evict_manager._null_block)
         self._reserve_admission_blocks()
         # Conversation reuse (hae_vllm.engine.sessions) rides on prefix caching.
         self.sessions: SessionCache | None = None
         if self.cache_config.enable_prefix_caching:
             self.sessions = SessionCache(self.kv_cache_manager.block_pool, self.cache_config.block_size)
-            self._content_hit = self.kv_cache_manager.get_computed_blocks
-            self.kv_cache_manager.get_computed_blocks = self._computed_blocks
+            self._content_hit = patch_get_computed_blocks(self.kv_cache_manager, self._computed_blocks)
 
     # ------------------------------------------------------------------ admission
     def _reserve_admission_blocks(self) -> None:
@@ -99,14 +112,13 @@ class EvictionScheduler(Scheduler):
 
     def add_request(self, request) -> None:
         cfg = self._request_config(request)
-        may_evict = cfg is not None and (cfg.decode_enabled or (cfg.enabled and bool(request.mm_features)))
-        setattr(request, MAY_EVICT_ATTR, may_evict)
-        setattr(request, _CFG_ATTR, cfg)
-        if may_evict:
+        rec = RequestRecord(cfg, cfg is not None and (cfg.decode_enabled or (cfg.enabled and bool(request.mm_features))))
+        if rec.may_evict:
             mask = visual_mask_from_features(request.mm_features, request.num_prompt_tokens)
-            setattr(request, UNTOUCHED_ATTR, untouched_prefix_tokens(cfg, mask, self.cache_config.block_size))
+            rec.untouched_tokens = untouched_prefix_tokens(cfg, mask, self.cache_config.block_size)
             if self.sessions is not None and cfg.session_reuse and not cfg.decode_enabled:
-                setattr(request, _SIGNATURE_ATTR, settings_signature(cfg))
+                rec.signature = settings_signature(cfg)
+        self.records[request.request_id] = rec
         super().add_request(request)
 
     def _request_config(self, request):
@@ -121,13 +133,20 @@ class EvictionScheduler(Scheduler):
         self.recycle_bin.drop_request(request.request_id)
         return super()._free_request(request, *args, **kwargs)
 
+    def _free_blocks(self, request, *args, **kwargs):
+        # Where vLLM forgets the request (after its blocks went back, or into a session).
+        out = super()._free_blocks(request, *args, **kwargs)
+        self.records.pop(request.request_id, None)
+        return out
+
     def _preempt_request(self, request, *args, **kwargs):
         # Parked blocks are already free; forget them.  The request resumes from the session
         # its blocks leave (when it keeps one), else recomputes from scratch.
         self.recycle_bin.drop_request(request.request_id)
         out = super()._preempt_request(request, *args, **kwargs)
-        setattr(request, _HIT_ATTR, (0, None))
-        setattr(request, _DECIDED_ATTR, 0)
+        rec = self.records.get(request.request_id)
+        if rec is not None:
+            rec.restart()
         return out
 
     # ------------------------------------------------------------------ conversation reuse
@@ -136,7 +155,8 @@ class EvictionScheduler(Scheduler):
         session an earlier evicting request left (:mod:`hae_vllm.engine.sessions`)."""
         blocks, num_tokens, boundary = self._content_hit(request)
         hit = None
-        signature = getattr(request, _SIGNATURE_ATTR, None)
+        rec = self.records.get(request.request_id)
+        signature = rec.signature if rec is not None else None
         if signature is not None and self.kv_cache_manager.prefix_cache_lookup_enabled(request):
             found = self.sessions.lookup(request, signature, request.num_tokens - 1)
             bs = self.cache_config.block_size
@@ -144,7 +164,8 @@ class EvictionScheduler(Scheduler):
                 hit = found
                 num_tokens = found.num_blocks * bs
                 blocks = self.kv_cache_manager.create_kv_cache_blocks((list(found.session.blocks[: found.num_blocks]),))
-        setattr(request, _HIT_ATTR, (num_tokens, hit))
+        if rec is not None:
+            rec.hit_tokens, rec.hit = num_tokens, hit
         return blocks, num_tokens, boundary
 
     def _free_request_blocks(self, request) -> None:
@@ -155,18 +176,17 @@ class EvictionScheduler(Scheduler):
     def _keep_session(self, request) -> None:
         """Keep a finished or preempted request's blocks as a session when its eviction is
         final: the worker decided (or had nothing to decide) and no decode stage runs."""
-        signature = getattr(request, _SIGNATURE_ATTR, None)
-        if signature is None or request.num_computed_tokens < request.num_prompt_tokens:
+        rec = self.records.get(request.request_id)
+        if rec is None or rec.signature is None or request.num_computed_tokens < request.num_prompt_tokens:
             return  # no sessions for it, or prefill unfinished: nothing was decided
-        hit_tokens, hit = getattr(request, _HIT_ATTR, (0, None))
-        decided = getattr(request, _DECIDED_ATTR, 0)
+        signature, hit_tokens, hit, decided = rec.signature, rec.hit_tokens, rec.hit, rec.decided_tokens
         if not decided:
             # Did the worker have anything to decide after the hit it started from?  (The same
             # question PrefillStage.start asks; positions past the prompt are never visual, so
             # the longer token count now gives the same answer.)
             mask = visual_mask_from_features(request.mm_features, request.num_tokens)
-            start = max(hit_tokens, getattr(request, UNTOUCHED_ATTR, 0))
-            if has_candidates_after(getattr(request, _CFG_ATTR), mask, start):
+            start = max(hit_tokens, rec.untouched_tokens)
+            if has_candidates_after(rec.config, mask, start):
                 return  # selection still pending in the worker (e.g. finished at its first token)
         horizon = max(hit.horizon if hit is not None else 0, decided)
         blocks = self._evict_manager.req_to_blocks.get(request.request_id)
@@ -188,8 +208,8 @@ class EvictionScheduler(Scheduler):
         for req_id, rep in reports.items():
             if req_id not in self.requests:
                 continue  # finished and freed meanwhile
-            if rep.num_prompt_tokens:
-                setattr(self.requests[req_id], _DECIDED_ATTR, rep.num_prompt_tokens)
+            if rep.num_prompt_tokens and req_id in self.records:
+                self.records[req_id].decided_tokens = rep.num_prompt_tokens
             if rep.hole_blocks:
                 freed = mgr.release_blocks(req_id, rep.hole_blocks)
                 stats.freed_blocks += freed
@@ -219,10 +239,10 @@ class EvictionScheduler(Scheduler):
         started += list(getattr(out.scheduled_cached_reqs, "resumed_req_ids", ()) or ())
         announced = {}
         for req_id in started:
-            req = self.requests.get(req_id)
-            num_tokens, hit = getattr(req, _HIT_ATTR, (0, None)) if req is not None else (0, None)
+            rec = self.records.get(req_id)
+            num_tokens, hit = (rec.hit_tokens, rec.hit) if rec is not None else (0, None)
             if hit is not None:
-                announced[req_id] = (hit.source, num_tokens)
+                announced[req_id] = SessionStart(hit.source, num_tokens)
                 self.eviction_stats.session_hits += 1
                 self.eviction_stats.session_hit_tokens += num_tokens
         if announced:

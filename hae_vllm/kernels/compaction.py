@@ -25,12 +25,12 @@ numpy views (the CPU path: no torch dispatch per call).
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from hae_vllm import envs
 from hae_vllm.kernels.scoring import use_triton
 
 try:
@@ -323,7 +323,7 @@ def _move_on_host(caches, geom, src, dst, swap: bool, impl: str, plans: dict | N
     """Host caches: numpy row copies (:func:`move_slots_host`); the torch reference otherwise
     (a device without Triton, ``impl="torch"`` or ``HAE_VLLM_KERNELS=torch``, or a dtype numpy
     cannot view)."""
-    host = impl != "torch" and os.environ.get("HAE_VLLM_KERNELS") != "torch"
+    host = impl != "torch" and envs.kernels() != "torch"
     if host and caches[0].device.type == "cpu" and src.device.type == "cpu" and dst.device.type == "cpu" \
             and move_slots_host(caches, geom, src.numpy(), dst.numpy(), swap, plans):
         return

@@ -27,9 +27,9 @@ block table, probabilities from :func:`hae_vllm.policies.attention.attention_pro
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from hae_vllm import envs
 
 try:
     import triton
@@ -152,7 +152,7 @@ def use_triton(t: torch.Tensor, impl: str = "auto") -> bool:
     ``t``.  "auto": on CUDA, or anywhere when ``HAE_VLLM_KERNELS=triton`` (with
     ``TRITON_INTERPRET=1`` on CPU: how the engine tests exercise the kernels without a GPU)."""
     if impl == "auto":
-        forced = os.environ.get("HAE_VLLM_KERNELS", "auto")
+        forced = envs.kernels()
         if forced in ("torch", "triton"):
             impl = forced
     if impl == "triton":

@@ -13,7 +13,7 @@ from hae_vllm.attention.backends import check_attention_backends
 from hae_vllm.config import engine_config_from_additional
 from hae_vllm.patches import is_patched, wraps_patch
 from hae_vllm.worker.runtime import activate, runtime_for
-from hae_vllm.worker.trace import REPORT_ATTR
+from hae_vllm.protocol import REPORT_ATTR
 
 
 def _attach_reports(runner, output):

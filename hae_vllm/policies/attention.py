@@ -254,3 +254,72 @@ class LayerAccumulator:
         self._grow(T)
         hs = self.head_sum[:, :T] if self.head_sum is not None else None
         return LayerStats(self.g[:T], self.m[:T], self.count[:T], hs)
+
+
+def decode_mass_rows(q: torch.Tensor, rows: np.ndarray, keys: torch.Tensor, L: int, scale: float,
+                     visible: np.ndarray, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`decode_mass` of queries ``q`` [B, H, D] over the bank's key ``rows`` (one per
+    query); with ``weights`` [B, N], :func:`decode_mass_queued` of ``q`` [B, N, H, D]
+    (``visible`` [B, N, L]).
+
+    When the rows lie in a span at most twice their number (the bank hands out its lowest
+    free row, so rows in use stay packed), the span is read as one strided view instead of
+    copying every row's keys: rows of the span without a query this step get a zero query
+    that sees only position 0 (zero weight), and their output is dropped.  Otherwise the rows
+    are gathered."""
+    B = len(rows)
+    r0, r1 = int(rows.min()), int(rows.max()) + 1
+    if r1 - r0 > 2 * B:
+        rows_t = torch.from_numpy(rows).to(keys.device)
+        sub = keys[:, :, :L].index_select(0, rows_t)
+        if weights is None:
+            return decode_mass(q, sub, scale, visible)
+        return decode_mass_queued(q, sub, scale, visible, weights)
+    local = rows - r0
+    local_t = torch.from_numpy(local).to(q.device)
+    q_all = q.new_zeros((r1 - r0,) + tuple(q.shape[1:]))
+    q_all[local_t] = q
+    vis_all = np.zeros((r1 - r0,) + visible.shape[1:], dtype=bool)
+    vis_all[..., 0] = True
+    vis_all[local] = visible
+    if weights is None:
+        return decode_mass(q_all, keys[r0:r1, :, :L], scale, vis_all)[local_t]
+    w_all = weights.new_zeros((r1 - r0, weights.shape[1]))
+    w_all[local_t] = weights
+    return decode_mass_queued(q_all, keys[r0:r1, :, :L], scale, vis_all, w_all)[local_t]
+
+
+def queued_mass_rows(keys: torch.Tensor, scored: np.ndarray, rows: np.ndarray, q: torch.Tensor, qpos: np.ndarray,
+                     n: np.ndarray, decay: np.ndarray, L: int, scale: float) -> torch.Tensor:
+    """``sum_j decay^(n-1-j) * mass_j`` [B, L] of each row's first ``n[b]`` queued queries
+    (:func:`queued_mass`), over the decode bank's ``keys`` [rows, H, positions, D] of the rows
+    (``scored`` [rows, positions]: the positions each row scores), read as one view when the
+    rows lie in a span at most twice their number (rows of the span without queries get
+    weight 0), gathered otherwise."""
+    B, N = qpos.shape
+    steps = np.arange(N)
+    valid = steps[None, :] < n[:, None]  # [B, N]: padding after a row's queries
+    weights = np.where(valid, decay[:, None] ** np.maximum(n[:, None] - 1 - steps[None, :], 0), 0)
+    # Padding sees every scored key (a finite softmax), with weight 0.
+    qpos = np.where(valid, qpos, L - 1)
+    r0, r1 = int(rows.min()), int(rows.max()) + 1
+    dev = q.device
+    if r1 - r0 == B and (B == 1 or bool((np.diff(rows) == 1).all())):
+        return queued_mass(q, keys[r0:r1, :, :L], scale, ~scored[r0:r1, :L], qpos,
+                           weights.astype(np.float32))
+    if r1 - r0 > 2 * B:
+        rows_t = torch.from_numpy(rows).to(keys.device)
+        return queued_mass(q, keys[:, :, :L].index_select(0, rows_t), scale, ~scored[rows, :L], qpos,
+                           weights.astype(np.float32))
+    local = rows - r0
+    local_t = torch.from_numpy(local).to(dev)
+    span = r1 - r0
+    q_all = q.new_zeros((span,) + tuple(q.shape[1:]))
+    q_all[local_t] = q
+    hidden = np.zeros((span, L), dtype=bool)  # rows without queries: everything visible
+    hidden[local] = ~scored[rows, :L]
+    qpos_all = np.full((span, N), L - 1, dtype=np.int64)
+    qpos_all[local] = qpos
+    w_all = np.zeros((span, N), dtype=np.float32)
+    w_all[local] = weights
+    return queued_mass(q_all, keys[r0:r1, :, :L], scale, hidden, qpos_all, w_all)[local_t]

@@ -12,13 +12,31 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar, Protocol
 
 import numpy as np
 import torch
 
-if TYPE_CHECKING:  # annotations only: config imports the policy registry
-    from hae_vllm.config import EvictionConfig
+
+class PolicySettings(Protocol):
+    """The settings a policy reads.  ``hae_vllm.config.EvictionConfig`` provides them; this is a
+    protocol rather than an import because the config lists the policies (their registry), so
+    a policy importing the config back would close a circle."""
+
+    budget: float | None
+    max_evict_frac: float
+    evict_text: bool
+    text_threshold_scale: float
+    r_global: float
+    r_individual: float
+    variance_gain: float
+    measure_layer_overlap: bool
+    window: int
+    pool_kernel: int
+    pooling: str
+    fastv_layer: int
+    theta: float
+    seed: int
 
 
 @dataclass(frozen=True)
@@ -81,19 +99,19 @@ class Policy:
     # decayed layer-0 attention score (HAE's Dynamic Decoding Eviction, the default).
     decode_by_position: ClassVar[bool] = False
 
-    def scoring(self, num_tokens: int, visual_mask: np.ndarray, cfg: EvictionConfig) -> ScoringRequest | None:
+    def scoring(self, num_tokens: int, visual_mask: np.ndarray, cfg: PolicySettings) -> ScoringRequest | None:
         return None
 
-    def candidates(self, visual_mask: torch.Tensor, cfg: EvictionConfig) -> torch.Tensor:
+    def candidates(self, visual_mask: torch.Tensor, cfg: PolicySettings) -> torch.Tensor:
         """Tokens the method may evict (before protection): visual, plus text if evict_text."""
         return visual_mask.clone() if not cfg.evict_text else torch.ones_like(visual_mask)
 
-    def protected(self, num_tokens: int, cfg: EvictionConfig) -> torch.Tensor:
+    def protected(self, num_tokens: int, cfg: PolicySettings) -> torch.Tensor:
         """Method-specific protected positions (sinks/recent/prefix are added by the caller)."""
         return torch.zeros(num_tokens, dtype=torch.bool)
 
     def scores(
-        self, stats: AttentionStats, visual_mask: torch.Tensor, candidates: torch.Tensor, cfg: EvictionConfig
+        self, stats: AttentionStats, visual_mask: torch.Tensor, candidates: torch.Tensor, cfg: PolicySettings
     ) -> torch.Tensor:
         """[T] float scores, lower = evicted first; +inf for tokens that must stay."""
         raise NotImplementedError
@@ -114,7 +132,7 @@ class Policy:
         stats: AttentionStats,
         visual_mask: torch.Tensor,
         protected_mask: torch.Tensor,
-        cfg: EvictionConfig,
+        cfg: PolicySettings,
     ) -> Selection:
         """Rank candidates and decide how many go.
 

@@ -9,15 +9,11 @@ heads.  See :func:`normalized_scores` for the rule.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 import torch
 
-from hae_vllm.policies.base import AttentionStats, Policy, ScoringRequest
+from hae_vllm.policies.base import AttentionStats, Policy, PolicySettings, ScoringRequest
 
-if TYPE_CHECKING:  # annotations only: config imports the policy registry
-    from hae_vllm.config import EvictionConfig
 
 
 def normalized_scores(
@@ -71,7 +67,7 @@ class HAEPolicy(Policy):
         layers = None if cfg.measure_layer_overlap else (0,)
         return ScoringRequest(layers=layers, query_mask=(pos > first_visual) & ~visual_mask)
 
-    def scores(self, stats: AttentionStats, visual_mask, candidates, cfg: EvictionConfig, layer: int = 0):
+    def scores(self, stats: AttentionStats, visual_mask, candidates, cfg: PolicySettings, layer: int = 0):
         st = stats.layers[layer]
         s = normalized_scores(st.g, st.m, visual_mask & candidates, cfg.r_global, cfg.r_individual, cfg.variance_gain)
         if cfg.evict_text:

@@ -7,7 +7,6 @@ The checkpoints themselves are built by ``python -m hae_lab.tiny_models`` (a sou
 
 from __future__ import annotations
 
-import os
 import pathlib
 
 import numpy as np
@@ -31,7 +30,9 @@ QWEN2VL_IMAGE_TOKENS = (QWEN2VL_IMAGE_SIZE // (QWEN2VL_PATCH_SIZE * QWEN2VL_MERG
 def tiny_model_cache_root() -> pathlib.Path:
     """``$HAE_VLLM_MODEL_CACHE``, else ``<checkout>/.cache/tiny_models`` in a source checkout,
     else ``~/.cache/hae_vllm/tiny_models`` (an installed package has no checkout)."""
-    env = os.environ.get("HAE_VLLM_MODEL_CACHE")
+    from hae_vllm import envs
+
+    env = envs.model_cache()
     if env:
         return pathlib.Path(env).expanduser()
     checkout = pathlib.Path(__file__).resolve().parents[2]

@@ -1,10 +1,10 @@
 """HAE's decode stage, worker side: layer-0 scoring of every decode step, parking into the
 recycle bin, final release, restore proposals (the data structures are in
-:mod:`hae_vllm.worker.decode`).
+:mod:`hae_vllm.worker.decode_bank`).
 
 Each decode step, layer 0's attention implementation calls :meth:`DecodeStage.score`: the new
 query of every request with a decode budget scores its live and binned tokens from the
-:class:`~hae_vllm.worker.decode.DecodeBank` (decayed, accumulated).  After the forward,
+:class:`~hae_vllm.worker.decode_bank.DecodeBank` (decayed, accumulated).  After the forward,
 :meth:`DecodeStage.end_of_step` enforces each request's budget (:meth:`DecodeStage.step`: park
 the weakest tokens in whole blocks, release bin overflow, propose restores) and makes the
 parking swaps of all requests at once.  Restores the scheduler confirmed come back at the start
@@ -13,18 +13,17 @@ of the next step (:meth:`DecodeStage.apply_bin_updates`).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from hae_vllm.policies.attention import attention_probs, decode_mass, decode_mass_queued, queued_mass
-from hae_vllm.worker.decode import BinEntry, DecodeActions, DecodeBank, choose_parking, decode_limit, weakest_live_value
-from hae_vllm.worker.state import DecodeTask
-from hae_vllm.worker.trace import EvictionReport
-
-if TYPE_CHECKING:
-    from hae_vllm.worker.runtime import EvictionRuntime
+from hae_vllm.policies.attention import attention_probs, decode_mass_rows, queued_mass_rows
+from hae_vllm.worker.decode_bank import BinEntry, DecodeActions, DecodeBank, choose_parking, decode_limit, weakest_live_value
+from hae_vllm.worker.runner_view import RunnerView
+from hae_vllm.worker.state import DecodeTask, RequestState
+from hae_vllm.protocol import EvictionReport
+from hae_vllm.worker.trace import TraceWriter
 
 
 def rows_of(t: torch.Tensor, index: np.ndarray) -> torch.Tensor:
@@ -32,39 +31,6 @@ def rows_of(t: torch.Tensor, index: np.ndarray) -> torch.Tensor:
     if t.device.type == "cpu" and t.dtype != torch.bfloat16:
         return torch.from_numpy(t.numpy()[index])
     return t[torch.as_tensor(index, device=t.device)]
-
-
-def decode_mass_rows(q: torch.Tensor, rows: np.ndarray, keys: torch.Tensor, L: int, scale: float,
-                     visible: np.ndarray, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """:func:`decode_mass` of queries ``q`` [B, H, D] over the bank's key ``rows`` (one per
-    query); with ``weights`` [B, N], :func:`decode_mass_queued` of ``q`` [B, N, H, D]
-    (``visible`` [B, N, L]).
-
-    When the rows lie in a span at most twice their number (the bank hands out its lowest
-    free row, so rows in use stay packed), the span is read as one strided view instead of
-    copying every row's keys: rows of the span without a query this step get a zero query
-    that sees only position 0 (zero weight), and their output is dropped.  Otherwise the rows
-    are gathered."""
-    B = len(rows)
-    r0, r1 = int(rows.min()), int(rows.max()) + 1
-    if r1 - r0 > 2 * B:
-        rows_t = torch.from_numpy(rows).to(keys.device)
-        sub = keys[:, :, :L].index_select(0, rows_t)
-        if weights is None:
-            return decode_mass(q, sub, scale, visible)
-        return decode_mass_queued(q, sub, scale, visible, weights)
-    local = rows - r0
-    local_t = torch.from_numpy(local).to(q.device)
-    q_all = q.new_zeros((r1 - r0,) + tuple(q.shape[1:]))
-    q_all[local_t] = q
-    vis_all = np.zeros((r1 - r0,) + visible.shape[1:], dtype=bool)
-    vis_all[..., 0] = True
-    vis_all[local] = visible
-    if weights is None:
-        return decode_mass(q_all, keys[r0:r1, :, :L], scale, vis_all)[local_t]
-    w_all = weights.new_zeros((r1 - r0, weights.shape[1]))
-    w_all[local_t] = weights
-    return decode_mass_queued(q_all, keys[r0:r1, :, :L], scale, vis_all, w_all)[local_t]
 
 
 def _decay(tasks: list[DecodeTask]) -> np.ndarray:
@@ -88,44 +54,24 @@ def read_pending_keys(bank: DecodeBank, block_size: int, kv_cache, layout, tasks
     bank.put_keys(prow.tolist(), ppos.tolist(), keys)
 
 
-def queued_mass_rows(bank: DecodeBank, rows: np.ndarray, q: torch.Tensor, qpos: np.ndarray, n: np.ndarray,
-                     decay: np.ndarray, L: int, scale: float) -> torch.Tensor:
-    """``sum_j decay^(n-1-j) * mass_j`` [B, L] of each row's first ``n[b]`` queued queries
-    (:func:`~hae_vllm.policies.attention.queued_mass`), over the bank's keys of the rows'
-    span read as one view when the rows lie in a span at most twice their number (rows of
-    the span without queries get weight 0), gathered otherwise."""
-    B, N = qpos.shape
-    steps = np.arange(N)
-    valid = steps[None, :] < n[:, None]  # [B, N]: padding after a row's queries
-    weights = np.where(valid, decay[:, None] ** np.maximum(n[:, None] - 1 - steps[None, :], 0), 0)
-    # Padding sees every scored key (a finite softmax), with weight 0.
-    qpos = np.where(valid, qpos, L - 1)
-    r0, r1 = int(rows.min()), int(rows.max()) + 1
-    dev = q.device
-    if r1 - r0 == B and (B == 1 or bool((np.diff(rows) == 1).all())):
-        return queued_mass(q, bank.keys[r0:r1, :, :L], scale, ~bank.scored[r0:r1, :L], qpos,
-                           weights.astype(np.float32))
-    if r1 - r0 > 2 * B:
-        rows_t = torch.from_numpy(rows).to(bank.keys.device)
-        return queued_mass(q, bank.keys[:, :, :L].index_select(0, rows_t), scale, ~bank.scored[rows, :L], qpos,
-                           weights.astype(np.float32))
-    local = rows - r0
-    local_t = torch.from_numpy(local).to(dev)
-    span = r1 - r0
-    q_all = q.new_zeros((span,) + tuple(q.shape[1:]))
-    q_all[local_t] = q
-    hidden = np.zeros((span, L), dtype=bool)  # rows without queries: everything visible
-    hidden[local] = ~bank.scored[rows, :L]
-    qpos_all = np.full((span, N), L - 1, dtype=np.int64)
-    qpos_all[local] = qpos
-    w_all = np.zeros((span, N), dtype=np.float32)
-    w_all[local] = weights
-    return queued_mass(q_all, bank.keys[r0:r1, :, :L], scale, hidden, qpos_all, w_all)[local_t]
+class DecodeAppend(NamedTuple):
+    """A decode step whose only layer-0 work is to store each request's key and query
+    (:meth:`DecodeStage.append_plan`)."""
+
+    layer: str  # the scoring layer's name
+    rows: list[int]  # bank rows
+    starts: list[int]  # positions of the new tokens
+    at: list[int]  # query rows in the batch
 
 
 class DecodeStage:
-    def __init__(self, rt: "EvictionRuntime", check: bool = False) -> None:
-        self.rt = rt
+    """Takes the step's decode tasks and returns its decisions (reports for the scheduler);
+    edits the runner's tables only through ``view``; the decode state lives in ``bank``."""
+
+    def __init__(self, view: RunnerView, bank: DecodeBank, trace: TraceWriter, check: bool = False) -> None:
+        self.view = view
+        self.bank = bank
+        self.trace = trace
         # HAE_VLLM_CHECK_DECODE=1 (the tests): every decode step checks the bank's incremental
         # bookkeeping (scored positions, live counts) against a recomputation per request.
         self.check = check
@@ -136,13 +82,13 @@ class DecodeStage:
         self._cache = None  # (layer-0 kv cache, layout) of the step being scored
 
     # ------------------------------------------------------------------ layer 0, every step
-    def append_plan(self, tasks: list[DecodeTask]) -> tuple | None:
+    def append_plan(self, tasks: list[DecodeTask]) -> DecodeAppend | None:
         """The step's decode work when it is only to store each request's layer-0 key and query
         (score_interval k > 1, no row due, every request one token with its key row filled,
         and the batch one token per request, so a request's query is its batch row): the
         (rows, positions, query rows) :meth:`append` takes, every task marked not due; None
-        when :meth:`score` has more to do.  The plan's first item is the scoring layer's name."""
-        bank = self.rt.decode_bank
+        when :meth:`score` has more to do."""
+        bank = self.bank
         if not bank.num_staging_rows or self.num_steps >= self.next_scoring:
             return None
         rows, starts, at = [], [], []
@@ -155,12 +101,12 @@ class DecodeStage:
             at.append(dt.row)
         for dt in tasks:
             dt.due = False
-        return self.rt.scoring_layer, rows, starts, at
+        return DecodeAppend(self.view.scoring_layer, rows, starts, at)
 
-    def append(self, plan: tuple, query: torch.Tensor, key: torch.Tensor) -> None:
+    def append(self, plan: DecodeAppend, query: torch.Tensor, key: torch.Tensor) -> None:
         """:meth:`score` on a step :meth:`append_plan` planned: keys and queries stored."""
-        _, rows, starts, at = plan
-        bank = self.rt.decode_bank
+        rows, starts, at = plan.rows, plan.starts, plan.at
+        bank = self.bank
         # The keys stay in the paged cache until the row is scored (one host copy per step).
         if not bank.log_query(rows, starts, at, query):
             bank.append(rows, starts, at, query, key)
@@ -178,8 +124,7 @@ class DecodeStage:
         Only the requests scored this step are due for :meth:`step` (``DecodeTask.due``).
         Otherwise (several tokens per request) queued queries are scored first, then request by
         request."""
-        rt = self.rt
-        bank = rt.decode_bank
+        bank = self.bank
         bank.flush()  # append-only steps' queries into the queues (read below)
         self._cache = (kv_cache, layout)  # where queued keys not yet in the bank are read
         rows_l, starts_l, at = [], [], []
@@ -187,7 +132,7 @@ class DecodeStage:
         for dt in tasks:
             ds = dt.state.decode
             if not ds.has_keys:
-                self.fill_keys(dt, kv_cache, layout)
+                fill_bank_keys(bank, dt, self.view.block_size, kv_cache, layout)
                 k = dt.state.cfg.score_interval
                 bank.set_interval(ds.row, k)
                 # Scored at the next multiple of k (the shared cadence), or every step.
@@ -240,17 +185,17 @@ class DecodeStage:
         if not due:
             return
         due_rows = np.fromiter((dt.state.decode.row for dt in due), dtype=np.int64, count=len(due))
-        slots = max(len(dt.block_ids) for dt in due) * rt.block_size
+        slots = max(len(dt.block_ids) for dt in due) * self.view.block_size
         live = (bank.slot_pos[due_rows, :slots] >= 0).sum(1)
         for dt, n_live in zip(due, live.tolist()):
             dt.num_live = n_live
         if self.check:
-            self.check_state(due)
+            check_decode_state(due, self.view.block_size)
 
     def _score_due(self, tasks: list[DecodeTask], rows: np.ndarray, impl, num_heads: int) -> list[DecodeTask]:
         """Score the rows due at this step of the shared cadence (a multiple of their k, or k
         steps pending) and set when the next one is; returns the tasks scored."""
-        bank, now = self.rt.decode_bank, self.num_steps
+        bank, now = self.bank, self.num_steps
         interval = bank.interval[rows]
         hit = (now % interval == 0) | (bank.num_queued[rows] >= interval)
         if hit.all():
@@ -271,10 +216,10 @@ class DecodeStage:
 
     def _score_queued(self, tasks: list[DecodeTask], rows: np.ndarray, impl, num_heads: int) -> None:
         """Score the queued queries of ``rows`` (the rows of ``tasks``) and empty their queues."""
-        bank = self.rt.decode_bank
+        bank = self.bank
         prow, ppos = bank.pending_keys(rows)
         if len(prow):
-            read_pending_keys(bank, self.rt.block_size, *self._cache, tasks, rows, prow, ppos)
+            read_pending_keys(bank, self.view.block_size, *self._cache, tasks, rows, prow, ppos)
         q, pos, n = bank.take_queued(rows)  # q: [B, N, H, D]
         for dt, k in zip(tasks, n.tolist()):
             dt.num_scored = k
@@ -287,7 +232,7 @@ class DecodeStage:
         default all): exactly the per-step update applied n times, the scored set being the
         same at every step in between (parking and releases happen only when a row is scored;
         a parked block the pool reuses in between leaves the set early)."""
-        rt, bank = self.rt, self.rt.decode_bank
+        bank, tp = self.bank, self.view.tp_group
         B, N = qpos.shape
         last = qpos[:, N - 1] if n is None else qpos[np.arange(B), n - 1]
         L = int(last.max()) + 1
@@ -298,66 +243,31 @@ class DecodeStage:
             factor = decay
         else:
             n = np.full(B, N) if n is None else n
-            mass = queued_mass_rows(self.rt.decode_bank, rows, q, qpos, n, decay, L, impl.scale)
+            mass = queued_mass_rows(bank.keys, bank.scored, rows, q, qpos, n, decay, L, impl.scale)
             factor = (decay ** n).astype(np.float32)
-        if rt.tp_group is not None:
+        if tp is not None:
             # Summed in rank order on every rank: the same bits everywhere.
-            mass = rt.tp_group.all_gather(mass[None].contiguous(), dim=0).sum(0)
-            num_heads *= rt.tp_group.world_size
+            mass = tp.all_gather(mass[None].contiguous(), dim=0).sum(0)
+            num_heads *= tp.world_size
         # Unscored columns get zero mass: their scores only decay, as before.
         bank.score[rows, :L] = bank.score[rows, :L] * factor[:, None] + (mass / num_heads).cpu().numpy()
 
     def _gather_probs(self, q: torch.Tensor, keys: torch.Tensor, qpos: torch.Tensor, key_pos, impl) -> torch.Tensor:
         probs = attention_probs(q, keys, qpos, impl.scale, key_pos)
-        if self.rt.tp_group is not None:
-            probs = self.rt.tp_group.all_gather(probs.to(q.device).contiguous(), dim=0)
+        if self.view.tp_group is not None:
+            probs = self.view.tp_group.all_gather(probs.to(q.device).contiguous(), dim=0)
         return probs.cpu()
 
-    def check_state(self, tasks: list[DecodeTask]) -> None:
-        """The bank's incremental bookkeeping against a recomputation from the block tables and
-        the bin (HAE_VLLM_CHECK_DECODE=1)."""
-        bs = self.rt.block_size
-        for dt in tasks:
-            ds = dt.state.decode
-            live = ds.live_slots(dt.block_ids, bs)
-            expect = np.sort(np.concatenate([ds.slot_pos[live]] + [e.positions for e in ds.bin.values()]))
-            got = ds.scored_positions()
-            if dt.num_live != len(live) or not np.array_equal(expect, got):
-                raise AssertionError(
-                    f"decode state of {dt.state.req_id} out of step: live {dt.num_live} vs {len(live)}, "
-                    f"scored {len(got)} positions vs {len(expect)} live and binned")
-
-    def fill_keys(self, dt: DecodeTask, kv_cache, layout) -> None:
-        """First decode step of a request: its bank row gets the layer-0 keys of every token
-        already cached (live and binned), indexed by position.  Later tokens come from each
-        step's own key rows, so decode scoring never gathers from the paged cache again: the
-        bank holds exactly what the cache holds for every token scored (binned tokens stay
-        readable in the pool until the bin drops them)."""
-        ds, bs = dt.state.decode, self.rt.block_size
-        live = ds.live_slots(dt.block_ids, bs)
-        pos = ds.slot_pos[live]
-        old = pos < dt.start  # this step's tokens come from the layer input
-        table = np.asarray(dt.block_ids)
-        phys = [table[live[old] // bs] * bs + live[old] % bs]
-        pos = [pos[old]]
-        for entry in ds.bin.values():
-            phys.append(entry.block_id * bs + np.arange(bs))
-            pos.append(entry.positions)
-        cached = layout.gather_keys(kv_cache, torch.as_tensor(np.concatenate(phys), dtype=torch.int64))
-        self.rt.decode_bank.ensure_keys(cached)
-        ds.keys[torch.as_tensor(np.concatenate(pos), device=cached.device)] = cached.to(ds.keys.dtype)
-        ds.has_keys = True
 
     # ------------------------------------------------------------------ step start
-    def apply_bin_updates(self, updates) -> None:
+    def apply_bin_updates(self, updates, states: dict[str, RequestState]) -> None:
         """Scheduler confirmations from the previous step: restored blocks re-enter the table."""
         if not updates:
             return
-        rt = self.rt
-        bs = rt.block_size
-        batch = rt.runner.input_batch
+        view = self.view
+        bs = view.block_size
         for req_id, upd in updates.items():
-            st = rt.states.get(req_id)
+            st = states.get(req_id)
             if st is None or st.decode is None:
                 continue
             ds = st.decode
@@ -366,39 +276,43 @@ class DecodeStage:
                 ds.pending_restore.discard(bid)
                 if entry is not None:
                     ds.unscore(entry.positions)
-            req = rt.runner.requests.get(req_id)
+            req = view.runner.requests.get(req_id)
             for idx, bid in upd.restored:
                 entry = ds.bin.pop(bid, None)
                 ds.pending_restore.discard(bid)
-                if entry is None or req is None:
+                if entry is None or not view.restore_block(req_id, idx, bid):
                     continue
-                req.block_ids[0][idx] = bid
-                rt.holes.changed()
-                row = batch.req_id_to_index.get(req_id)
-                if row is not None:
-                    batch.block_table[0].block_table.np[row, idx] = bid
                 ds.slot_pos[idx * bs : (idx + 1) * bs] = entry.positions
-                rt.trace.event(st, "restore", req.num_computed_tokens, entry.positions.tolist(), 1)
+                self.trace.event(st, "restore", req.num_computed_tokens, entry.positions.tolist(), 1)
 
     # ------------------------------------------------------------------ after the forward
-    def end_of_step(self, tasks: list[DecodeTask]) -> None:
+    def end_of_step(self, tasks: list[DecodeTask]) -> dict[str, EvictionReport]:
         """Budgets, bin and restore proposals of every decode request, then the parking swaps of
         all of them in one call per layer (disjoint slots: each request swaps within its own
-        blocks)."""
+        blocks).  Returns the reports of the requests that parked, released or proposed a
+        restore."""
         due = [dt for dt in tasks if dt.due]
         if not due:
-            return  # score_interval > 1: most steps
-        swaps = [m for m in map(self.step, due) if m is not None]
+            return {}  # score_interval > 1: most steps
+        reports, swaps = {}, []
+        for dt in due:
+            swap, report = self.step(dt)
+            if swap is not None:
+                swaps.append(swap)
+            if report is not None:
+                reports[dt.state.req_id] = report
         if swaps:
-            rt = self.rt
-            rt.layout().swap_many(rt.caches(), torch.cat([m[0] for m in swaps]), torch.cat([m[1] for m in swaps]))
+            view = self.view
+            view.layout().swap_many(view.caches(), torch.cat([m[0] for m in swaps]), torch.cat([m[1] for m in swaps]))
+        return reports
 
-    def step(self, dt: DecodeTask) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def step(self, dt: DecodeTask) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, EvictionReport | None]:
         """Budget enforcement, bin overflow and restore proposals after a decode step.
         Returns the slot swaps that park victims (the caller makes them for all requests at
-        once, before the next forward); the bookkeeping here already assumes them."""
-        rt = self.rt
-        st, cfg, bs = dt.state, dt.state.cfg, rt.block_size
+        once, before the next forward; the bookkeeping here already assumes them) and the
+        request's report (None: nothing to tell the scheduler)."""
+        view = self.view
+        st, cfg, bs = dt.state, dt.state.cfg, view.block_size
         ds = st.decode
         before = ds.steps
         ds.steps += dt.num_scored
@@ -408,28 +322,23 @@ class DecodeStage:
         # Every rescore_interval steps (a multiple crossed since the last scoring, k > 1).
         rescore = not ds.by_position and ds.steps // cfg.rescore_interval > before // cfg.rescore_interval
         if not over and not (rescore and ds.bin) and len(ds.bin) <= cfg.bin_capacity:
-            return None  # most requests, most steps: nothing to park, release or restore
+            return None, None  # most requests, most steps: nothing to park, release or restore
         acts = DecodeActions()
         swap = None
         plan = choose_parking(ds, cfg, dt.block_ids, dt.end, bs, st.protected_prefix) if over else None
         if plan is not None:
-            swap = rt.slots(dt.block_ids, plan.move_src), rt.slots(dt.block_ids, plan.move_dst)
+            swap = view.slots(dt.block_ids, plan.move_src), view.slots(dt.block_ids, plan.move_dst)
             a, b = list(plan.move_src), list(plan.move_dst)
             ds.slot_pos[a], ds.slot_pos[b] = ds.slot_pos[b].copy(), ds.slot_pos[a].copy()
-            req = rt.runner.requests[st.req_id]
-            row = rt.runner.input_batch.req_id_to_index[st.req_id]
-            table_np = rt.runner.input_batch.block_table[0].block_table.np
             for h in plan.hole_blocks:
                 bid = int(dt.block_ids[h])
                 positions = ds.slot_pos[h * bs : (h + 1) * bs].copy()
                 ds.bin[bid] = BinEntry(bid, h, positions)
                 ds.slot_pos[h * bs : (h + 1) * bs] = -1
-                req.block_ids[0][h] = 0
-                table_np[row, h] = 0
                 acts.parked.append((h, bid))
                 acts.parked_positions.extend(int(p) for p in positions)
-            rt.holes.add(st.req_id, len(plan.hole_blocks))
-            rt.trace.event(st, "park", dt.end, acts.parked_positions, len(acts.parked))
+            view.null_blocks(st.req_id, plan.hole_blocks)
+            self.trace.event(st, "park", dt.end, acts.parked_positions, len(acts.parked))
         # Final release when the bin is over capacity: lowest value first.
         while len(ds.bin) > cfg.bin_capacity:
             victim = min((e for e in ds.bin.values() if e.block_id not in ds.pending_restore),
@@ -447,8 +356,45 @@ class DecodeStage:
             if best is not None and weakest is not None and ds.value(best) > cfg.restore_margin * weakest:
                 ds.pending_restore.add(best.block_id)
                 acts.restore.append((best.index, best.block_id))
+        report = None
         if acts.parked or acts.released or acts.restore:
-            rt.reports[st.req_id] = EvictionReport(
-                parked=tuple(acts.parked), released=tuple(acts.released), restore=tuple(acts.restore)
-            )
-        return swap
+            report = EvictionReport(parked=tuple(acts.parked), released=tuple(acts.released),
+                                    restore=tuple(acts.restore))
+        return swap, report
+
+
+def check_decode_state(tasks: list[DecodeTask], block_size: int) -> None:
+    """The bank's incremental bookkeeping against a recomputation from the block tables and
+    the bin (HAE_VLLM_CHECK_DECODE=1)."""
+    bs = block_size
+    for dt in tasks:
+        ds = dt.state.decode
+        live = ds.live_slots(dt.block_ids, bs)
+        expect = np.sort(np.concatenate([ds.slot_pos[live]] + [e.positions for e in ds.bin.values()]))
+        got = ds.scored_positions()
+        if dt.num_live != len(live) or not np.array_equal(expect, got):
+            raise AssertionError(
+                f"decode state of {dt.state.req_id} out of step: live {dt.num_live} vs {len(live)}, "
+                f"scored {len(got)} positions vs {len(expect)} live and binned")
+
+
+def fill_bank_keys(bank: DecodeBank, dt: DecodeTask, block_size: int, kv_cache, layout) -> None:
+    """First decode step of a request: its bank row gets the layer-0 keys of every token
+    already cached (live and binned), indexed by position.  Later tokens come from each
+    step's own key rows, so decode scoring never gathers from the paged cache again: the
+    bank holds exactly what the cache holds for every token scored (binned tokens stay
+    readable in the pool until the bin drops them)."""
+    ds, bs = dt.state.decode, block_size
+    live = ds.live_slots(dt.block_ids, bs)
+    pos = ds.slot_pos[live]
+    old = pos < dt.start  # this step's tokens come from the layer input
+    table = np.asarray(dt.block_ids)
+    phys = [table[live[old] // bs] * bs + live[old] % bs]
+    pos = [pos[old]]
+    for entry in ds.bin.values():
+        phys.append(entry.block_id * bs + np.arange(bs))
+        pos.append(entry.positions)
+    cached = layout.gather_keys(kv_cache, torch.as_tensor(np.concatenate(phys), dtype=torch.int64))
+    bank.ensure_keys(cached)
+    ds.keys[torch.as_tensor(np.concatenate(pos), device=cached.device)] = cached.to(ds.keys.dtype)
+    ds.has_keys = True

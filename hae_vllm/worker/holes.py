@@ -3,11 +3,13 @@
 Eviction replaces a freed block's entry in a request's block table by vLLM's null block (id 0)
 and keeps positions logical.  Before attention runs, every row of the batch's block table loses
 its holes (live blocks keep their order) and its ``seq_len`` shrinks by a block per hole, so the
-kernels never read a freed block (``hae_vllm.attention.common.without_holes``).
+kernels never read a freed block (:func:`metadata_without_holes`, which the metadata builders
+reach through ``EvictionRuntime.strip_holes``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import numpy as np
@@ -130,6 +132,52 @@ class HoleTable:
             t, s = np.empty_like(bt), np.empty_like(sl)
             b = self._bufs = (t, torch.from_numpy(t), s, torch.from_numpy(s))
         return b
+
+
+def metadata_without_holes(common_attn_metadata, holes: HoleTable, req_ids: list[str], block_size: int):
+    """``CommonAttentionMetadata`` with null holes removed from every block-table row.
+
+    Runs every step before attention, when some request of this process has holes: on the
+    host it is a gather and a subtraction into buffers the hole table reuses
+    (:meth:`HoleTable.drop`) and a shallow copy.  ``req_ids``: the persistent batch's request
+    ids in row order."""
+    cam = common_attn_metadata
+    n = cam.num_reqs
+    try:  # host tensors: numpy views (one touch of each tensor; cheaper than torch per step)
+        bt, sl = cam.block_table_tensor.numpy(), cam.seq_lens.numpy()
+    except TypeError:
+        bt = None
+    if bt is not None and not holes.check:
+        res = holes.drop_host(bt, sl, block_size, req_ids, n)
+    else:
+        res = holes.drop(cam.block_table_tensor, cam.seq_lens, block_size, req_ids, n)
+    if res is None:
+        return cam
+    table, seq_lens = res
+    if not n:
+        max_seq_len = cam.max_seq_len
+    elif bt is not None:
+        out_lens = holes.host_seq_lens()
+        max_seq_len = int(out_lens[0]) if n == 1 else int(out_lens[:n].max())
+    else:
+        max_seq_len = int(seq_lens[:n].max().item())
+    changes = {"block_table_tensor": table, "seq_lens": seq_lens, "max_seq_len": max_seq_len}
+    ub = getattr(cam, "seq_lens_cpu_upper_bound", None)
+    if ub is not None:
+        if bt is not None and ub.is_cpu and ub.shape == seq_lens.shape and ub.dtype == seq_lens.dtype:
+            changes["seq_lens_cpu_upper_bound"] = seq_lens  # exact lengths bound themselves (read only)
+        else:
+            ub = ub.clone()
+            ub[:n] = seq_lens[:n].to(ub.device, ub.dtype)
+            changes["seq_lens_cpu_upper_bound"] = ub
+    d = getattr(cam, "__dict__", None)
+    if d is not None and dataclasses.is_dataclass(cam):
+        # A shallow copy without dataclasses.replace's re-validation (all fields are set).
+        out = object.__new__(type(cam))
+        out.__dict__.update(d)
+        out.__dict__.update(changes)
+        return out
+    return dataclasses.replace(cam, **changes)
 
 
 def drop_hole_blocks(

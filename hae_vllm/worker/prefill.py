@@ -13,7 +13,6 @@ scheduler to free them.  When depends on memory pressure (see :meth:`PrefillStag
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -25,12 +24,11 @@ from hae_vllm.policies.attention import LayerAccumulator
 from hae_vllm.policies.base import AttentionStats, ScoringRequest
 from hae_vllm.policies.registry import get_policy
 from hae_vllm.prefix import has_candidates_after, untouched_prefix_tokens, visual_mask_from_features
-from hae_vllm.worker.decode import DecodeState
+from hae_vllm.worker.decode_bank import DecodeBank, DecodeState
+from hae_vllm.worker.runner_view import RunnerView
 from hae_vllm.worker.state import RequestState, ScoringTask
-from hae_vllm.worker.trace import EvictionReport
-
-if TYPE_CHECKING:
-    from hae_vllm.worker.runtime import EvictionRuntime
+from hae_vllm.protocol import EvictionReport
+from hae_vllm.worker.trace import TraceWriter
 
 logger = logging.getLogger("vllm.hae_vllm")  # under vLLM's logger: its handlers and level apply
 
@@ -38,23 +36,33 @@ _QUERY_CHUNK = 256  # queries scored at once (bounds the [heads, q, T] logits bu
 
 
 class PrefillStage:
-    def __init__(self, rt: "EvictionRuntime") -> None:
-        self.rt = rt
+    """Takes the step's scoring tasks and returns its decisions (reports for the scheduler,
+    requests with no more per-step work); edits the runner's tables only through ``view``.
+
+    ``defer_bytes``: layer queries a request may keep to be scored at selection, off the first
+    token's path; a request whose scoring queries would take more is scored in the forward,
+    chunk by chunk (0: every request in the forward; the tests compare the two paths)."""
+
+    def __init__(self, view: RunnerView, bank: DecodeBank, trace: TraceWriter, defer_bytes: int) -> None:
+        self.view = view
+        self.bank = bank
+        self.trace = trace
+        self.defer_bytes = defer_bytes
         # Requests whose prefill finished last step: selected and compacted at the start of
         # their first decode step, so the first token does not wait for it - unless the
         # scheduler reported memory pressure, when blocks are freed at the end of the step.
         self.pending: list[ScoringTask] = []
 
     # ------------------------------------------------------------------ request start
-    def start(self, req) -> RequestState | None:
+    def start(self, req, engine_cfg) -> RequestState | None:
         """The request's eviction state, or None when it does not evict (no knobs for it, no
         visual tokens and no decode stage, or a config refused here)."""
-        rt = self.rt
+        view = self.view
         sp = req.sampling_params
         if sp is None:
             return None
         try:
-            cfg = request_config(rt.cfg, sp.extra_args)
+            cfg = request_config(engine_cfg, sp.extra_args)
         except EvictionConfigError as e:  # validated in the API process; never corrupt
             logger.warning("request %s: eviction disabled: %s", req.req_id, e)
             return None
@@ -66,18 +74,18 @@ class PrefillStage:
         # Prefix-cache hits are shared blocks; blocks before the first eviction candidate
         # are registered in the prefix cache by the scheduler: neither is ever rewritten.  A
         # conversation hit (hae_vllm.engine.sessions) counts as a prefix-cache hit.
-        protected = max((req.num_computed_tokens // rt.block_size) * rt.block_size,
-                        untouched_prefix_tokens(cfg, mask, rt.block_size))
+        bs = view.block_size
+        protected = max((req.num_computed_tokens // bs) * bs, untouched_prefix_tokens(cfg, mask, bs))
         if not has_candidates_after(cfg, mask, protected):
             return None  # every candidate is in the hit: nothing to decide (the scheduler agrees)
         policy = get_policy(cfg.method)
         scoring = policy.scoring(req.num_tokens, mask, cfg) if policy.uses_attention else None
-        num_layers = len(rt.attention_layers())
+        num_layers = len(view.attention_layers())
         if scoring is not None and scoring.layers is not None and max(scoring.layers) >= num_layers:
             logger.warning("request %s: %s scores layer %s but the model has %d; using the last layer",
                            req.req_id, cfg.method, max(scoring.layers), num_layers)
             scoring = ScoringRequest(tuple(min(l, num_layers - 1) for l in scoring.layers), scoring.query_mask, scoring.per_head)
-        st = RequestState(
+        return RequestState(
             req_id=req.req_id,
             cfg=cfg,
             policy=policy,
@@ -85,26 +93,23 @@ class PrefillStage:
             visual_mask=mask,
             protected_prefix=protected,
         )
-        rt.states[req.req_id] = st
-        return st
 
     # ------------------------------------------------------------------ scoring layers
-    def score(self, impl, ordinal: int, query: torch.Tensor, key: torch.Tensor, kv_cache: torch.Tensor,
-              qsl: list[int], layout) -> None:
-        """Accumulate the attention statistics this step's tasks asked for at this layer, or keep
-        a copy of the scoring queries to do it at selection (most requests: see the runtime's
-        ``defer_bytes``).
+    def score(self, tasks: list[ScoringTask], impl, ordinal: int, query: torch.Tensor, key: torch.Tensor,
+              kv_cache: torch.Tensor, qsl: list[int], layout) -> None:
+        """Accumulate the attention statistics ``tasks`` asked for at this layer, or keep a copy
+        of the scoring queries to do it at selection (most requests: see ``defer_bytes``).
 
         query: [num_tokens, num_heads, head_dim], key: [num_tokens, num_kv_heads, head_dim] of
         the layer (post-RoPE); kv_cache: the layer's cache, already holding this step's keys.
         """
-        rt = self.rt
-        num_heads_total = impl.num_heads * rt.tp_size
+        view = self.view
+        num_heads_total = impl.num_heads * view.tp_size
         # Scoring reads the keys from the paged cache.  It runs at selection, off the first
         # token's path, for requests whose queries are cheap to keep.
         plane = layout.key_plane(kv_cache)
-        num_layers = len(rt.attention_layers())
-        for task in rt.tasks:
+        num_layers = len(view.attention_layers())
+        for task in tasks:
             st = task.state
             if not st.scores_layer(ordinal):
                 continue
@@ -124,7 +129,7 @@ class PrefillStage:
             if st.defer_scoring is None:
                 n_layers = num_layers if st.scoring.layers is None else len(st.scoring.layers)
                 st.defer_scoring = (int(qmask.sum()) * n_layers * query.shape[1] * query.shape[2]
-                                    * query.element_size() <= rt.defer_bytes)
+                                    * query.element_size() <= self.defer_bytes)
             keys = None
             if plane is None and not st.defer_scoring:  # not affine: keys through the offset table
                 keys = self._keys(task, key, q0, kv_cache, layout)
@@ -151,9 +156,9 @@ class PrefillStage:
         current = key[q0 : q0 + n].view(n, -1, key.shape[-1]) if key.dim() == 3 else key[q0 : q0 + n]
         if task.start == 0:
             return current
-        view = live_key_view(task.block_ids, task.end, self.rt.block_size)
-        table = task.block_ids if view is None else view.table
-        past = layout.gather_keys(kv_cache, self.rt.slots(table, np.arange(task.start - (view.shift if view else 0))))
+        live = live_key_view(task.block_ids, task.end, self.view.block_size)
+        table = task.block_ids if live is None else live.table
+        past = layout.gather_keys(kv_cache, self.view.slots(table, np.arange(task.start - (live.shift if live else 0))))
         return torch.cat([past.to(current.dtype), current], dim=0)
 
     def accumulate(self, acc: LayerAccumulator, q: torch.Tensor, qpos: torch.Tensor, T: int, block_ids,
@@ -162,95 +167,100 @@ class PrefillStage:
         ``0..T-1``, read in place from the paged cache (the scoring kernel on CUDA, its torch
         reference on the CPU), or from ``keys`` / gathered keys for a layout with no
         ``[blocks, slots, H, D]`` key view; gathered across TP ranks, added to ``acc``."""
-        rt = self.rt
-        layout = rt.layout()
+        view = self.view
+        layout = view.layout()
         plane = layout.key_plane(kv_cache)
-        view = live_key_view(block_ids, T, rt.block_size)
-        if view is not None:  # a conversation hit with holes: score over the live keys
-            block_ids, T, qpos = view.table, T - view.shift, qpos - view.shift
+        live = live_key_view(block_ids, T, view.block_size)
+        if live is not None:  # a conversation hit with holes: score over the live keys
+            block_ids, T, qpos = live.table, T - live.shift, qpos - live.shift
         if plane is not None:
-            table = torch.as_tensor(block_ids[: -(-T // rt.block_size)], dtype=torch.int64)
+            table = torch.as_tensor(block_ids[: -(-T // view.block_size)], dtype=torch.int64)
             rows, head_sum = attention_stats(q, plane, table, qpos, T, scale, per_head)
         else:
             if keys is None:
-                keys = layout.gather_keys(kv_cache, rt.slots(block_ids, np.arange(T)))
+                keys = layout.gather_keys(kv_cache, view.slots(block_ids, np.arange(T)))
             rows, head_sum = dense_attention_stats(q, keys, qpos, scale, per_head)
-        if view is not None:
-            rows, head_sum = view.expand(rows), (None if head_sum is None else view.expand(head_sum))
-            qpos = qpos + view.shift
-        if rt.tp_group is not None:
+        if live is not None:
+            rows, head_sum = live.expand(rows), (None if head_sum is None else live.expand(head_sum))
+            qpos = qpos + live.shift
+        if view.tp_group is not None:
             # Gathered, then summed in rank order on every rank: all ranks get the same bits
             # (an all-reduce need not), so they select the same victims.
-            rows = rt.tp_group.all_gather(rows.to(q.device)[None].contiguous(), dim=0).sum(0)
+            rows = view.tp_group.all_gather(rows.to(q.device)[None].contiguous(), dim=0).sum(0)
             if head_sum is not None:
-                head_sum = rt.tp_group.all_gather(head_sum.to(q.device).contiguous(), dim=0)
+                head_sum = view.tp_group.all_gather(head_sum.to(q.device).contiguous(), dim=0)
         acc.add_rows(rows.cpu(), None if head_sum is None else head_sum.cpu(), qpos)
 
     def score_saved(self, st: RequestState, T: int, block_ids) -> None:
         """Deferred scoring, at selection: every saved query chunk against the keys still in
         the cache, in the order the forward saw them (on every TP rank alike)."""
-        rt = self.rt
         saved, st.saved_queries = st.saved_queries, []
-        names = rt.attention_layers()
+        names = self.view.attention_layers()
         for ordinal, q, qpos in saved:
-            layer = rt.layer(names[ordinal])
+            layer = self.view.layer(names[ordinal])
             self.accumulate(st.accs[ordinal], q, qpos, T, block_ids, layer.kv_cache, layer.impl.scale,
                             st.scoring.per_head)
 
     def keeps_session(self, cfg) -> bool:
         """Whether a request may leave its cache to a follow-up request (the scheduler keeps
         sessions under the same conditions)."""
-        cache = getattr(self.rt.runner, "cache_config", None)
-        return bool(getattr(cache, "enable_prefix_caching", False)) and cfg.session_reuse and not cfg.decode_enabled
+        return self.view.prefix_caching and cfg.session_reuse and not cfg.decode_enabled
 
     # ------------------------------------------------------------------ selection, compaction
-    def end_of_step(self, tasks: list[ScoringTask], pressure: bool) -> None:
+    def end_of_step(self, tasks: list[ScoringTask], pressure: bool) -> tuple[dict[str, EvictionReport], list[str]]:
         """After the forward: requests whose last prefill chunk ran are decided; under memory
         pressure they are compacted now (blocks free before the next ``schedule()``), else at
-        the start of their first decode step (:meth:`run_pending`)."""
-        rt = self.rt
+        the start of their first decode step (:meth:`run_pending`).  Returns the reports of
+        the requests compacted now and the requests left with no per-step work (decided, no
+        decode stage)."""
         done = [t for t in tasks if t.is_last_chunk]
+        settled = []
         for task in done:
             task.state.decided = True
             if not task.state.cfg.decode_enabled:
-                rt.skip.add(task.state.req_id)
+                settled.append(task.state.req_id)
         if pressure:
-            self.compact_all(done, deferred=False)
-        else:
-            self.pending.extend(done)
+            return self.compact_all(done, deferred=False), settled
+        self.pending.extend(done)
+        return {}, settled
 
-    def run_pending(self, scheduled: dict[str, int]) -> None:
+    def run_pending(self, scheduled: dict[str, int], states: dict[str, RequestState]) -> dict[str, EvictionReport]:
         """Select and compact the requests whose prefill ended last step, before this step's
         forward reads their cache.  This keeps selection and the copies off the first token's
         path (its logits come from the prefill, before any eviction).
 
         Only requests scheduled in this step are compacted: one that finished, or was preempted
         (its blocks freed, maybe handed to another request already), is not, and one that was
-        not scheduled for any other reason keeps its full cache."""
+        not scheduled for any other reason keeps its full cache.  Returns their reports."""
         if not scheduled or not self.pending:
-            return
+            return {}
         pending, self.pending = self.pending, []
-        states = self.rt.states
-        self.compact_all([t for t in pending
-                          if t.state.req_id in scheduled and states.get(t.state.req_id) is t.state],
-                         deferred=True)
+        return self.compact_all([t for t in pending
+                                 if t.state.req_id in scheduled and states.get(t.state.req_id) is t.state],
+                                deferred=True)
 
-    def compact_all(self, tasks: list[ScoringTask], deferred: bool) -> None:
-        moves = [m for m in (self.compact(t, deferred) for t in tasks) if m is not None]
+    def compact_all(self, tasks: list[ScoringTask], deferred: bool) -> dict[str, EvictionReport]:
+        reports, moves = {}, []
+        for task in tasks:
+            move, reports[task.state.req_id] = self.compact(task, deferred)
+            if move is not None:
+                moves.append(move)
         if moves:
             # One copy per layer for all these requests (their slots are disjoint: each
             # request owns its blocks).
             src = torch.cat([m[0] for m in moves])
             dst = torch.cat([m[1] for m in moves])
-            self.rt.layout().move_many(self.rt.caches(), src, dst)
+            self.view.layout().move_many(self.view.caches(), src, dst)
+        return reports
 
-    def compact(self, task: ScoringTask, deferred: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Select and plan one request's eviction, null its hole blocks in the worker's tables
-        and queue its report.  Returns the (source, destination) slots still to be copied, in
-        every layer, before this step's forward (the caller batches the copies)."""
-        rt = self.rt
+    def compact(self, task: ScoringTask, deferred: bool) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, EvictionReport]:
+        """Select and plan one request's eviction and null its hole blocks in the worker's
+        tables.  Returns the (source, destination) slots still to be copied, in every layer,
+        before this step's forward (the caller batches the copies; None: nothing moves), and
+        the request's report to the scheduler."""
+        view = self.view
         st, cfg, T = task.state, task.state.cfg, task.end
-        bs = rt.block_size
+        bs = view.block_size
         visual = np.zeros(T, dtype=bool)
         n = min(T, len(st.visual_mask))
         visual[:n] = st.visual_mask[:n]
@@ -272,34 +282,25 @@ class PrefillStage:
         plan = plan_compaction(sel.victims.numpy(), T, bs)
         st.plan = plan
         if cfg.decode_enabled:
-            st.decode = DecodeState.after_prefill(plan, T, bs, rt.decode_bank)
+            st.decode = DecodeState.after_prefill(plan, T, bs, self.bank)
             st.decode.by_position = st.policy.decode_by_position
         if plan.is_empty:
             # Reported all the same: the scheduler learns the request's eviction is final.
-            rt.reports[st.req_id] = EvictionReport(num_prompt_tokens=T)
-            return None
-        src = rt.slots(task.block_ids, plan.move_src)
-        dst = rt.slots(task.block_ids, plan.move_dst)
-        # Null the holes in the worker's tables: the cached request state (used when the
-        # request re-enters the persistent batch) and the persistent batch row itself.
-        req = rt.runner.requests[st.req_id]
-        table = rt.runner.input_batch.block_table[0]
-        row = rt.runner.input_batch.req_id_to_index[st.req_id]
-        for h in plan.hole_blocks:
-            req.block_ids[0][h] = 0
-            table.block_table.np[row, h] = 0
-        rt.holes.add(st.req_id, len(plan.hole_blocks))
+            return None, EvictionReport(num_prompt_tokens=T)
+        src = view.slots(task.block_ids, plan.move_src)
+        dst = view.slots(task.block_ids, plan.move_dst)
+        view.null_blocks(st.req_id, plan.hole_blocks)
         num_visual = int(visual[np.asarray(plan.victims, dtype=np.int64)].sum())
-        rt.reports[st.req_id] = EvictionReport(
+        report = EvictionReport(
             hole_blocks=plan.hole_blocks,
             num_visual=num_visual,
             num_text=plan.num_evicted - num_visual,
             num_prompt_tokens=T,
         )
-        if rt.trace:
-            kernels = "triton" if use_triton(rt.layer(rt.scoring_layer).kv_cache) else "torch"
-            rt.trace.prefill(st, plan, T, num_visual, sel.diagnostics, deferred, kernels)
-        return src, dst
+        if self.trace:
+            kernels = "triton" if use_triton(view.layer(view.scoring_layer).kv_cache) else "torch"
+            self.trace.prefill(st, plan, T, num_visual, sel.diagnostics, deferred, kernels)
+        return (src, dst), report
 
 
 class LiveKeyView:

@@ -16,44 +16,45 @@ report and trace channel) and routes the three calls it receives to them:
 3. :meth:`EvictionRuntime.after_forward` once every layer has written its KV: decode budgets
    and parking, then prefill selection and compaction for requests whose last chunk ran.
 
-Holes (:mod:`hae_vllm.worker.holes`) and reports/trace (:mod:`hae_vllm.worker.trace`) have
-their own modules.
+The stages take explicit inputs and return what they decided (reports to the scheduler,
+requests with no more per-step work); the runtime owns the per-request state and the step's
+tasks and merges the decisions.  The runner's block tables are edited only by
+:class:`~hae_vllm.worker.runner_view.RunnerView`, which also keeps the hole table the
+attention backends read.  The backends call three methods and nothing else:
+:meth:`EvictionRuntime.strip_holes` (metadata builders), :meth:`EvictionRuntime.after_kv_write`
+(attention implementations) and :func:`current_runtime`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from hae_vllm import envs
 from hae_vllm.config import EvictionConfig, engine_config_from_additional
-from hae_vllm.kv_format import KVFormat
-from hae_vllm.layout import SlotLayout
-from hae_vllm.worker.decode import DecodeBank
+from hae_vllm.worker.decode_bank import DecodeBank
 from hae_vllm.worker.decode_stage import DecodeStage
-from hae_vllm.worker.holes import HoleTable
+from hae_vllm.worker.holes import metadata_without_holes
 from hae_vllm.worker.prefill import PrefillStage
+from hae_vllm.worker.runner_view import RunnerView
 from hae_vllm.worker.state import DecodeTask, RequestState, ScoringTask
-from hae_vllm.worker.trace import BIN_UPDATES_ATTR, PRESSURE_ATTR, SESSION_ATTR, EvictionReport, TraceWriter
+from hae_vllm.protocol import BIN_UPDATES_ATTR, PRESSURE_ATTR, SESSION_ATTR, EvictionReport
+from hae_vllm.worker.trace import TraceWriter
 
 if TYPE_CHECKING:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
 logger = logging.getLogger("vllm.hae_vllm")  # under vLLM's logger: its handlers and level apply
 
-# Layer queries a request may keep for scoring at selection time (off the first token's path);
-# a request whose scoring queries would take more is scored in the forward, chunk by chunk.
-_DEFER_BYTES = 64 << 20
-
 
 class EvictionRuntime:
     def __init__(self, runner: "GPUModelRunner", cfg: EvictionConfig):
-        self.runner = runner
         self.cfg = cfg
+        self.view = RunnerView(runner, check_holes=envs.check_holes())
         self.states: dict[str, RequestState] = {}
         self.tasks: list[ScoringTask] = []
         self.decode_tasks: list[DecodeTask] = []
@@ -62,126 +63,66 @@ class EvictionRuntime:
         # decode eviction (skipped first thing in the per-step loop).
         self.skip: set[str] = set()
         self.reports: dict[str, EvictionReport] = {}
-        self.holes = HoleTable(check=os.environ.get("HAE_VLLM_CHECK_HOLES", "") == "1")
         # Decode state of all requests, a row each (see DecodeBank).
         self.decode_bank = DecodeBank(getattr(runner, "max_model_len", None))
-        # 0 scores every request in the forward (tests compare the two paths).
-        self.defer_bytes = int(os.environ.get("HAE_VLLM_DEFER_SCORING_BYTES", _DEFER_BYTES))
-        self._layout: SlotLayout | None = None
-        self._scoring_layer: str | None = None
-        self._layer_names: list[str] | None = None
-        self._ordinal: dict[str, int] = {}
         self._scoring_ordinals: set[int] = set()
         # This step's decode append when it is all the scoring layer has to do (see
         # DecodeStage.append_plan); None otherwise.
-        self.decode_append: tuple | None = None
-        self._plain_keys: bool | None = None  # keys are stored as computed (no fp8 rounding)
-        self.tp_group = None
-        self.tp_size = 1
-        tp_rank = 0
-        try:
-            from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size, get_tp_group
-
-            self.tp_size = get_tensor_model_parallel_world_size()
-            if self.tp_size > 1:
-                self.tp_group = get_tp_group()
-            tp_rank = get_tensor_model_parallel_rank()
-        except Exception:  # not initialised (unit tests)
-            pass
-        self.trace = TraceWriter(cfg.trace_path, tp_rank)
-        self.prefill = PrefillStage(self)
-        self.decode = DecodeStage(self, check=os.environ.get("HAE_VLLM_CHECK_DECODE", "") == "1")
-
-    # ------------------------------------------------------------------ shared helpers
-    @property
-    def block_size(self) -> int:
-        return self.runner.kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
-
-    def attention_layers(self) -> list[str]:
-        """Names of the attention layers, in decoder order (ordinal 0 scores)."""
-        if self._layer_names is None:
-            from vllm.model_executor.models.utils import extract_layer_index
-
-            groups = self.runner.kv_cache_config.kv_cache_groups
-            names = sorted((n for g in groups for n in g.layer_names), key=extract_layer_index)
-            self._layer_names = names
-            self._ordinal = {n: i for i, n in enumerate(names)}
-            self._scoring_layer = names[0]
-        return self._layer_names
+        self.decode_append = None
+        self.trace = TraceWriter(cfg.trace_path, self.view.tp_rank)
+        # 0 scores every request in the forward (tests compare the two paths).
+        self.prefill = PrefillStage(self.view, self.decode_bank, self.trace, envs.defer_scoring_bytes())
+        self.decode = DecodeStage(self.view, self.decode_bank, self.trace, check=envs.check_decode())
 
     @property
-    def scoring_layer(self) -> str:
-        self.attention_layers()
-        assert self._scoring_layer is not None
-        return self._scoring_layer
+    def runner(self) -> "GPUModelRunner":
+        return self.view.runner
 
-    def layer(self, name: str):
-        return self.runner.compilation_config.static_forward_context[name]
+    @property
+    def holes(self):
+        return self.view.holes
 
-    def layout(self) -> SlotLayout:
-        if self._layout is None:
-            layer = self.layer(self.scoring_layer)
-            kv = layer.kv_cache
-            spec = self.runner.kv_cache_config.kv_cache_groups[0].kv_cache_spec
-            impl = layer.impl
-
-            def write(k, v, cache, slots):
-                impl.do_kv_cache_update(layer, k, v, cache, slots)
-
-            fmt = KVFormat.of_layers(impl, [self.layer(n) for n in self.attention_layers()], self.runner.dtype)
-            self._layout = SlotLayout.probe(
-                write,
-                tuple(kv.shape),
-                kv.dtype,
-                self.runner.kv_cache_config.num_blocks,
-                spec.block_size,
-                spec.num_kv_heads,
-                spec.head_size,
-                device=kv.device,
-                kv_format=fmt,
-                write_scales=fmt.scales_of(kv),
-            )
-        return self._layout
-
-    def caches(self) -> list[torch.Tensor]:
-        """Every attention layer's KV cache tensor, once each (one plan, all layers)."""
-        seen: set[int] = set()
-        caches = []
-        for name in self.attention_layers():
-            kv = self.layer(name).kv_cache
-            if kv.data_ptr() not in seen:
-                seen.add(kv.data_ptr())
-                caches.append(kv)
-        return caches
-
-    def slots(self, block_ids: list[int], positions) -> torch.Tensor:
-        """Physical slots of logical ``positions`` (any int sequence) of a request; int64, CPU."""
-        bs = self.block_size
-        pos = np.asarray(positions, dtype=np.int64)
-        table = np.asarray(block_ids, dtype=np.int64)
-        return torch.from_numpy(table[pos // bs] * bs + pos % bs)
-
-    # ------------------------------------------------------------------ what the backends ask
-    def has_holes(self) -> bool:
-        return self.holes.any()
+    # ------------------------------------------------------------------ what the backends call
+    def strip_holes(self, common_attn_metadata, block_size: int):
+        """The metadata builders' call: ``CommonAttentionMetadata`` with this process's null
+        holes dropped from every block-table row (the same object when there are none)."""
+        if not self.view.holes.num_requests:
+            return common_attn_metadata
+        return metadata_without_holes(common_attn_metadata, self.view.holes, self.view.batch_req_ids, block_size)
 
     def drop_holes(self, block_table: torch.Tensor, seq_lens: torch.Tensor, block_size: int,
                    num_reqs: int | None = None):
         """:func:`~hae_vllm.worker.holes.drop_hole_blocks` for this step's batch (rows in
         ``input_batch`` order, the first ``num_reqs``), cached across steps
         (:meth:`~hae_vllm.worker.holes.HoleTable.drop`)."""
-        return self.holes.drop(block_table, seq_lens, block_size, self.runner.input_batch.req_ids, num_reqs)
+        return self.view.holes.drop(block_table, seq_lens, block_size, self.view.batch_req_ids, num_reqs)
 
-    def _keys_as_computed(self) -> bool:
-        """The cache stores keys as the layer computed them (no fp8 rounding to mirror)."""
-        if self._plain_keys is None:
-            self._plain_keys = not self.layout().kv_format.quantized
-        return self._plain_keys
+    def after_kv_write(self, impl, layer, query: torch.Tensor, key: torch.Tensor, kv_cache: torch.Tensor,
+                       attn_metadata) -> None:
+        """The attention implementations' call, once a layer has written this step's KV:
+        layer-0 decode scoring and prefill scoring where a request asked for this layer."""
+        name = getattr(layer, "layer_name", None)
+        plan = self.decode_append
+        if plan is not None:
+            # Most decode steps with score_interval k > 1: this step's layer-0 key and query join
+            # the bank, nothing is scored, and no other layer has work.
+            if name == plan.layer:
+                self.decode.append(plan, query, key)
+            return
+        if not self.wants_scoring(name):
+            return
+        qsl = getattr(attn_metadata, "query_start_loc_cpu", None)
+        if qsl is None:
+            qsl = attn_metadata.query_start_loc
+        # Scoring reads what attention reads: with an fp8 cache, this step's keys as stored
+        # (rounded through the format and the layer's scale), like every earlier key it gathers.
+        key = self.view.layout().as_stored_keys(key, kv_cache)
+        self.score(impl, name, query, key, kv_cache, qsl.cpu())
 
-    def wants_scoring(self, layer_name: str) -> bool:
+    def wants_scoring(self, layer_name: str | None) -> bool:
         if not self._scoring_ordinals:
             return False
-        return self._ordinal.get(layer_name, -1) in self._scoring_ordinals
+        return self.view.ordinal(layer_name) in self._scoring_ordinals
 
     # ------------------------------------------------------------------ 1. step start
     def _drop(self, req_id: str) -> None:
@@ -190,7 +131,7 @@ class EvictionRuntime:
             self.decode_bank.release(st.decode.row)
             st.decode = None
         self.skip.discard(req_id)
-        self.holes.forget(req_id)
+        self.view.holes.forget(req_id)
 
     def on_states_updated(self, scheduler_output) -> None:
         self.tasks = []
@@ -209,16 +150,20 @@ class EvictionRuntime:
         started = getattr(scheduler_output, SESSION_ATTR, None)
         if started:
             self._start_sessions(started)
-        self.decode.apply_bin_updates(getattr(scheduler_output, BIN_UPDATES_ATTR, None))
+        self.decode.apply_bin_updates(getattr(scheduler_output, BIN_UPDATES_ATTR, None), self.states)
         self._pressure = getattr(scheduler_output, PRESSURE_ATTR, True)
-        self.prefill.run_pending(scheduler_output.num_scheduled_tokens)
+        self.reports.update(self.prefill.run_pending(scheduler_output.num_scheduled_tokens, self.states))
         if not scheduler_output.num_scheduled_tokens:
             return
-        self.attention_layers()
-        runner = self.runner
+        self._build_tasks(scheduler_output, started)
+
+    def _build_tasks(self, scheduler_output, started) -> None:
+        """This step's prefill scoring and decode tasks, and the layers they score at."""
+        num_layers = len(self.view.attention_layers())
+        runner = self.view.runner
         index = runner.input_batch.req_id_to_index
         skip = self.skip
-        bs = self.block_size
+        bs = self.view.block_size
         bank = self.decode_bank
         slot_pos, scored = bank.slot_pos, bank.scored
         multi = []  # (row, first, count) of decode requests running several tokens
@@ -230,12 +175,13 @@ class EvictionRuntime:
             if req is None:
                 continue
             if st is None:
-                if (req_id in self.holes and req_id not in (started or ())) or req.num_computed_tokens >= req.num_tokens:
+                if (req_id in self.view.holes and req_id not in (started or ())) or req.num_computed_tokens >= req.num_tokens:
                     continue
-                st = self.prefill.start(req)
+                st = self.prefill.start(req, self.cfg)
                 if st is None:
                     skip.add(req_id)
                     continue
+                self.states[req_id] = st
             if st.decided:
                 ds = st.decode
                 if ds is not None:
@@ -273,42 +219,38 @@ class EvictionRuntime:
             if not self.tasks and not multi:
                 # One token per request in the whole batch: a request's query row is its batch row.
                 unit = scheduler_output.total_num_scheduled_tokens == len(scheduler_output.num_scheduled_tokens)
-                if unit and self._keys_as_computed():
+                if unit and self.view.keys_as_computed():
                     self.decode_append = self.decode.append_plan(self.decode_tasks)
-        if self.tasks:
-            num_layers = len(self.attention_layers())
-            for task in self.tasks:
-                sc = task.state.scoring
-                if sc is not None:
-                    self._scoring_ordinals.update(range(num_layers) if sc.layers is None else sc.layers)
+        for task in self.tasks:
+            sc = task.state.scoring
+            if sc is not None:
+                self._scoring_ordinals.update(range(num_layers) if sc.layers is None else sc.layers)
 
     def _start_sessions(self, started: dict) -> None:
         """Requests served a conversation hit (hae_vllm.engine.sessions): their tables hold
         null placeholders where the earlier request had holes."""
         for req_id, (source, num_tokens) in started.items():
-            req = self.runner.requests.get(req_id)
+            req = self.view.runner.requests.get(req_id)
             if req is None:
                 continue
-            num_holes = sum(1 for b in req.block_ids[0][: num_tokens // self.block_size] if b == 0)
-            if num_holes:
-                self.holes.add(req_id, num_holes)
+            self.view.note_session(req_id, num_tokens)
             if self.trace:
                 self.trace.session(req_id, source, num_tokens, req.num_tokens)
 
     # ------------------------------------------------------------------ 2. scoring layers
     def score(self, impl, layer_name: str, query: torch.Tensor, key: torch.Tensor, kv_cache: torch.Tensor,
               query_start_loc: torch.Tensor) -> None:
-        """Called by a scoring layer's attention after it wrote this step's KV.
+        """Scoring at one layer, after it wrote this step's KV.
 
         query: [num_tokens, num_heads, head_dim], key: [num_tokens, num_kv_heads, head_dim] of
         the layer (post-RoPE); kv_cache: the layer's cache."""
-        ordinal = self._ordinal[layer_name]
-        layout = self.layout()
+        ordinal = self.view.ordinal(layer_name)
+        layout = self.view.layout()
         qsl = query_start_loc.tolist()
         if ordinal == 0 and self.decode_tasks:
             self.decode.score(self.decode_tasks, impl, query, key, kv_cache, qsl, layout)
         if self.tasks:
-            self.prefill.score(impl, ordinal, query, key, kv_cache, qsl, layout)
+            self.prefill.score(self.tasks, impl, ordinal, query, key, kv_cache, qsl, layout)
 
     # ------------------------------------------------------------------ 3. after forward
     def after_forward(self) -> None:
@@ -316,15 +258,17 @@ class EvictionRuntime:
         dtasks, self.decode_tasks = self.decode_tasks, []
         # A request compacted at the start of this step (its first decode step) may also park
         # now: both reports reach the scheduler, in one.
-        early, self.reports = self.reports, {}
-        self.decode.end_of_step(dtasks)
+        early = self.reports
+        self.reports = self.decode.end_of_step(dtasks)
         for req_id, rep in early.items():
             later = self.reports.get(req_id)
             self.reports[req_id] = rep if later is None else dataclasses.replace(
                 later, hole_blocks=rep.hole_blocks, num_visual=rep.num_visual, num_text=rep.num_text,
                 num_prompt_tokens=rep.num_prompt_tokens)
         tasks, self.tasks = self.tasks, []
-        self.prefill.end_of_step(tasks, self._pressure)
+        reports, settled = self.prefill.end_of_step(tasks, self._pressure)
+        self.reports.update(reports)
+        self.skip.update(settled)
 
     def take_reports(self) -> dict[str, EvictionReport]:
         reports, self.reports = self.reports, {}

@@ -10,7 +10,7 @@ from hae_vllm.config import EvictionConfig
 from hae_vllm.plan import EvictionPlan
 from hae_vllm.policies.attention import LayerAccumulator
 from hae_vllm.policies.base import Policy, ScoringRequest
-from hae_vllm.worker.decode import DecodeState
+from hae_vllm.worker.decode_bank import DecodeState
 
 
 @dataclass

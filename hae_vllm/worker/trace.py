@@ -1,50 +1,11 @@
-"""The worker's channel out: reports to the scheduler (with each step's output) and the trace.
-
-Reports travel as an attribute of ``ModelRunnerOutput`` and tell the EngineCore's scheduler what
-to free (prefill holes), park, release or take back (decode bin).  The scheduler answers through
-attributes of the next ``SchedulerOutput``: memory pressure and the bin updates it confirmed.
-The trace (``trace_path``) is one JSON line per eviction event: what the HF oracle replays.
+"""The eviction trace (``trace_path``): one JSON line per eviction event, what the HF oracle
+replays.  (The messages to the scheduler are in :mod:`hae_vllm.protocol`.)
 """
 
 from __future__ import annotations
 
 import json
 import threading
-from dataclasses import dataclass
-
-REPORT_ATTR = "hae_eviction_reports"
-"""Attribute of ModelRunnerOutput carrying {req_id: EvictionReport} to the scheduler."""
-
-PRESSURE_ATTR = "hae_memory_pressure"
-"""Attribute of SchedulerOutput: True when the pool is short of blocks (free evicted blocks now)."""
-
-BIN_UPDATES_ATTR = "hae_bin_updates"
-"""Attribute of SchedulerOutput carrying {req_id: BinUpdates} (restores confirmed, blocks lost)."""
-
-SESSION_ATTR = "hae_sessions"
-"""Attribute of SchedulerOutput: {req_id: (source req_id, tokens)} for requests that start this
-step from the cache an earlier request left (``hae_vllm.engine.sessions``)."""
-
-
-@dataclass(frozen=True)
-class EvictionReport:
-    """Worker -> scheduler, per request and step.
-
-    hole_blocks: logical blocks that are now null holes (prefill eviction: free them);
-    num_prompt_tokens: the tokens a prefill decision saw (set by every decision, one that
-    evicts nothing included: the scheduler then knows the request's eviction is final);
-    parked: (logical index, block id) moved to the recycle bin (decode eviction);
-    released: parked block ids released for good; restore: (index, block id) to take back.
-    """
-
-    hole_blocks: tuple[int, ...] = ()
-    num_visual: int = 0
-    num_text: int = 0
-    num_prompt_tokens: int = 0
-    parked: tuple[tuple[int, int], ...] = ()
-    released: tuple[int, ...] = ()
-    restore: tuple[tuple[int, int], ...] = ()
-
 
 class TraceWriter:
     """Appends eviction events to ``path`` (None: nothing is written), one JSON object a line.

@@ -1,4 +1,6 @@
-"""Dynamic Decoding Eviction, worker side (HAE's decode stage).
+"""The decode stage's data: per-request decode state in one shared bank, recycle-bin entries,
+and the parking and restore choices (HAE's Dynamic Decoding Eviction; the stage that drives them
+is :mod:`hae_vllm.worker.decode_stage`).
 
 Per request, after its prefill was planned:
 
@@ -286,14 +288,7 @@ class DecodeBank:
             nq[r] = s + 1
 
     def _host(self, t: torch.Tensor) -> np.ndarray | None:
-        """:func:`host_view` of a bank tensor, cached while the tensor is the same object."""
-        cache = self._host_views
-        hit = cache.get(id(t))
-        if hit is None or hit[0] is not t:
-            hit = cache[id(t)] = (t, host_view(t))
-            for key in [k for k, v in cache.items() if v[0] is not self.keys and v[0] is not self.queued_q]:
-                del cache[key]  # views of replaced tensors
-        return hit[1]
+        return _cached_host_view(self._host_views, t, (self.keys, self.queued_q))
 
     def take_queued(self, rows: np.ndarray):
         """Empty the rows' queues: returns (queries [len(rows), N, num_heads, head_dim],
@@ -321,25 +316,15 @@ class DecodeBank:
         self.queued_q = like_q.new_zeros((self.num_rows, length) + tuple(like_q.shape[1:]))
         if keep:
             self.queued_q[:, : old.shape[1]] = old
-        pos = np.zeros((self.num_rows, length), dtype=np.int64)
-        pos[:, : self.queued_pos.shape[1]] = self.queued_pos
-        self.queued_pos = pos
-        pend = np.zeros((self.num_rows, length), dtype=bool)
-        pend[:, : self.key_pending.shape[1]] = self.key_pending
-        self.key_pending = pend
+        self.queued_pos = _padded(self.queued_pos, (self.num_rows, length), 0)
+        self.key_pending = _padded(self.key_pending, (self.num_rows, length), False)
 
     def _resize(self, rows: int, cap: int) -> None:
         self.flush()
         old_rows, old_cap = self.slot_pos.shape
-
-        def grow(a, fill):
-            out = np.full((rows, cap), fill, dtype=a.dtype)
-            out[:old_rows, :old_cap] = a
-            return out
-
-        self.slot_pos = grow(self.slot_pos, -1)
-        self.score = grow(self.score, 0)
-        self.scored = grow(self.scored, False)
+        self.slot_pos = _padded(self.slot_pos, (rows, cap), -1)
+        self.score = _padded(self.score, (rows, cap), 0)
+        self.scored = _padded(self.scored, (rows, cap), False)
         if self.keys is not None:
             H, D = self.keys.shape[1], self.keys.shape[3]
             keys = self.keys.new_zeros((rows, H, cap, D))
@@ -348,12 +333,8 @@ class DecodeBank:
         if rows != old_rows:
             self.interval = np.concatenate([self.interval, np.ones(rows - old_rows, dtype=np.int64)])
             self.num_queued = np.concatenate([self.num_queued, np.zeros(rows - old_rows, dtype=np.int64)])
-            pos = np.zeros((rows, self.queued_pos.shape[1]), dtype=np.int64)
-            pos[:old_rows] = self.queued_pos
-            self.queued_pos = pos
-            pend = np.zeros((rows, self.key_pending.shape[1]), dtype=bool)
-            pend[:old_rows] = self.key_pending
-            self.key_pending = pend
+            self.queued_pos = _padded(self.queued_pos, (rows, self.queued_pos.shape[1]), 0)
+            self.key_pending = _padded(self.key_pending, (rows, self.key_pending.shape[1]), False)
             if self.queued_q is not None:
                 g = self.queued_q.new_zeros((rows,) + tuple(self.queued_q.shape[1:]))
                 g[:old_rows] = self.queued_q
@@ -361,6 +342,24 @@ class DecodeBank:
         for row in range(old_rows, rows):
             heapq.heappush(self._free, row)
         self.capacity = cap
+
+
+def _cached_host_view(cache: dict[int, tuple], t: torch.Tensor, live: tuple) -> np.ndarray | None:
+    """:func:`host_view` of a bank tensor, cached in ``cache`` while the tensor is the same
+    object; views of tensors no longer in ``live`` (replaced by a resize) are dropped."""
+    hit = cache.get(id(t))
+    if hit is None or hit[0] is not t:
+        hit = cache[id(t)] = (t, host_view(t))
+        for key in [k for k, v in cache.items() if not any(v[0] is x for x in live)]:
+            del cache[key]  # views of replaced tensors
+    return hit[1]
+
+
+def _padded(a: np.ndarray, shape: tuple[int, int], fill) -> np.ndarray:
+    """``a`` in the leading corner of a new ``shape`` array filled with ``fill``."""
+    out = np.full(shape, fill, dtype=a.dtype)
+    out[: a.shape[0], : a.shape[1]] = a
+    return out
 
 
 @dataclass
