@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -199,7 +198,9 @@ def run_in_subprocess(spec: ConversationSpec, timeout: float = 1200) -> dict[str
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         if spec.tensor_parallel_size > 1:
             env["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"  # one core per CPU worker
-        proc = subprocess.run([sys.executable, "-m", "hae_lab.conversation", str(Path(tmp) / "spec.json"),
+        from hae_vllm.testing.scenario import launcher
+
+        proc = launcher()([sys.executable, "-m", "hae_lab.conversation", str(Path(tmp) / "spec.json"),
                                str(out), str(trace_path)], env=env, capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0 or not out.exists():
             raise RuntimeError(f"conversation run failed (exit {proc.returncode}):\n{proc.stderr[-6000:]}")

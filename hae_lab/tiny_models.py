@@ -76,8 +76,6 @@ import shutil
 import tempfile
 from typing import Callable
 
-import numpy as np
-
 from hae_vllm.testing.inputs import (  # noqa: F401  (re-exported: the builders' prompts and images)
     KINDS,
     LLAVA_IMAGE_SIZE,
@@ -93,7 +91,6 @@ from hae_vllm.testing.inputs import (  # noqa: F401  (re-exported: the builders'
     llava_numbered_prompt,
     llava_prompt,
     make_test_image,
-    make_test_video,
     qwen2vl_prompt,
     tiny_model_cache_root as _cache_root,
     tiny_model_dir_name as _dir_name,

@@ -11,6 +11,42 @@ os.environ.setdefault("HAE_VLLM_CHECK_HOLES", "1")
 os.environ.setdefault("HAE_VLLM_CHECK_DECODE", "1")
 
 
+@pytest.fixture(autouse=True)
+def _environment_as_it_was():
+    """Each test leaves the environment as it found it.  vLLM's CPU platform sets variables
+    for its workers while it configures an engine (LD_PRELOAD, VLLM_WORKER_MULTIPROC_METHOD, ...);
+    a test that builds a vLLM config in this process must not hand them to every process the
+    later tests start."""
+    saved = dict(os.environ)
+    yield
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def python_run():
+    """``subprocess.run`` for Python commands, forked from a process that has torch and vLLM
+    imported (hae_lab/zygote.py: about 20 s saved per engine process); scenario runs use it too.
+    ``HAE_VLLM_TEST_NO_ZYGOTE=1`` starts every process plainly."""
+    import subprocess
+
+    from hae_vllm.testing import scenario
+
+    if os.environ.get("HAE_VLLM_TEST_NO_ZYGOTE") == "1":
+        yield subprocess.run
+        return
+    from hae_lab.zygote import Zygote
+
+    zygote = Zygote.start()
+    scenario.set_launcher(zygote.run)
+    try:
+        yield zygote.run
+    finally:
+        scenario.set_launcher(None)
+        zygote.close()
+
+
 @pytest.fixture(scope="session")
 def llava_path():
     from hae_lab.tiny_models import tiny_model_path

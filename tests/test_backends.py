@@ -2,6 +2,7 @@
 tensors: the metadata its builder hands to the kernels has the null holes dropped, and a
 backend eviction does not patch is refused at start-up."""
 
+import os
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -154,11 +155,20 @@ def test_a_plain_backend_is_refused():
         backends.check_attention_backends([[split]], "hae")
 
 
+_PLAIN_ENGINE = """
+import sys
+from vllm import LLM, SamplingParams
+llm = LLM(model=sys.argv[1], max_model_len=1024, enforce_eager=True)
+out = llm.generate(["USER: hello ASSISTANT:"], SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)
+print("@@generated", len(out[0].outputs[0].token_ids))
+"""
+
+
 @pytest.mark.engine
-def test_serve_refuses_a_backend_it_does_not_patch(llava_path, tmp_path, monkeypatch):
+def test_serve_refuses_a_backend_it_does_not_patch(llava_path, monkeypatch):
     """`vllm serve --kv-eviction hae` with CPU_ATTN left plain (test-only switch) stops at
-    start-up naming the backend; without eviction the same server starts."""
-    from hae_lab.server import ServerError, vllm_server
+    start-up naming the backend; without eviction an engine on the same plain backend starts."""
+    from hae_vllm.testing.scenario import launcher
 
     monkeypatch.setenv("HAE_VLLM_TEST_UNREGISTERED_BACKENDS", "CPU_ATTN")
     vllm = str(__import__("pathlib").Path(sys.executable).parent / "vllm")
@@ -168,9 +178,7 @@ def test_serve_refuses_a_backend_it_does_not_patch(llava_path, tmp_path, monkeyp
     assert out.returncode != 0
     assert "vLLM chose the attention backend CPU_ATTN" in text, text[-3000:]
     assert "Supported backends: CPU_ATTN, FLASH_ATTN, TRITON_ATTN, FLASHINFER" in text
-    try:
-        with vllm_server(llava_path, ["--max-model-len", "1024", "--enforce-eager"], tmp_path / "plain.log",
-                         timeout=240):
-            pass
-    except ServerError as e:
-        pytest.fail(f"eviction off must still start with a plain backend: {e}")
+    # Without eviction the same (plain) backend serves: an engine starts and generates.
+    plain = launcher()([sys.executable, "-c", _PLAIN_ENGINE, llava_path], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
+    assert plain.returncode == 0 and "@@generated 2" in plain.stdout, plain.stderr[-3000:]

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from hae_vllm.testing.scenario import launcher  # the suite's launcher (tests/conftest.py)
+
 pytestmark = pytest.mark.engine
 
 REPO = Path(__file__).resolve().parent.parent
@@ -73,7 +75,7 @@ DECODE_LINE = re.compile(r"^describe_full=(\S+) greedy=(\S+) bin=(\S+) kv_kept_f
 
 
 def _run(args, out):
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "accuracy.py"), *args, "--out", str(out)],
+    proc = launcher()([sys.executable, str(REPO / "benchmarks" / "accuracy.py"), *args, "--out", str(out)],
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc.stdout.strip().splitlines()[-1]

@@ -9,11 +9,10 @@ in an engine alone in its process."""
 
 import json
 import os
-import subprocess
 import sys
 from dataclasses import asdict
 
-from hae_vllm.testing.scenario import RequestSpec, ScenarioSpec, run_in_subprocess
+from hae_vllm.testing.scenario import RequestSpec, ScenarioSpec, launcher, run_in_subprocess
 
 REQ = RequestSpec(text="Tell me a long story about this picture.", images=[77], max_tokens=72)
 # Decode eviction from the first steps (no prefill eviction), scored every 4 steps.
@@ -48,7 +47,7 @@ def test_an_evicting_engine_beside_a_plain_one_in_one_process(tmp_path):
     alone = run_in_subprocess(spec)["results"][0]
     assert sum(1 for e in alone["decode_events"] if e["kind"] == "park") >= 2, "the request parks (test premise)"
 
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(asdict(spec)), str(tmp_path / "trace.jsonl")],
+    proc = launcher()([sys.executable, "-c", SCRIPT, json.dumps(asdict(spec)), str(tmp_path / "trace.jsonl")],
                           capture_output=True, text=True, timeout=900,
                           env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("@@")]

@@ -12,9 +12,10 @@ from pathlib import Path
 
 def test_triton_kernels_match_torch_references():
     here = Path(__file__).parent
-    env = dict(os.environ, TRITON_INTERPRET="1")
+    # One process, no zygote: the cases start no engine.
+    env = dict(os.environ, TRITON_INTERPRET="1", HAE_VLLM_TEST_NO_ZYGOTE="1")
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(here / "kernel_cases.py")],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0", str(here / "kernel_cases.py")],
         cwd=here.parent, env=env, capture_output=True, text=True, timeout=600,
     )
     out = proc.stdout + proc.stderr

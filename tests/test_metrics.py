@@ -3,7 +3,6 @@ they arrive through vLLM's stat logger plugin group (``vllm serve``) and, offlin
 logger hae_vllm.patches.metrics hands the LLMEngine."""
 
 import json
-import subprocess
 import sys
 import textwrap
 from types import SimpleNamespace
@@ -12,6 +11,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from hae_vllm.metrics import STATS_KEY, observe
+from hae_vllm.testing.scenario import launcher  # the suite's launcher (tests/conftest.py)
 
 
 def _value(name: str, **labels) -> float:
@@ -182,6 +182,8 @@ _CHILD = textwrap.dedent("""
         out["exposition"] = "vllm:hae_freed_kv_blocks_total" in generate_latest(REGISTRY).decode()
 
     asyncio.run(serve())
+    import os
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the offline engine core in this process
     llm = LLM(disable_log_stats=False, **common)  # a second engine in this process
     out["offline_loggers"] = loggers(llm.llm_engine.logger_manager)
     llm.generate([prompt], params, use_tqdm=False)
@@ -192,7 +194,7 @@ _CHILD = textwrap.dedent("""
 
 @pytest.mark.engine
 def test_counters_arrive_through_the_plugin_logger(llava_path):
-    proc = subprocess.run([sys.executable, "-c", _CHILD, llava_path], capture_output=True, text=True, timeout=600)
+    proc = launcher()([sys.executable, "-c", _CHILD, llava_path], capture_output=True, text=True, timeout=600)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-4000:]
     out = json.loads(lines[-1][len("RESULT "):])

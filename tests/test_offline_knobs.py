@@ -2,10 +2,11 @@
 is rendered or queued, and the engine carries on."""
 
 import json
-import subprocess
 import sys
 
 import pytest
+
+from hae_vllm.testing.scenario import launcher  # the suite's launcher (tests/conftest.py)
 
 pytestmark = pytest.mark.engine
 
@@ -38,7 +39,7 @@ print("@@" + json.dumps(out))
 
 
 def test_bad_knob_in_a_batch_raises_before_anything_is_queued(llava_path):
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, llava_path], capture_output=True, text=True, timeout=600,
+    proc = launcher()([sys.executable, "-c", SCRIPT, llava_path], capture_output=True, text=True, timeout=600,
                           env={**__import__("os").environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("@@")]
     assert proc.returncode == 0 and lines, proc.stderr[-4000:]

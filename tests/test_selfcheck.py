@@ -4,7 +4,6 @@ it), fails when the replayed evictions are wrong; plus its parts without an engi
 import json
 import re
 import shutil
-import subprocess
 import sys
 
 import pytest
@@ -12,13 +11,14 @@ import pytest
 from hae_vllm import selfcheck
 from hae_vllm.testing import scenario
 from hae_vllm.testing.oracle import OracleResult, Tolerance, compare_with_oracle
+from hae_vllm.testing.scenario import launcher  # the suite's launcher (tests/conftest.py)
 from hae_lab.tiny_models import llava_prompt, qwen2vl_prompt
 
 LAST_LINE = r"selfcheck=(pass|fail) requests=(\d+) token_match=(\d+)/(\d+) max_logprob_diff=(\S+)"
 
 
 def _cli(*args, timeout=1200):
-    return subprocess.run([sys.executable, "-m", "hae_vllm.selfcheck", *args],
+    return launcher()([sys.executable, "-m", "hae_vllm.selfcheck", *args],
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -152,20 +152,17 @@ def test_help_lists_the_flag():
     assert out.returncode == 0, out.stderr[-2000:]
     assert "KVEviction" in out.stdout
     out = subprocess.run([VLLM, "serve", "--help=kv-eviction"], capture_output=True, text=True, timeout=120)
-    assert "--kv-eviction {" in out.stdout
-    out = subprocess.run([VLLM, "serve", "--help=all"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "--kv-eviction {fastv,h2o,hae,madakv,none,random,snapkv,streamingllm}" in out.stdout
     assert "--kv-eviction-config" in out.stdout
 
 
+# Two cases through the real command (argparse's check, and the config layer every other bad
+# setting goes through: its messages are tests/test_config.py's); each costs a vLLM import.
 @pytest.mark.parametrize(
     "args,needle",
     [
         (["--kv-eviction", "bogus"], "invalid choice"),
-        (["--kv-eviction", "hae", "--kv-eviction-config", "{not json"], "not valid JSON"),
-        (["--kv-eviction", "hae", "--kv-eviction-config", '{"budget": 0}'], "budget"),
-        (["--kv-eviction", "hae", "--kv-eviction-config", "no_such_preset"], "no such file"),
         (["--kv-eviction", "hae", "--kv-eviction-config", '{"nonsense": 1}'], "unknown kv eviction setting"),
     ],
 )

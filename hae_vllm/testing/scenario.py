@@ -22,7 +22,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 
 @dataclass
@@ -565,6 +565,22 @@ def _subprocess_env(spec: ScenarioSpec) -> dict[str, str]:
     return env
 
 
+# How scenario processes start: ``subprocess.run`` unless a harness installs another launcher
+# with the same signature (the test suite forks them from a process that has vLLM imported:
+# hae_lab/zygote.py).
+_launcher: Callable[..., subprocess.CompletedProcess] = subprocess.run
+
+
+def set_launcher(launcher: Callable[..., subprocess.CompletedProcess] | None) -> None:
+    """Start scenario processes with ``launcher`` (None: ``subprocess.run``)."""
+    global _launcher
+    _launcher = launcher or subprocess.run
+
+
+def launcher() -> Callable[..., subprocess.CompletedProcess]:
+    return _launcher
+
+
 def run_in_subprocess(spec: ScenarioSpec, timeout: float = 900) -> dict[str, Any]:
     """Run ``spec`` in a fresh Python process and return its record."""
     with tempfile.TemporaryDirectory(prefix="hae_scenario_") as tmp:
@@ -572,7 +588,7 @@ def run_in_subprocess(spec: ScenarioSpec, timeout: float = 900) -> dict[str, Any
         out_path = Path(tmp) / "out.json"
         spec_path.write_text(json.dumps(asdict(spec)))
         env = _subprocess_env(spec)
-        proc = subprocess.run(
+        proc = _launcher(
             [sys.executable, "-m", "hae_vllm.testing.scenario", str(spec_path), str(out_path)],
             env=env,
             capture_output=True,
