@@ -11,17 +11,25 @@ os.environ.setdefault("HAE_VLLM_CHECK_HOLES", "1")
 os.environ.setdefault("HAE_VLLM_CHECK_DECODE", "1")
 
 
+# The environment every test starts from: as the session found it once the tests were collected
+# (set by python_run, before it starts the zygote from the same environment).
+_SESSION_ENV: dict[str, str] = {}
+
+
 @pytest.fixture(autouse=True)
 def _environment_as_it_was():
-    """Each test leaves the environment as it found it.  vLLM's CPU platform sets variables
-    for its workers while it configures an engine (LD_PRELOAD, VLLM_WORKER_MULTIPROC_METHOD, ...);
-    a test that builds a vLLM config in this process must not hand them to every process the
-    later tests start."""
-    saved = dict(os.environ)
+    """Each test (and the module fixtures before it) leaves the environment as the session
+    found it.  vLLM's CPU platform sets variables for its workers while it configures an
+    engine (LD_PRELOAD, VLLM_WORKER_MULTIPROC_METHOD, ...); a test or module fixture that builds
+    a vLLM config in this process must not hand them to every process the later tests start.
+    pytest's own ``PYTEST_*`` variables are left to pytest."""
     yield
-    if os.environ != saved:
+    if not _SESSION_ENV:
+        return
+    target = {**_SESSION_ENV, **{k: v for k, v in os.environ.items() if k.startswith("PYTEST_")}}
+    if os.environ != target:
         os.environ.clear()
-        os.environ.update(saved)
+        os.environ.update(target)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -32,6 +40,8 @@ def python_run():
     import subprocess
 
     from hae_vllm.testing import scenario
+
+    _SESSION_ENV.update(os.environ)
 
     if os.environ.get("HAE_VLLM_TEST_NO_ZYGOTE") == "1":
         yield subprocess.run
