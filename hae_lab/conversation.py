@@ -52,6 +52,8 @@ class ConversationSpec:
     # one batch (every prompt's prefill at once: the worst case for eviction's peak).
     stagger: bool = False
     image_base: int = 7000
+    env: dict = field(default_factory=dict)  # extra environment for the engine process
+    engine_kwargs: dict = field(default_factory=dict)  # more vllm.LLM(...) arguments
 
 
 def conversation_prompt(history: list[tuple[str, str]], question: str, num_images: int) -> str:
@@ -93,7 +95,7 @@ def run(spec: ConversationSpec, trace_path: str | None) -> dict[str, Any]:
     for name in ("num_gpu_blocks_override", "max_num_batched_tokens", "max_num_seqs"):
         if getattr(spec, name) is not None:
             kwargs[name] = getattr(spec, name)
-    llm = LLM(**kwargs)
+    llm = LLM(**{**kwargs, **spec.engine_kwargs})
     inst = EngineInstruments(llm)
     blocks = _BlockLog(inst.sched)
     sp = SamplingParams(max_tokens=spec.max_tokens, temperature=0.0, ignore_eos=True, logprobs=1,
@@ -194,7 +196,7 @@ def run_in_subprocess(spec: ConversationSpec, timeout: float = 1200) -> dict[str
         out = Path(tmp) / "out.json"
         trace_path = Path(tmp) / "trace.jsonl"
         (Path(tmp) / "spec.json").write_text(json.dumps(asdict(spec)))
-        env = dict(os.environ)
+        env = {**os.environ, **spec.env}
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         if spec.tensor_parallel_size > 1:
             env["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"  # one core per CPU worker

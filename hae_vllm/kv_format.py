@@ -131,3 +131,26 @@ class KVFormat:
         if not self.quantized:
             return x
         return self.decode(self.encode(x, scale), scale).to(x.dtype)
+
+
+def dequantized_query(query: torch.Tensor, layer, dtype: torch.dtype) -> torch.Tensor:
+    """The layer's query as the model computed it, in ``dtype``.
+
+    With an fp8 KV cache, vLLM quantizes the query before the attention backend sees it on the
+    backends that accept an fp8 query (``impl.supports_quant_query_input``: FlashAttention 3,
+    FlashInfer on SM100, Triton on CUDA), as ``q / layer._q_scale`` (one scale per tensor, or
+    one per KV head for the query heads of that head's group: vLLM's ``QuantFP8`` with
+    ``GroupShape(-1, head_size * num_heads // num_kv_heads)``).  Scoring needs the query's
+    values: this undoes the scale.  Any other query is returned as it is."""
+    if query.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
+        return query
+    scale = getattr(layer, "_q_scale", None)
+    q = query.to(torch.float32)
+    if scale is not None:
+        scale = scale.to(q.device, torch.float32)
+        if scale.numel() == 1:
+            q = q * scale.reshape(())
+        else:  # one scale per KV head, over that head's group of query heads
+            shape = q.shape
+            q = (q.reshape(shape[0], scale.numel(), -1) * scale.reshape(1, -1, 1)).reshape(shape)
+    return q.to(dtype)

@@ -16,6 +16,9 @@ attribute                    carried by                   value
 :data:`SESSION_ATTR`         ``SchedulerOutput``          ``{req_id: SessionStart}``: requests
                                                           starting from an earlier request's
                                                           kept cache (``engine/sessions.py``)
+:data:`QUERY_STARTS_ATTR`    a backend's attention        the step's query starts (host
+                             metadata (builder -> the     tensor), which FlashInfer's and
+                             same worker's scoring)       FlashAttention's metadata lack
 ============================ ============================ =====================================
 """
 
@@ -28,6 +31,7 @@ REPORT_ATTR = "hae_eviction_reports"
 PRESSURE_ATTR = "hae_memory_pressure"
 BIN_UPDATES_ATTR = "hae_bin_updates"
 SESSION_ATTR = "hae_sessions"
+QUERY_STARTS_ATTR = "hae_query_start_loc_cpu"
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,12 @@ bfloat16), on CUDA when there is one.  The last line is machine-readable::
     selfcheck=<pass|fail> requests=<n> token_match=<k>/<n> max_logprob_diff=<x>
 
 where ``k`` counts the requests that agree with the oracle.  Exit status 0 on pass, 1 otherwise.
+
+``--attention-backend NAME`` runs the engine on that backend (asked of vLLM's platform first, as
+vLLM asks when a user passes the flag: a backend this machine cannot run for the model stops the
+check with the reason and the backends it can run); the check fails when the engine's layers ran
+another.  ``--all-backends`` runs the batch once per backend the machine can run, and ends with
+one line over all of them, the same line with ``backends=<NAME:pass|fail,...>`` appended.
 """
 
 from __future__ import annotations
@@ -93,7 +99,7 @@ def image_files_in(directory: str) -> list[str]:
     return files
 
 
-def scenario(args: argparse.Namespace, reqs: list[RequestSpec]) -> ScenarioSpec:
+def scenario(args: argparse.Namespace, reqs: list[RequestSpec], attention_backend: str | None = None) -> ScenarioSpec:
     eviction = {"method": args.method, "budget": args.budget}
     if args.decode_budget is not None:
         eviction["decode_budget"] = args.decode_budget
@@ -103,7 +109,8 @@ def scenario(args: argparse.Namespace, reqs: list[RequestSpec]) -> ScenarioSpec:
         # The plugin's own default block size: what a user gets without choosing one.
         block_size=args.block_size, max_model_len=args.max_model_len,
         tensor_parallel_size=tp, distributed_executor_backend="mp" if tp > 1 else None,
-        engine_kwargs={"kv_cache_dtype": args.kv_cache_dtype} if args.kv_cache_dtype != "auto" else {},
+        engine_kwargs={**({"kv_cache_dtype": args.kv_cache_dtype} if args.kv_cache_dtype != "auto" else {}),
+                       **({"attention_backend": attention_backend} if attention_backend else {})},
     )
 
 
@@ -128,6 +135,7 @@ class Report:
     device: str
     rows: list[Row]
     problems: list[str]  # batch-level failures (nothing evicted, leaked blocks, ...)
+    attention: Sequence[str] = ()  # the attention backends the engine's layers ran
 
     @property
     def ok(self) -> bool:
@@ -140,6 +148,8 @@ class Report:
     def lines(self) -> list[str]:
         tol = self.rows[0].agreement.tolerance if self.rows else None
         out = [f"model: {self.model}", f"dtype: {self.dtype} (vLLM and oracle), oracle on {self.device}"]
+        if self.attention:
+            out.append(f"attention backend: {', '.join(self.attention)}")
         if tol is not None:
             if tol.near_tie:
                 out.append(f"tolerance ({self.dtype}): log-probs within {tol.logprob:g}; an engine token "
@@ -179,12 +189,13 @@ def oracle_device() -> str:
 
 def check(record: dict, labels: Sequence[str], reqs: Sequence[RequestSpec], *, noise: float | None = None,
           device: str | None = None, corrupt: Callable[[Events], Events] | None = None, oracle=None,
-          kv_cache_dtype: str = "auto") -> Report:
+          kv_cache_dtype: str = "auto", attention_backend: str | None = None) -> Report:
     """Replay every request of ``record`` (a scenario record) on the oracle and judge it.
     ``corrupt`` rewrites each request's events before the replay (tests: a wrong eviction set
     must fail).  ``oracle``: a ready :class:`HFOracle` in the record's dtype (else one is loaded;
     for an fp8 ``kv_cache_dtype`` one whose K and V are rounded as vLLM stores them, judged at
-    the larger of the dtype's and fp8's noise)."""
+    the larger of the dtype's and fp8's noise).  ``attention_backend``: the backend the engine
+    was asked to run (a problem when its layers ran another)."""
     from hae_vllm.testing.fp8 import RoundedKVOracle, fp8_tolerance
     from hae_vllm.testing.oracle import HFOracle, MaskedReplay, Tolerance, compare_with_oracle, events_from_trace
     from hae_vllm.testing.scenario import blocks_freed_at_end, build_prompt
@@ -212,12 +223,17 @@ def check(record: dict, labels: Sequence[str], reqs: Sequence[RequestSpec], *, n
         parked = sum(len(e["positions"]) * (1 if e["kind"] == "park" else -1) for e in res["decode_events"])
         evicted = len(res["eviction"]["evicted_positions"]) if res["eviction"] else 0
         rows.append(Row(label, compare_with_oracle(res, ref, tol), evicted, parked, freed.get(res["request_id"], 0)))
-    return Report(record["model_path"], dtype, str(device), rows, batch_problems(record, reqs, rows))
+    return Report(record["model_path"], dtype, str(device), rows,
+                  batch_problems(record, reqs, rows, attention_backend), record.get("attention_backends", ()))
 
 
-def batch_problems(record: dict, reqs: Sequence[RequestSpec], rows: Sequence[Row]) -> list[str]:
+def batch_problems(record: dict, reqs: Sequence[RequestSpec], rows: Sequence[Row],
+                   attention_backend: str | None = None) -> list[str]:
     """What is wrong with the batch as a whole, whatever the oracle says per request."""
     out = []
+    ran = record.get("attention_backends")
+    if attention_backend is not None and ran != [f"{attention_backend}+eviction"]:
+        out.append(f"asked for attention backend {attention_backend}, the engine's layers ran {ran}")
     if not any(r.evicted or r.parked for r in rows):
         # Every request then equals plain vLLM and the comparison proves nothing.
         out.append("no request evicted anything: is eviction on (plugin loaded, method and budget)?")
@@ -259,8 +275,64 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--noise", type=float, default=None,
                     help="log-prob tolerance and near-tie margin instead of the dtype's default")
     ap.add_argument("--oracle-device", default=None, help="device of the HF oracle (default: cuda if available)")
-    ap.add_argument("--save-record", default=None, help="write the engine's record (results, trace) as JSON")
+    ap.add_argument("--save-record", default=None, help="write the engine's record (results, trace) as JSON "
+                    "(with --all-backends: one file per backend, the backend's name before the suffix)")
+    which = ap.add_mutually_exclusive_group()
+    which.add_argument("--attention-backend", default=None, metavar="NAME",
+                       help="run vLLM with this attention backend (vLLM's name: " + ", ".join(_BACKENDS) +
+                            "); refused with the available ones when this machine cannot run it. "
+                            "Default: the one vLLM picks")
+    which.add_argument("--all-backends", action="store_true",
+                       help="run the check once per attention backend this machine can run for the model")
     return ap
+
+
+# The backends eviction supports (hae_vllm.attention.backends.SUPPORTED; listed here so that
+# --help needs no vLLM import).
+_BACKENDS = ("CPU_ATTN", "FLASH_ATTN", "TRITON_ATTN", "FLASHINFER")
+
+
+def backend_refusals(args: argparse.Namespace) -> dict[str, str | None]:
+    """Each backend eviction supports -> why vLLM on this machine would not run it for the
+    model's attention layers (head size, dtype, KV-cache dtype, block size), None if it would."""
+    from vllm.config import ModelConfig
+    from vllm.v1.attention.selector import AttentionSelectorConfig
+
+    from hae_vllm.attention.backends import SUPPORTED, platform_refusal
+    from hae_vllm.config import EvictionConfig
+
+    mc = ModelConfig(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len)
+    layers = AttentionSelectorConfig(head_size=mc.get_head_size(), dtype=mc.dtype, kv_cache_dtype=args.kv_cache_dtype,
+                                     block_size=args.block_size or EvictionConfig.default_block_size)
+    return {m: platform_refusal(m, layers) for m in SUPPORTED}
+
+
+def chosen_backends(args: argparse.Namespace) -> list[str | None]:
+    """The backends to check: [None] (vLLM's choice) unless one or all were asked for."""
+    if not (args.attention_backend or args.all_backends):
+        return [None]
+    refusals = backend_refusals(args)
+    available = [m for m, why in refusals.items() if why is None]
+    if args.all_backends:
+        if not available:
+            raise SystemExit("--all-backends: this machine can run none of the backends eviction supports: " +
+                             "; ".join(f"{m}: {why}" for m, why in refusals.items()))
+        return available
+    name = args.attention_backend.upper()
+    if name not in refusals:
+        raise SystemExit(f"--attention-backend {args.attention_backend}: not a backend eviction supports "
+                         f"({', '.join(refusals)}); available on this machine: {', '.join(available) or 'none'}")
+    if refusals[name] is not None:
+        raise SystemExit(f"--attention-backend {name}: this machine cannot run it ({refusals[name]}); "
+                         f"available on this machine: {', '.join(available) or 'none'}")
+    return [name]
+
+
+def _record_path(path: str | None, backend: str | None, several: bool) -> str | None:
+    if path is None or not several:
+        return path
+    p = Path(path)
+    return str(p.with_name(f"{p.stem}.{backend}{p.suffix}"))
 
 
 def load_saved(path: str) -> tuple[dict, list[str], list[RequestSpec]]:
@@ -276,24 +348,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     from hae_vllm.testing.scenario import run_in_subprocess
 
     files = image_files_in(args.images) if args.images else []
+    backends = chosen_backends(args)
     labels, reqs = plan_requests(args.num_requests, args.max_tokens, args.budget, args.decode_budget, files)
-    print(f"running {len(reqs)} requests through vLLM with kv_eviction method={args.method} "
-          f"budget={args.budget} decode_budget={args.decode_budget} ...", flush=True)
-    try:
-        record = run_in_subprocess(scenario(args, reqs), timeout=3600)
-    except Exception as e:  # the engine did not start or crashed: report it, verdict fail
-        print(f"engine failed: {e}", file=sys.stderr)
-        n = len(reqs)
-        print(f"selfcheck=fail requests={n} token_match=0/{n} max_logprob_diff=nan")
-        return 1
-    if args.save_record:
-        Path(args.save_record).write_text(json.dumps(
-            {"record": record, "labels": labels, "requests": [asdict(r) for r in reqs]}))
-    print(f"replaying on the HF oracle in {record['dtype']} ...", flush=True)
-    report = check(record, labels, reqs, noise=args.noise, device=args.oracle_device,
-                   kv_cache_dtype=args.kv_cache_dtype)
-    print("\n".join(report.lines()))
-    return 0 if report.ok else 1
+    n = len(reqs)
+    reports: dict[str | None, Report | None] = {}  # None: the engine failed
+    for backend in backends:
+        where = f" on attention backend {backend}" if backend else ""
+        print(f"running {n} requests through vLLM{where} with kv_eviction method={args.method} "
+              f"budget={args.budget} decode_budget={args.decode_budget} ...", flush=True)
+        try:
+            record = run_in_subprocess(scenario(args, reqs, backend), timeout=3600)
+        except Exception as e:  # the engine did not start or crashed: report it, verdict fail
+            print(f"engine failed{where}: {e}", file=sys.stderr)
+            print(f"selfcheck=fail requests={n} token_match=0/{n} max_logprob_diff=nan")
+            reports[backend] = None
+            continue
+        path = _record_path(args.save_record, backend, len(backends) > 1)
+        if path:
+            Path(path).write_text(json.dumps({"record": record, "labels": labels, "requests": [asdict(r) for r in reqs]}))
+        print(f"replaying on the HF oracle in {record['dtype']} ...", flush=True)
+        reports[backend] = check(record, labels, reqs, noise=args.noise, device=args.oracle_device,
+                                 kv_cache_dtype=args.kv_cache_dtype, attention_backend=backend)
+        print("\n".join(reports[backend].lines()))
+    ok = all(r is not None and r.ok for r in reports.values())
+    if len(backends) > 1:  # one last line over every backend, in the same format
+        done = [r for r in reports.values() if r is not None]
+        k = sum(row.agreement.ok for r in done for row in r.rows)
+        diff = max((r.max_logprob_diff for r in done), default=math.nan)
+        per = ",".join(f"{b}:{'pass' if r is not None and r.ok else 'fail'}" for b, r in reports.items())
+        print(f"selfcheck={'pass' if ok else 'fail'} requests={n * len(backends)} token_match={k}/{n * len(backends)} "
+              f"max_logprob_diff={diff:.3g} backends={per}")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ backend eviction does not patch is refused at start-up."""
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import pytest
@@ -15,6 +16,7 @@ pytest.importorskip("vllm")
 import hae_vllm.plugin  # noqa: E402
 from hae_vllm.attention import backends  # noqa: E402
 from hae_vllm.config import EvictionConfig, EvictionConfigError  # noqa: E402
+from hae_vllm.protocol import QUERY_STARTS_ATTR  # noqa: E402
 from hae_vllm.worker import runtime as runtime_mod  # noqa: E402
 
 BS = 16
@@ -136,10 +138,60 @@ def test_builder_hands_kernels_a_table_without_holes(member, vllm_config, monkey
         t = getattr(meta, name, None)
         if isinstance(t, torch.Tensor) and t.numel() == 3:
             assert t.tolist() == want_seq
+    # Scoring's host query starts ride on whatever metadata the upstream builder made.
+    assert getattr(meta, QUERY_STARTS_ATTR) is cam.query_start_loc_cpu
     # Without holes anywhere the builder passes the metadata through untouched.
     monkeypatch.setattr(runtime_mod, "_CURRENT", None)
     builder.build(0, cam)
     assert seen["cam"] is cam
+
+
+@dataclass
+class _FlashInferLikeMetadata:
+    """FlashInferMetadata keeps no query_start_loc at all (vLLM 0.32, flashinfer.py)."""
+
+    num_actual_tokens: int
+    slot_mapping: torch.Tensor
+
+
+def _flashinfer_like_backend():
+    class Builder:
+        def __init__(self):
+            self.kv_cache_spec = SimpleNamespace(block_size=BS)
+
+        def build(self, common_prefix_len, cam, fast_build=False):
+            return _FlashInferLikeMetadata(cam.num_actual_tokens, cam.slot_mapping)
+
+    class Impl:
+        def forward(self, *args, **kwargs):
+            return None
+
+    class Upstream:
+        get_builder_cls = staticmethod(lambda: Builder)
+        get_impl_cls = staticmethod(lambda: Impl)
+
+    Upstream.__module__ = "upstream.flashinfer"
+    return backends.make_eviction_backend(Upstream)
+
+
+def test_scoring_splits_queries_on_metadata_without_query_starts(monkeypatch):
+    """A backend whose metadata has no query starts (FlashInfer) still gets its step's queries
+    split by request: the eviction builder leaves the host copy on the metadata, and the
+    runtime's scoring hook reads it there."""
+    cam, _, _ = _decode_batch()
+    meta = _flashinfer_like_backend().get_builder_cls()().build(0, cam)
+    assert not hasattr(meta, "query_start_loc") and getattr(meta, QUERY_STARTS_ATTR) is cam.query_start_loc_cpu
+    rt = _runtime_with_holes(["a", "b", "c"])
+    seen = []
+    monkeypatch.setattr(rt, "wants_scoring", lambda name: True)
+    monkeypatch.setattr(rt.view, "layout", lambda: SimpleNamespace(as_stored_keys=lambda k, cache: k))
+    monkeypatch.setattr(rt, "score", lambda impl, name, q, k, cache, qsl: seen.append(qsl.tolist()))
+    layer = SimpleNamespace(layer_name=LAYER)
+    q, k = torch.zeros(3, 4, 32), torch.zeros(3, 2, 32)
+    rt.after_kv_write(None, layer, q, k, torch.zeros(1), meta)
+    assert seen == [cam.query_start_loc_cpu.tolist()]
+    with pytest.raises(RuntimeError, match="no host query starts"):
+        rt.after_kv_write(None, layer, q, k, torch.zeros(1), _FlashInferLikeMetadata(3, cam.slot_mapping))
 
 
 def test_a_plain_backend_is_refused():

@@ -47,6 +47,15 @@ def test_pipeline_parallel_refused(llava_path):
         ea.create_engine_config()
 
 
+@pytest.mark.parametrize("field", ["decode_context_parallel_size", "prefill_context_parallel_size"])
+def test_context_parallel_refused(llava_path, field):
+    """Context parallelism shards tokens over ranks by logical position (vLLM's DCP context
+    split; FlashInfer reads per-rank lengths the runner computes from the unstripped ones)."""
+    ea = _engine_args(llava_path, additional_config=hae_vllm.kv_eviction("hae"), **{field: 2})
+    with pytest.raises(EvictionConfigError, match="context parallelism.*--" + field.replace("_", "-")):
+        ea.create_engine_config()
+
+
 def test_unquantised_explicit_kv_dtype_allowed(llava_path):
     cfg = _engine_args(llava_path, additional_config=hae_vllm.kv_eviction("hae"), kv_cache_dtype="float16",
                        dtype="float16").create_engine_config()

@@ -17,7 +17,7 @@ that does not round.
 import pytest
 import torch
 
-from hae_vllm.kv_format import FP8_FORMATS, KVFormat, fp8_round
+from hae_vllm.kv_format import FP8_FORMATS, KVFormat, dequantized_query, fp8_round
 from hae_vllm.layout import LayoutProbeError, SlotLayout
 
 ops = pytest.importorskip("vllm._custom_ops")
@@ -156,3 +156,24 @@ def test_selfcheck_runs_the_fp8_cache_it_is_given():
     assert selfcheck.scenario(args, []).engine_kwargs == {"kv_cache_dtype": "fp8_e5m2"}
     plain = selfcheck.parser().parse_args(["--model", "m"])
     assert selfcheck.scenario(plain, []).engine_kwargs == {}
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+def test_fp8_query_is_scored_at_its_values(per_head):
+    """With an fp8 KV cache on CUDA, vLLM quantizes the query (q / _q_scale, per tensor or per
+    KV head's group of query heads) before the backend, and so before scoring, sees it: the
+    scale is undone.  A query in the model's dtype is left alone."""
+    from types import SimpleNamespace
+
+    torch.manual_seed(0)
+    q = torch.randn(5, 4, 16, dtype=torch.bfloat16) * 3  # 4 query heads over 2 KV heads
+    scale = torch.tensor([0.05, 0.2]) if per_head else torch.tensor(0.1)
+    groups = scale.repeat_interleave(2).view(1, 4, 1) if per_head else scale
+    quantized = (q.float() / groups).to(torch.float8_e4m3fn)
+    got = dequantized_query(quantized, SimpleNamespace(_q_scale=scale), torch.bfloat16)
+    assert got.dtype == torch.bfloat16
+    err = (got.float() - q.float()).abs() / q.float().abs().clamp_min(0.1)
+    assert err.max() < 0.07  # e4m3's 3 mantissa bits
+    wrong = dequantized_query(quantized, SimpleNamespace(_q_scale=scale.flip(0) if per_head else scale * 2), torch.bfloat16)
+    assert ((wrong.float() - q.float()).abs() / q.float().abs().clamp_min(0.1)).max() > 0.5
+    assert dequantized_query(q, SimpleNamespace(_q_scale=scale), torch.bfloat16) is q

@@ -53,7 +53,8 @@ def test_engine_args():
     fields = {f.name for f in dataclasses.fields(EngineArgs)}
     needed = {"additional_config", "speculative_config", "scheduler_cls", "kv_cache_dtype", "pipeline_parallel_size",
               "kv_transfer_config", "async_scheduling", "block_size", "compilation_config",
-              "kv_cache_memory_bytes", "gpu_memory_utilization"}
+              "kv_cache_memory_bytes", "gpu_memory_utilization", "decode_context_parallel_size",
+              "prefill_context_parallel_size"}
     assert needed <= fields, needed - fields
     assert isinstance(CacheConfig.gpu_memory_utilization, float)
 

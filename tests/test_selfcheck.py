@@ -41,6 +41,7 @@ def test_selfcheck_passes_on_tiny_llava_bf16(llava_run):
     assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
     assert _last_line(proc.stdout) == _expected_pass(proc.stdout, 6)
     assert "dtype: bfloat16" in proc.stdout
+    assert "attention backend: CPU_ATTN+eviction" in proc.stdout
     assert "FAIL" not in proc.stdout
 
 
@@ -94,6 +95,11 @@ def test_selfcheck_reports_batch_problems(llava_run):
     problems = selfcheck.batch_problems(bare, reqs, [selfcheck.Row(l, None, 0, 0, 0) for l in labels])
     assert any("no request evicted" in p for p in problems)
     assert any("blocks leaked" in p for p in problems)
+    # The engine ran CPU_ATTN: a check that asked for another backend fails.
+    rows = [selfcheck.Row(l, None, 1, 0, 0) for l in labels]
+    assert not selfcheck.batch_problems(record, reqs, rows, "CPU_ATTN")
+    (problem,) = selfcheck.batch_problems(record, reqs, rows, "TRITON_ATTN")
+    assert "asked for attention backend TRITON_ATTN" in problem and "CPU_ATTN+eviction" in problem
 
 
 # ----------------------------------------------------------------------------- no engine
@@ -135,6 +141,28 @@ def test_cli_plumbing():
     assert spec.dtype == "auto" and spec.block_size is None
     spec = selfcheck.scenario(selfcheck.parser().parse_args(["--model", "m"]), [])
     assert spec.distributed_executor_backend is None and "decode_budget" not in spec.eviction
+
+
+def test_attention_backend_flags(llava_path):
+    """``--attention-backend``: a backend this machine cannot run stops the check with its
+    reason and the backends it can run (asked of vLLM's platform as vLLM asks); a name
+    eviction does not know says which it does."""
+    from hae_vllm.attention.backends import SUPPORTED
+
+    assert selfcheck._BACKENDS == tuple(SUPPORTED)
+    help_text = selfcheck.parser().format_help()
+    assert "--attention-backend" in help_text and "--all-backends" in help_text
+    parse = selfcheck.parser().parse_args
+    assert selfcheck.chosen_backends(parse(["--model", llava_path])) == [None]
+    assert selfcheck.chosen_backends(parse(["--model", llava_path, "--attention-backend", "cpu_attn"])) == ["CPU_ATTN"]
+    assert selfcheck.chosen_backends(parse(["--model", llava_path, "--all-backends"])) == ["CPU_ATTN"]
+    with pytest.raises(SystemExit, match=r"--attention-backend FLASH_ATTN: this machine cannot run it \(vLLM's cpu "
+                                         r"platform runs CPU_ATTN in its place\); available on this machine: CPU_ATTN$"):
+        selfcheck.chosen_backends(parse(["--model", llava_path, "--attention-backend", "flash_attn"]))
+    with pytest.raises(SystemExit, match="XFORMERS: not a backend eviction supports .*available on this machine: CPU_ATTN"):
+        selfcheck.chosen_backends(parse(["--model", llava_path, "--attention-backend", "XFORMERS"]))
+    spec = selfcheck.scenario(parse(["--model", "m", "--attention-backend", "TRITON_ATTN"]), [], "TRITON_ATTN")
+    assert spec.engine_kwargs == {"attention_backend": "TRITON_ATTN"}
 
 
 def test_model_kind_reads_the_config_not_the_name(tmp_path, llava_path, qwen2vl_path):

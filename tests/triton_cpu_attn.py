@@ -18,7 +18,8 @@ imported, let it (each names the upstream code it works around):
 4. ``triton_reshape_and_cache_flash`` asks ``torch.cuda.get_device_capability`` for a tile
    size: answered (9, 0) for the duration of the call only.
 
-At exit the process writes ``$HAE_TEST_TRITON_CALLS`` (JSON): how often the Triton cache write
+Scenario processes started from a process under the harness (the self-check's engine) run
+under it too.  At exit the process writes ``$HAE_TEST_TRITON_CALLS`` (JSON): how often the Triton cache write
 and attention ran, and the attention implementation classes that ran, so a test can prove the
 path was taken.
 """
@@ -92,9 +93,22 @@ def install() -> None:
         return forward(self, *args, **kwargs)
 
     ta.TritonAttentionImpl.forward = counted_forward
+    # Scenario processes this process starts (python -m hae_vllm.selfcheck) run through the
+    # harness too.
+    from hae_vllm.testing import scenario
+
+    launch = scenario.launcher()
+
+    def through_harness(argv, **kwargs):
+        if argv[1:3] == ["-m", "hae_vllm.testing.scenario"]:
+            argv = [argv[0], __file__, *argv[2:]]
+        return launch(argv, **kwargs)
+
+    scenario.set_launcher(through_harness)
     out = os.environ.get("HAE_TEST_TRITON_CALLS")
     if out:
-        atexit.register(lambda: open(out, "w").write(json.dumps(CALLS)))
+        # Only a process whose engine ran writes (the self-check's own process has none).
+        atexit.register(lambda: CALLS["forwards"] and open(out, "w").write(json.dumps(CALLS)))
 
 
 if __name__ == "__main__":

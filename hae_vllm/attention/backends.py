@@ -3,7 +3,10 @@
 Eviction needs two things of a backend, and nothing else:
 
 * its metadata builder drops null holes from every block-table row and shortens ``seq_lens``
-  by them (:func:`~hae_vllm.attention.common.without_holes`), so attention never reads a hole;
+  by them (:func:`~hae_vllm.attention.common.without_holes`), so attention never reads a hole,
+  and leaves the step's host query starts on the metadata it builds
+  (:func:`~hae_vllm.attention.common.with_query_starts`: FlashInfer's metadata has no
+  ``query_start_loc`` at all, FlashAttention's only the device copy);
 * its implementation runs layer-0 scoring after the layer's KV was written
   (:func:`~hae_vllm.attention.common.maybe_score`).
 
@@ -29,7 +32,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from hae_vllm.attention.common import maybe_score, without_holes
+from hae_vllm.attention.common import maybe_score, with_query_starts, without_holes
 
 # AttentionBackendEnum member -> upstream class path.
 SUPPORTED: dict[str, str] = {
@@ -68,7 +71,7 @@ def make_eviction_backend(upstream: type) -> type:
 
         def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
             cam = without_holes(common_attn_metadata, self.kv_cache_spec.block_size)
-            return super().build(common_prefix_len, cam, fast_build)
+            return with_query_starts(super().build(common_prefix_len, cam, fast_build), cam)
 
     class Impl(impl_base):  # type: ignore[misc, valid-type]
         def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
@@ -137,3 +140,27 @@ def check_attention_backends(attn_groups, method: str) -> None:
                     f"blocks of {ag.kernel_block_size} tokens, which eviction does not support; "
                     "start without --kv-eviction."
                 )
+
+
+def platform_refusal(member: str, selector_config) -> str | None:
+    """Why this machine's vLLM platform would not run the backend ``member`` (a key of
+    :data:`SUPPORTED`) for layers described by ``selector_config`` (vLLM's
+    ``AttentionSelectorConfig``), or None when it would.
+
+    Asked exactly as vLLM asks when a user passes ``--attention-backend``: the platform's
+    ``get_attn_backend_cls`` (on CUDA it validates the backend's head size, dtype, KV-cache
+    dtype, block size and compute capability, and imports its kernels; vLLM's CPU build
+    answers CPU_ATTN whatever is asked)."""
+    from vllm.platforms import current_platform
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    if member not in SUPPORTED:
+        return f"eviction does not support it (supported: {', '.join(SUPPORTED)})"
+    try:
+        path = current_platform.get_attn_backend_cls(AttentionBackendEnum[member], selector_config)
+    except Exception as e:  # noqa: BLE001 - the platform's own refusal is the answer
+        return f"{type(e).__name__}: {e}"
+    if path not in (SUPPORTED[member], eviction_class_path(member)):
+        given = [m for m in SUPPORTED if path in (SUPPORTED[m], eviction_class_path(m))]
+        return f"vLLM's {current_platform.device_name} platform runs {(given or [path])[0]} in its place"
+    return None

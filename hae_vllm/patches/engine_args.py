@@ -108,6 +108,15 @@ def enforce_eviction_settings(engine_args) -> None:
             "--kv-eviction does not support pipeline parallelism (one plan must reach every "
             "layer's cache in one worker); use --tensor-parallel-size instead"
         )
+    for flag, size in (("--decode-context-parallel-size", getattr(engine_args, "decode_context_parallel_size", 1)),
+                       ("--prefill-context-parallel-size", getattr(engine_args, "prefill_context_parallel_size", 1))):
+        if (size or 1) > 1:
+            # Context parallelism shards a request's tokens over ranks by logical position;
+            # eviction's holes and compaction change which tokens each block holds.
+            raise EvictionConfigError(
+                f"--kv-eviction does not support context parallelism ({flag} {size}); drop it or use "
+                "--tensor-parallel-size instead"
+            )
     if getattr(engine_args, "kv_transfer_config", None):
         raise EvictionConfigError("--kv-eviction cannot be combined with a KV connector (--kv-transfer-config)")
     engine_args.scheduler_cls = SCHEDULER_CLS

@@ -27,3 +27,13 @@ def probe_worker(worker) -> dict:
         "metadata_builders": builders,
         "runtime_active": current_runtime() is not None,
     }
+
+
+def attention_backends(worker) -> list[str]:
+    """The attention backends vLLM chose for this worker's layers (``get_name()``, with
+    ``+eviction`` where hae_vllm's subclass runs), sorted."""
+    from hae_vllm.attention.backends import is_eviction_backend
+
+    runner = worker.model_runner
+    return sorted({ag.backend.get_name() + ("+eviction" if is_eviction_backend(ag.backend) else "")
+                   for g in getattr(runner, "attn_groups", []) for ag in g})

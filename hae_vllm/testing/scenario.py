@@ -517,8 +517,12 @@ def _run(spec: ScenarioSpec, trace_path: str | None) -> dict[str, Any]:
     # The dtype vLLM resolved (``auto`` depends on the platform and the checkpoint).
     dtype = str(llm.llm_engine.model_config.dtype).removeprefix("torch.")
     record.update(engine_start_s=t_start, model_path=path, model_kind=kind, dtype=dtype)
+    from hae_vllm.testing.probes import attention_backends, probe_worker
+
+    # What attention ran, as every worker reports it (a backend asked for is not always the
+    # one a platform gives).
+    record["attention_backends"] = sorted({b for names in llm.collective_rpc(attention_backends) for b in names})
     if spec.multiprocessing:
-        from hae_vllm.testing.probes import probe_worker
 
         record["worker_probe"] = llm.collective_rpc(probe_worker)
         record["driver_pid"] = os.getpid()

@@ -36,13 +36,14 @@ import torch
 
 from hae_vllm import envs
 from hae_vllm.config import EvictionConfig, engine_config_from_additional
+from hae_vllm.kv_format import dequantized_query
 from hae_vllm.worker.decode_bank import DecodeBank
 from hae_vllm.worker.decode_stage import DecodeStage
 from hae_vllm.worker.holes import metadata_without_holes
 from hae_vllm.worker.prefill import PrefillStage
 from hae_vllm.worker.runner_view import RunnerView
 from hae_vllm.worker.state import DecodeTask, RequestState, ScoringTask
-from hae_vllm.protocol import BIN_UPDATES_ATTR, PRESSURE_ATTR, SESSION_ATTR, EvictionReport
+from hae_vllm.protocol import BIN_UPDATES_ATTR, PRESSURE_ATTR, QUERY_STARTS_ATTR, SESSION_ATTR, EvictionReport
 from hae_vllm.worker.trace import TraceWriter
 
 if TYPE_CHECKING:
@@ -102,6 +103,8 @@ class EvictionRuntime:
         """The attention implementations' call, once a layer has written this step's KV:
         layer-0 decode scoring and prefill scoring where a request asked for this layer."""
         name = getattr(layer, "layer_name", None)
+        # With an fp8 KV cache on CUDA, vLLM hands some backends the query in fp8 (scaled).
+        query = dequantized_query(query, layer, key.dtype)
         plan = self.decode_append
         if plan is not None:
             # Most decode steps with score_interval k > 1: this step's layer-0 key and query join
@@ -111,9 +114,12 @@ class EvictionRuntime:
             return
         if not self.wants_scoring(name):
             return
-        qsl = getattr(attn_metadata, "query_start_loc_cpu", None)
+        qsl = getattr(attn_metadata, QUERY_STARTS_ATTR, None)  # the eviction builders put it there
         if qsl is None:
-            qsl = attn_metadata.query_start_loc
+            qsl = getattr(attn_metadata, "query_start_loc_cpu", None)
+        if qsl is None:
+            raise RuntimeError(f"{type(attn_metadata).__name__} was not built by an eviction backend's builder "
+                               "(no host query starts): scoring cannot split the step's queries")
         # Scoring reads what attention reads: with an fp8 cache, this step's keys as stored
         # (rounded through the format and the layer's scale), like every earlier key it gathers.
         key = self.view.layout().as_stored_keys(key, kv_cache)
