@@ -54,6 +54,9 @@ class ConversationSpec:
     image_base: int = 7000
     env: dict = field(default_factory=dict)  # extra environment for the engine process
     engine_kwargs: dict = field(default_factory=dict)  # more vllm.LLM(...) arguments
+    # vLLM's KV-event stream on (--kv-events-config, no publisher): every event the scheduler
+    # takes from its KV cache manager is recorded (``kv_events``), as a router would receive it.
+    kv_events: bool = False
 
 
 def conversation_prompt(history: list[tuple[str, str]], question: str, num_images: int) -> str:
@@ -95,8 +98,13 @@ def run(spec: ConversationSpec, trace_path: str | None) -> dict[str, Any]:
     for name in ("num_gpu_blocks_override", "max_num_batched_tokens", "max_num_seqs"):
         if getattr(spec, name) is not None:
             kwargs[name] = getattr(spec, name)
+    if spec.kv_events:
+        from vllm.config import KVEventsConfig
+
+        kwargs["kv_events_config"] = KVEventsConfig(enable_kv_cache_events=True, publisher="null")
     llm = LLM(**{**kwargs, **spec.engine_kwargs})
     inst = EngineInstruments(llm)
+    events = _EventLog(inst.sched) if spec.kv_events else None
     blocks = _BlockLog(inst.sched)
     sp = SamplingParams(max_tokens=spec.max_tokens, temperature=0.0, ignore_eos=True, logprobs=1,
                         extra_args=dict(spec.extra_args) or None)
@@ -148,7 +156,30 @@ def run(spec: ConversationSpec, trace_path: str | None) -> dict[str, Any]:
         "num_gpu_blocks": pool.num_gpu_blocks,
         "blocks_with_refs_after": sum(1 for b in pool.blocks[1:] if b.ref_cnt != 0),
         "eviction_stats": stats.as_dict() if stats is not None else None,
+        "kv_events": events.events if events is not None else None,
     }
+
+
+class _EventLog:
+    """The KV events the scheduler publishes (what it takes from its KV cache manager, after
+    eviction's own filter), as plain dicts."""
+
+    def __init__(self, sched) -> None:
+        from vllm.distributed.kv_events import BlockStored
+
+        self.events: list[dict] = []
+        take = sched.kv_cache_manager.take_events
+
+        def take_events():
+            out = take()
+            for e in out:
+                rec = {"type": type(e).__name__, "block_hashes": list(getattr(e, "block_hashes", []))}
+                if isinstance(e, BlockStored):
+                    rec["parent"] = e.parent_block_hash
+                self.events.append(rec)
+            return out
+
+        sched.kv_cache_manager.take_events = take_events
 
 
 class _BlockLog:

@@ -88,11 +88,34 @@ def test_overwritten_sessions_are_not_served(oracle):
     # A pool of 40 blocks; unrelated requests between the turns take every free block.
     record = run_in_subprocess(ConversationSpec(method="hae", budget=0.4, conversations=1, turns=2, max_tokens=8,
                                                 num_gpu_blocks_override=40, max_model_len=1024,
-                                                filler_between_turns=6))
+                                                filler_between_turns=6, kv_events=True))
     (t2,) = record["turns"][1]
     assert not _sessions(t2)
     _assert_oracle(record, oracle)
     assert record["free_blocks_after"] == record["free_blocks_before"]
+    # The KV-event stream (--kv-events-config) a prefix-aware router replays stayed faithful
+    # while the session's blocks (session keys on them) were handed out again.
+    problems, removed = _replay_kv_events(record["kv_events"])
+    assert removed > 0, "blocks were reused (test premise)"
+    assert not problems, problems[:5]
+
+
+def _replay_kv_events(events: list[dict]) -> tuple[list, int]:
+    """A router's ledger over the stream: (what no faithful stream does, removals seen).
+    Every removal must name an announced, live block; every stored block's parent be live."""
+    live, problems, removed = set(), [], 0
+    for e in events:
+        if e["type"] == "BlockStored":
+            if e["parent"] is not None and e["parent"] not in live:
+                problems.append(("orphan", e))
+            live.update(e["block_hashes"])
+        elif e["type"] == "BlockRemoved":
+            removed += len(e["block_hashes"])
+            problems += [("unannounced removal", h) for h in e["block_hashes"] if h not in live]
+            live.difference_update(e["block_hashes"])
+        elif e["type"] == "AllBlocksCleared":
+            live.clear()
+    return problems, removed
 
 
 def test_preempted_request_resumes_from_its_kept_cache(oracle):

@@ -33,6 +33,10 @@ class EvictableFullAttentionManager(FullAttentionManager):
         rec = self.records.get(request.request_id)
         if rec is not None and rec.may_evict:
             num_tokens = min(num_tokens, rec.untouched_tokens)
+            if rec.hit is not None:
+                # After a session hit every token was computed over the kept (compacted) cache:
+                # its KV is not what the content hash of those tokens promises.
+                num_tokens = min(num_tokens, rec.hit_tokens)
             if num_tokens < self.block_size:
                 return
         super().cache_blocks(

@@ -19,6 +19,11 @@ is freed (finished or preempted), its blocks - holes, compacted blocks and all -
   It then receives the first ``k`` blocks as they are, holes as null placeholders (the way
   vLLM's sliding-window manager returns hits), and computes only what follows.
 
+Session keys are not content: vLLM's KV-event stream (``--kv-events-config``), which prefix-aware
+routers replay, never announces them (the pool's ``_insert_block_hash`` emits nothing), so they
+carry a reserved group id (:data:`SESSION_GROUP`) and :func:`announced_only` drops the pool's
+``BlockRemoved`` of them: every removal a router receives names a block it was told of.
+
 Semantics: the follow-up turn continues on the memory the conversation kept, as a stateful
 chat session would; it never sees an evicted token again.  Tokens after the hit (the rest of
 the previous turn's last, partial block and the new turn) are computed attending to the kept
@@ -41,6 +46,17 @@ if TYPE_CHECKING:
     from hae_vllm.config import EvictionConfig
 
 _NONCE = itertools.count()
+
+# Group id of session keys in the block pool (vLLM packs it into the key's last 4 bytes; KV cache
+# groups count from 0, so no group of the model's can have it).
+SESSION_GROUP = 0xFFFF_FFFF
+
+
+def announced_only(events: list) -> list:
+    """The pool's KV events without the removals of session keys (never announced)."""
+    from vllm.distributed.kv_events import BlockRemoved
+
+    return [e for e in events if not (isinstance(e, BlockRemoved) and e.group_idx == SESSION_GROUP)]
 
 
 def settings_signature(cfg: "EvictionConfig") -> bytes:
@@ -81,7 +97,8 @@ class SessionHit:
 class SessionCache:
     """The sessions of one scheduler, indexed by (chained content hash of a block, settings)."""
 
-    def __init__(self, block_pool: "BlockPool", block_size: int, group_id: int = 0, max_sessions: int = 4096):
+    def __init__(self, block_pool: "BlockPool", block_size: int, group_id: int = SESSION_GROUP,
+                 max_sessions: int = 4096):
         self.pool = block_pool
         self.block_size = block_size
         self.group_id = group_id
