@@ -456,7 +456,43 @@ def results_doc() -> str:
             cell = {(x["isa"], x["path"]): x["min_ms"] for x in kc["rows"] if x["op"] == op}
             out.append(f"| {op} | " + " | ".join(f"{cell[k]:.1f}" if k in cell else "-" for k in cols) + " |")
         out.append("")
+    out += scaling_section(load("scaling"))
     return "\n".join(out).rstrip() + "\n"
+
+
+def scaling_section(sc: dict | None) -> list[str]:
+    """benchmarks/scaling.py: eviction's added time and memory against prompt length."""
+    if not sc:
+        return []
+    c, s = sc["config"], sc["summary"]
+    ok = sum(x["ok"] for x in sc["oracle"])
+    out = ["## Cost against prompt length", "",
+           f"`python benchmarks/scaling.py --rounds {c['rounds']}`: {c['model']}, {c['dtype']}, prompts of "
+           f"{', '.join(str(n) for n in sorted({r['prompt_tokens'] for r in sc['rows']}))} tokens (images of 256 tokens "
+           f"and a question after them), one request at a time, prefill in one step (`oneshot`) and in chunks of "
+           f"{c['chunk']} (`chunked`). Each method's engine runs beside a vanilla one, every request sent to both; "
+           "`ttft` is the time to the first token with the request's eviction applied (prefill, deferred scoring, "
+           "selection, compaction, one decode step) over vanilla's, median of the paired rounds (quartiles); "
+           "`eviction` the share of that time in eviction's worker hooks; `extra peak` the most resident memory "
+           "a call into those hooks added while it ran (the largest over the request's calls). "
+           f"HF oracle (float32, exact tokens): {ok}/{len(sc['oracle'])} requests up to {c['oracle_max_tokens']} tokens.",
+           "", "| mode | method | " + " | ".join(f"{n} tokens: ttft / eviction / extra peak MiB"
+                                                  for n in sorted({r['prompt_tokens'] for r in sc['rows']})) + " |",
+           "|---|---|" + "---|" * len({r["prompt_tokens"] for r in sc["rows"]})]
+    for mode in dict.fromkeys(r["mode"] for r in sc["rows"]):
+        for method in dict.fromkeys(r["method"] for r in sc["rows"]):
+            mine = sorted((r for r in sc["rows"] if (r["mode"], r["method"]) == (mode, method)),
+                          key=lambda r: r["prompt_tokens"])
+            if mine:
+                out.append(f"| {mode} | {method} | " + " | ".join(
+                    f"{r['ttft_ratio']:.2f} ({r['ttft_ratio_q'][0]:.2f}-{r['ttft_ratio_q'][1]:.2f}) / "
+                    f"{r['eviction_share']:.1%} / {r['extra_peak_mib']:.1f}" for r in mine) + " |")
+    out += ["", "![eviction's added time and memory against prompt length](../benchmarks/results/scaling.png)", "",
+            f"At {s['max_prompt_tokens']} tokens: hae x{s['hae_ttft_ratio_at_max']:.3f}, the slowest method "
+            f"{s['worst_method']} x{s['worst_ttft_ratio_at_max']:.3f}; largest extra peak "
+            f"{s['eviction_peak_mib_at_max']:.1f} MiB; memory growth exponent (log-log slope, largest over methods with "
+            f"at least 1 MiB at the longest prompt) {s['memory_growth_exponent']:.2f}.", ""]
+    return out
 
 
 # ---------------------------------------------------------------------------- plots

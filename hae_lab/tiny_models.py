@@ -719,3 +719,31 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def long_context_path(kind: str, positions: int) -> pathlib.Path:
+    """The ``kind`` tiny checkpoint declared for ``positions`` positions (RoPE computes any
+    position; only the declared maximum changes): its files linked, ``config.json`` rewritten.
+    For benchmarks of long prompts (``benchmarks/scaling.py``)."""
+    base = tiny_model_path(kind)
+    out = base.parent / f"{base.name}-pos{positions}"
+    if (out / "config.json").is_file():
+        return out
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=base.parent))
+    try:
+        for f in base.iterdir():
+            if f.name != "config.json":
+                (tmp / f.name).symlink_to(f.resolve())
+        cfg = json.loads((base / "config.json").read_text())
+        for part in (cfg, cfg.get("text_config") or {}):
+            if "max_position_embeddings" in part:
+                part["max_position_embeddings"] = positions
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        try:
+            tmp.rename(out)
+        except OSError:  # another process made it first (same content)
+            if not (out / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

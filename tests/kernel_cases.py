@@ -71,6 +71,34 @@ def test_attention_stats_reference_against_dense_softmax():
     torch.testing.assert_close(hs, want.sum(1), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("slice_bytes", [None, 4 * 4 * 40 * 2, 1])
+def test_attention_stats_reference_in_slices_reads_only_visible_keys(slice_bytes, monkeypatch):
+    """The CPU path scores queries in slices of bounded probability bytes and reads keys only as
+    far as its last query sees: the same numbers as one dense softmax, for unsorted queries
+    that stop short of the last key (their later columns exactly zero)."""
+    from hae_vllm.kernels import scoring
+
+    if slice_bytes is not None:
+        monkeypatch.setattr(scoring, "DENSE_SLICE_BYTES", slice_bytes)
+    g = torch.Generator().manual_seed(5)
+    H, Hkv, D, bs, T = 4, 2, 16, 16, 48
+    plane = _key_plane(4, bs, Hkv, D, torch.float32, True, g)
+    table = torch.tensor([2, 0, 3])
+    q = torch.randn(5, H, D, generator=g)
+    qpos = torch.tensor([30, 3, 17, 30, 9])
+    rows, hs = attention_stats_ref(q, plane, table, qpos, T, 0.25, per_head=True)
+    keys = torch.stack([plane[table[j // bs], j % bs] for j in range(T)])
+    want = torch.zeros(H, len(qpos), T)
+    for h in range(H):
+        for i in range(len(qpos)):
+            n = int(qpos[i]) + 1
+            want[h, i, :n] = torch.softmax(keys[:n, h // (H // Hkv)] @ q[i, h] * 0.25, 0)
+    assert rows.shape == (5, T) and hs.shape == (H, T)
+    torch.testing.assert_close(rows, want.sum(0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(hs, want.sum(1), rtol=1e-5, atol=1e-6)
+    assert not rows[:, 31:].any() and not hs[:, 31:].any()
+
+
 def test_attention_stats_checks_shapes():
     with pytest.raises(ValueError):
         attention_stats(torch.zeros(1, 4, 16), torch.zeros(2, 16, 3, 16), torch.zeros(2), torch.zeros(1), 8, 1.0)

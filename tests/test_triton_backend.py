@@ -203,6 +203,7 @@ def test_follow_up_turn_served_from_a_session_with_holes(on_triton, oracle_for, 
 
 
 @ALL
+@pytest.mark.timeout(3600)  # four requests decoding 160 tokens each under the interpreter
 def test_preempted_request_resumes_on_triton_attn(on_triton, oracle_for, llava_path, tmp_path):
     # test_engine_sessions' case: 24 blocks cannot hold four 375-token prompts growing by 160.
     record = run_conversation(ConversationSpec(method="hae", budget=0.4, conversations=4, turns=1, max_tokens=160,

@@ -43,23 +43,53 @@ BLOCK_N = 64  # keys per tile (one program)
 BLOCK_I = 16  # queries per tl.dot (its minimum)
 
 
+# Bytes of float32 probabilities the CPU path holds at once ([heads, queries, keys]): queries
+# are scored in slices that fit, so the peak stays bounded however long the prompt (a method
+# that scores every prompt token, H2O, would otherwise need heads x T x T).
+DENSE_SLICE_BYTES = 64 << 20
+
+
 def dense_attention_stats(q: torch.Tensor, keys: torch.Tensor, qpos: torch.Tensor, scale: float,
                           per_head: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`attention_stats` over keys already gathered: ``keys [T, Hkv, D]`` at positions
-    ``0..T-1``."""
+    ``0..T-1``.  Keys after the last query's position are never read (causal): their columns
+    are zero.  Queries go through in slices of at most :data:`DENSE_SLICE_BYTES` of
+    probabilities."""
     from hae_vllm.policies.attention import attention_probs
 
-    probs = attention_probs(q, keys, qpos, scale)  # [H, nq, T] float32
-    return probs.sum(0), (probs.sum(1) if per_head else None)
+    nq, num_heads, _ = q.shape
+    T = keys.shape[0]
+    rows = torch.zeros(nq, T, dtype=torch.float32, device=q.device)
+    head_sum = torch.zeros(num_heads, T, dtype=torch.float32, device=q.device) if per_head else None
+    order = torch.argsort(qpos.cpu(), stable=True)  # by position: a slice reads keys up to its last
+    pos_sorted = qpos.cpu()[order].tolist()
+    step = max(1, DENSE_SLICE_BYTES // (4 * num_heads * max(1, min(T, pos_sorted[-1] + 1)))) if nq else 1
+    i = 0
+    while i < nq:
+        j = min(nq, i + step)
+        seen = min(T, pos_sorted[j - 1] + 1)
+        idx = order[i:j].to(q.device)
+        probs = attention_probs(q[idx], keys[:seen], qpos[idx.to(qpos.device)], scale)  # [H, n, seen]
+        rows[idx, :seen] = probs.sum(0)
+        if head_sum is not None:
+            head_sum[:, :seen] += probs.sum(1)
+        i = j
+    return rows, head_sum
 
 
 def attention_stats_ref(q: torch.Tensor, key_plane: torch.Tensor, block_table: torch.Tensor, qpos: torch.Tensor,
                         num_keys: int, scale: float, per_head: bool = False):
-    """Torch reference and CPU path of :func:`attention_stats`."""
+    """Torch reference and CPU path of :func:`attention_stats`: keys gathered through the block
+    table, only as far as the last query can see."""
     bs = key_plane.shape[1]
-    pos = torch.arange(num_keys, device=block_table.device)
+    seen = min(num_keys, int(qpos.max()) + 1) if qpos.numel() else num_keys
+    pos = torch.arange(seen, device=block_table.device)
     keys = key_plane[block_table.long()[pos // bs].to(key_plane.device), (pos % bs).to(key_plane.device)]
-    return dense_attention_stats(q, keys, qpos, scale, per_head)
+    rows, head_sum = dense_attention_stats(q, keys, qpos, scale, per_head)
+    if seen < num_keys:
+        rows = torch.nn.functional.pad(rows, (0, num_keys - seen))
+        head_sum = None if head_sum is None else torch.nn.functional.pad(head_sum, (0, num_keys - seen))
+    return rows, head_sum
 
 
 if HAS_TRITON:
