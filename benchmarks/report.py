@@ -491,7 +491,18 @@ def scaling_section(sc: dict | None) -> list[str]:
             f"At {s['max_prompt_tokens']} tokens: hae x{s['hae_ttft_ratio_at_max']:.3f}, the slowest method "
             f"{s['worst_method']} x{s['worst_ttft_ratio_at_max']:.3f}; largest extra peak "
             f"{s['eviction_peak_mib_at_max']:.1f} MiB; memory growth exponent (log-log slope, largest over methods with "
-            f"at least 1 MiB at the longest prompt) {s['memory_growth_exponent']:.2f}.", ""]
+            f"at least 1 MiB at the longest prompt) {s['memory_growth_exponent']:.2f} "
+            f"({', '.join(f'{k} {v:.2f}' for k, v in sorted(s['memory_growth_exponents'].items()))}).", "",
+            "Why the shapes: every method's scoring reads keys only as far as its last query sees and scores a fixed "
+            "number of queries at a time, so its memory grows with the prompt times the queries in flight (at most "
+            "64), not with the prompt squared. H2O and FastV score every prompt token against every earlier one at "
+            "their scoring layer (by their definitions: attention received from all prompt tokens): their time "
+            "grows like attention itself, one more attention layer's worth of work done "
+            "without a fused kernel, which on this 4-layer model is a large share of the prefill (on a model with "
+            "tens of layers, a proportionally smaller one). HAE's queries are the text tokens after the first image, "
+            "one per image separator in a many-image prompt, so its scoring memory grows with images x tokens until "
+            "the queries in flight reach their cap, and with the tokens alone after that. StreamingLLM and random "
+            "score nothing.", ""]
     return out
 
 

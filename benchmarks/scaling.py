@@ -359,14 +359,17 @@ def plot(result: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     rows = result["rows"]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
     for key in sorted({(r["method"], r["mode"]) for r in rows}):
         mine = sorted((r for r in rows if (r["method"], r["mode"]) == key), key=lambda r: r["length"])
         x = [r["prompt_tokens"] for r in mine]
-        style = "-" if key[1] == "oneshot" else "--"
-        added = [max(r["wall_s"] - r["none_wall_s"], 1e-3) for r in mine]
-        axes[0].plot(x, added, style, marker="o", label=f"{key[0]} ({key[1]})")
-        axes[1].plot(x, [max(r["extra_peak_mib"], 0.1) for r in mine], style, marker="o", label=f"{key[0]} ({key[1]})")
-    for ax, title in zip(axes, ["time added to the first token (s)", "extra peak memory (MiB)"]):
+        style = dict(color=colors[key[0]], linestyle="-" if key[1] == "oneshot" else "--",
+                     marker="o" if key[1] == "oneshot" else "x", label=f"{key[0]} ({key[1]})")
+        # Floors: a time the paired medians cannot tell from zero, memory under the page granularity.
+        axes[0].plot(x, [max(r["wall_s"] - r["none_wall_s"], 1e-3) for r in mine], **style)
+        axes[1].plot(x, [max(r["extra_peak_mib"], 0.1) for r in mine], **style)
+    for ax, title in zip(axes, ["time added to the first token (s; floor 1 ms)", "eviction's extra peak memory (MiB; floor 0.1)"]):
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("prompt tokens")
@@ -377,6 +380,7 @@ def plot(result: dict, path: Path) -> None:
     axes[0].plot(x, none, "k:", label="vanilla prefill itself")
     axes[1].plot(x, [x_ / x[0] for x_ in x], "k:", label="linear (slope 1)")
     axes[0].legend(fontsize=6, ncol=2)
+    axes[1].legend(fontsize=6, ncol=2)
     fig.suptitle("Eviction's cost against prompt length (tiny LLaVA, many-image prompts, CPU)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -71,15 +71,16 @@ def test_attention_stats_reference_against_dense_softmax():
     torch.testing.assert_close(hs, want.sum(1), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("slice_bytes", [None, 4 * 4 * 40 * 2, 1])
-def test_attention_stats_reference_in_slices_reads_only_visible_keys(slice_bytes, monkeypatch):
-    """The CPU path scores queries in slices of bounded probability bytes and reads keys only as
-    far as its last query sees: the same numbers as one dense softmax, for unsorted queries
-    that stop short of the last key (their later columns exactly zero)."""
+@pytest.mark.parametrize("query_heads", [None, 8, 1])
+def test_attention_stats_reference_in_slices_reads_only_visible_keys(query_heads, monkeypatch):
+    """The CPU path scores queries in slices of a fixed size and reads keys only as far as its
+    last query sees: the same numbers as one dense softmax, for unsorted queries that stop
+    short of the last key (their later columns exactly zero)."""
     from hae_vllm.kernels import scoring
 
-    if slice_bytes is not None:
-        monkeypatch.setattr(scoring, "DENSE_SLICE_BYTES", slice_bytes)
+    if query_heads is not None:  # slices of 2 queries, and of 1
+        monkeypatch.setattr(scoring, "SLICE_QUERY_HEADS", query_heads)
+        monkeypatch.setattr(scoring, "MIN_SLICE_QUERIES", 1)
     g = torch.Generator().manual_seed(5)
     H, Hkv, D, bs, T = 4, 2, 16, 16, 48
     plane = _key_plane(4, bs, Hkv, D, torch.float32, True, g)

@@ -4,7 +4,10 @@ oracle: the GPU attention path with eviction's null-block holes, compacted slots
 restored blocks and session hits in the block tables.
 
 The interpreter runs a kernel's programs one by one in numpy (a 300-token prefill takes seconds
-per layer, a decode step about half a second per request), so the cases are small.  The default
+per layer, a decode step about half a second per request), so the cases are small.  Preemption
+is not among them: the smallest workload found that preempts and resumes a request from its own
+session (four requests decoding 160 tokens in 24 blocks; tests/test_engine_sessions.py runs it
+on CPU_ATTN) took more than 20 minutes under the interpreter.  The default
 suite runs one engine that covers the most GPU code at once: chunked prefill, hae's own Triton
 kernels (scoring, compaction, decode swaps) selected as on a GPU, and a decode request that parks
 and restores.  The rest runs with ``HAE_VLLM_TEST_TRITON_ALL=1``::
@@ -197,21 +200,6 @@ def test_follow_up_turn_served_from_a_session_with_holes(on_triton, oracle_for, 
     assert t2["blocks_at_start"][:k] == t1["blocks_at_free"][:k]
     (plan,) = [x for x in t1["trace"] if x["kind"] == "prefill"]
     assert [i for i in range(k) if t2["blocks_at_start"][i] == 0] == plan["hole_blocks"] != []
-    bad = [c for c in oracle_check(record, oracle_for(llava_path), Tolerance.for_dtype("float32")) if not c["ok"]]
-    assert not bad, bad
-    assert record["free_blocks_after"] == record["free_blocks_before"]
-
-
-@ALL
-@pytest.mark.timeout(3600)  # four requests decoding 160 tokens each under the interpreter
-def test_preempted_request_resumes_on_triton_attn(on_triton, oracle_for, llava_path, tmp_path):
-    # test_engine_sessions' case: 24 blocks cannot hold four 375-token prompts growing by 160.
-    record = run_conversation(ConversationSpec(method="hae", budget=0.4, conversations=4, turns=1, max_tokens=160,
-                                               num_gpu_blocks_override=24, max_num_seqs=4, max_model_len=704,
-                                               env=_env(tmp_path), engine_kwargs=ENGINE))
-    assert _calls(tmp_path)["impls"] == ["EvictionTritonAttentionBackendImpl"]
-    resumed = [r for r in record["turns"][0] for s in _sessions(r) if s["source"] == r["engine_request_id"]]
-    assert resumed
     bad = [c for c in oracle_check(record, oracle_for(llava_path), Tolerance.for_dtype("float32")) if not c["ok"]]
     assert not bad, bad
     assert record["free_blocks_after"] == record["free_blocks_before"]

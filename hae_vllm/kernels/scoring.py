@@ -43,18 +43,20 @@ BLOCK_N = 64  # keys per tile (one program)
 BLOCK_I = 16  # queries per tl.dot (its minimum)
 
 
-# Bytes of float32 probabilities the CPU path holds at once ([heads, queries, keys]): queries
-# are scored in slices that fit, so the peak stays bounded however long the prompt (a method
-# that scores every prompt token, H2O, would otherwise need heads x T x T).
-DENSE_SLICE_BYTES = 64 << 20
+# The CPU path holds [heads, queries, keys] float32 probabilities for a slice of the queries at
+# a time: SLICE_QUERY_HEADS // heads queries (at least MIN_SLICE_QUERIES, so the products stay
+# matrix products), a fixed number, so its peak grows linearly with the prompt whatever the
+# number of queries (H2O scores every prompt token; HAE every text token after the first image,
+# one or more per image in a many-image prompt): 1 KiB per key up to 16 heads.
+SLICE_QUERY_HEADS = 256
+MIN_SLICE_QUERIES = 16
 
 
 def dense_attention_stats(q: torch.Tensor, keys: torch.Tensor, qpos: torch.Tensor, scale: float,
                           per_head: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`attention_stats` over keys already gathered: ``keys [T, Hkv, D]`` at positions
     ``0..T-1``.  Keys after the last query's position are never read (causal): their columns
-    are zero.  Queries go through in slices of at most :data:`DENSE_SLICE_BYTES` of
-    probabilities."""
+    are zero.  Queries go through in slices of a fixed size (:data:`SLICE_QUERY_HEADS`)."""
     from hae_vllm.policies.attention import attention_probs
 
     nq, num_heads, _ = q.shape
@@ -63,7 +65,7 @@ def dense_attention_stats(q: torch.Tensor, keys: torch.Tensor, qpos: torch.Tenso
     head_sum = torch.zeros(num_heads, T, dtype=torch.float32, device=q.device) if per_head else None
     order = torch.argsort(qpos.cpu(), stable=True)  # by position: a slice reads keys up to its last
     pos_sorted = qpos.cpu()[order].tolist()
-    step = max(1, DENSE_SLICE_BYTES // (4 * num_heads * max(1, min(T, pos_sorted[-1] + 1)))) if nq else 1
+    step = max(MIN_SLICE_QUERIES, SLICE_QUERY_HEADS // num_heads)
     i = 0
     while i < nq:
         j = min(nq, i + step)

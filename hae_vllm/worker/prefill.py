@@ -32,7 +32,10 @@ from hae_vllm.worker.trace import TraceWriter
 
 logger = logging.getLogger("vllm.hae_vllm")  # under vLLM's logger: its handlers and level apply
 
-_QUERY_CHUNK = 256  # queries scored at once (bounds the [heads, q, T] logits buffer)
+# Queries scored at once: bounds the [queries, T] rows a call returns (and the Triton kernel's
+# [heads, queries, T] partial rows) to a fixed number of queries, so scoring memory grows
+# linearly with the prompt however many queries a method scores.
+_QUERY_CHUNK = 64
 
 
 class PrefillStage:
