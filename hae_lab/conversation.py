@@ -165,21 +165,45 @@ class _EventLog:
     eviction's own filter), as plain dicts."""
 
     def __init__(self, sched) -> None:
-        from vllm.distributed.kv_events import BlockStored
-
         self.events: list[dict] = []
         take = sched.kv_cache_manager.take_events
 
         def take_events():
             out = take()
-            for e in out:
-                rec = {"type": type(e).__name__, "block_hashes": list(getattr(e, "block_hashes", []))}
-                if isinstance(e, BlockStored):
-                    rec["parent"] = e.parent_block_hash
-                self.events.append(rec)
+            self.events += [kv_event_dict(e) for e in out]
             return out
 
         sched.kv_cache_manager.take_events = take_events
+
+
+def kv_event_dict(event) -> dict:
+    """A vLLM KV event as a router reads it: its type, block hashes and (stored) parent hash."""
+    out = {"type": type(event).__name__, "block_hashes": list(getattr(event, "block_hashes", []))}
+    if out["type"] == "BlockStored":
+        out["parent"] = event.parent_block_hash
+    return out
+
+
+def replay_kv_events(events: list[dict], live: set | None = None) -> tuple[list, int, set]:
+    """A prefix-aware router's ledger over ``events`` (:func:`kv_event_dict`), from the blocks
+    ``live`` it already knows: (what no faithful stream does - a stored block whose parent is
+    not live, a removal of a block not announced or already removed -, removals seen, the
+    blocks live after)."""
+    live = set() if live is None else set(live)
+    problems, removed = [], 0
+    for e in events:
+        if e["type"] == "BlockStored":
+            if e["parent"] is not None and e["parent"] not in live:
+                problems.append(("orphan store", e))
+            live.update(e["block_hashes"])
+        elif e["type"] == "BlockRemoved":
+            removed += len(e["block_hashes"])
+            problems += [("removal of a block never announced or already removed", h)
+                         for h in e["block_hashes"] if h not in live]
+            live.difference_update(e["block_hashes"])
+        elif e["type"] == "AllBlocksCleared":
+            live.clear()
+    return problems, removed, live
 
 
 class _BlockLog:

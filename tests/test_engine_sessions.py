@@ -4,7 +4,7 @@ replays the conversation on one masked cache."""
 
 import pytest
 
-from hae_lab.conversation import ConversationSpec, oracle_check, run_in_subprocess
+from hae_lab.conversation import ConversationSpec, oracle_check, replay_kv_events, run_in_subprocess
 from hae_vllm.testing.oracle import Tolerance
 
 pytestmark = pytest.mark.engine
@@ -95,27 +95,10 @@ def test_overwritten_sessions_are_not_served(oracle):
     assert record["free_blocks_after"] == record["free_blocks_before"]
     # The KV-event stream (--kv-events-config) a prefix-aware router replays stayed faithful
     # while the session's blocks (session keys on them) were handed out again.
-    problems, removed = _replay_kv_events(record["kv_events"])
+    problems, removed, _ = replay_kv_events(record["kv_events"])
     assert removed > 0, "blocks were reused (test premise)"
     assert not problems, problems[:5]
 
-
-def _replay_kv_events(events: list[dict]) -> tuple[list, int]:
-    """A router's ledger over the stream: (what no faithful stream does, removals seen).
-    Every removal must name an announced, live block; every stored block's parent be live."""
-    live, problems, removed = set(), [], 0
-    for e in events:
-        if e["type"] == "BlockStored":
-            if e["parent"] is not None and e["parent"] not in live:
-                problems.append(("orphan", e))
-            live.update(e["block_hashes"])
-        elif e["type"] == "BlockRemoved":
-            removed += len(e["block_hashes"])
-            problems += [("unannounced removal", h) for h in e["block_hashes"] if h not in live]
-            live.difference_update(e["block_hashes"])
-        elif e["type"] == "AllBlocksCleared":
-            live.clear()
-    return problems, removed
 
 
 def test_preempted_request_resumes_from_its_kept_cache(oracle):

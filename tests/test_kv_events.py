@@ -8,7 +8,6 @@ import pytest
 pytest.importorskip("vllm")
 
 from vllm import SamplingParams  # noqa: E402
-from vllm.distributed.kv_events import AllBlocksCleared, BlockRemoved, BlockStored  # noqa: E402
 from vllm.utils.hashing import sha256  # noqa: E402
 from vllm.v1.core.block_pool import BlockPool  # noqa: E402
 from vllm.v1.core.kv_cache_utils import (  # noqa: E402
@@ -16,6 +15,7 @@ from vllm.v1.core.kv_cache_utils import (  # noqa: E402
 )
 from vllm.v1.request import Request  # noqa: E402
 
+from hae_lab.conversation import kv_event_dict, replay_kv_events  # noqa: E402
 from hae_vllm.config import EvictionConfig  # noqa: E402
 from hae_vllm.engine.sessions import SESSION_GROUP, SessionCache, announced_only, settings_signature  # noqa: E402
 
@@ -28,25 +28,15 @@ OUTPUT = [7, 8, 9, 10, 11, 12]
 
 
 class Ledger:
-    """A router's view of one instance, as llm-d and Dynamo build it from the stream."""
+    """A router's view of one instance, built from the stream as llm-d and Dynamo build it."""
 
     def __init__(self) -> None:
         self.live: set = set()
-        self.problems: list[str] = []
+        self.problems: list = []
 
     def apply(self, events) -> None:
-        for e in events:
-            if isinstance(e, BlockStored):
-                if e.parent_block_hash is not None and e.parent_block_hash not in self.live:
-                    self.problems.append(f"orphan store: parent {e.parent_block_hash} not live")
-                self.live.update(e.block_hashes)
-            elif isinstance(e, BlockRemoved):
-                for h in e.block_hashes:
-                    if h not in self.live:
-                        self.problems.append(f"removal of {h}: never announced or already removed")
-                    self.live.discard(h)
-            elif isinstance(e, AllBlocksCleared):
-                self.live.clear()
+        problems, _, self.live = replay_kv_events([kv_event_dict(e) for e in events], self.live)
+        self.problems += problems
 
 
 def _content_hashes(pool) -> set:
@@ -100,4 +90,4 @@ def test_without_the_filter_session_keys_leak_as_unannounced_removals():
     blocks no router was told of (what announced_only exists for)."""
     pool = BlockPool(num_gpu_blocks=16, enable_caching=True, hash_block_size=BS, enable_kv_cache_events=True)
     ledger = _conversation_then_reuse(pool, pool.take_events)
-    assert len(ledger.problems) == 4 and all("never announced" in p for p in ledger.problems), ledger.problems
+    assert len(ledger.problems) == 4 and all("never announced" in p[0] for p in ledger.problems), ledger.problems
