@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from hae_vllm.config import EvictionConfig
+from hae_vllm.kernels.scoring import column_mass
 from hae_vllm.policies.attention import LayerAccumulator, attention_probs, attention_rows
 from hae_vllm.policies.base import AttentionStats, LayerStats
 from hae_vllm.policies.hae import normalized_scores
@@ -54,6 +55,30 @@ def test_accumulator_chunking_equals_one_shot():
     for x, y in ((a.g, b.g), (a.m, b.m), (a.count, b.count), (a.head_sum, b.head_sum)):
         torch.testing.assert_close(x, y)
     assert b.count[45].item() == 5  # queries 45..49 see key 45
+
+
+@pytest.mark.parametrize("H,Hkv,D,T,q0", [(4, 2, 32, 37, 0), (4, 2, 32, 37, 20), (8, 1, 8, 70, 69), (3, 3, 5, 9, 4)])
+def test_column_mass_matches_naive(H, Hkv, D, T, q0):
+    """The host's two flash passes give what summing every query's row gives."""
+    g = torch.Generator().manual_seed(T + q0)
+    q = torch.randn(T - q0, H, D, generator=g) * 2
+    k = torch.randn(T + 3, Hkv, D, generator=g) * 2  # keys past the run are never read
+    qpos = torch.arange(q0, T)
+    per_head = torch.zeros(H, T, dtype=torch.float64)
+    for h in range(H):  # naive_rows summed over queries, one head at a time
+        per_head[h] = naive_rows(q[:, h : h + 1], k[:T, h // (H // Hkv)][:, None], qpos, 0.3).sum(0)
+    got = column_mass(q, k, q0, 0.3)
+    assert got.shape == (H, T)
+    torch.testing.assert_close(got.double(), per_head, rtol=1e-4, atol=1e-5)
+    # Through the accumulator, the sums-only path equals the rows path.
+    rows = LayerAccumulator(T, H, per_head=True)
+    rows.add(attention_probs(q, k[:T], qpos, 0.3), qpos)
+    cols = LayerAccumulator(T, H, per_head=True, keep_max=False)
+    cols.add_columns(got, qpos)
+    a, b = rows.stats(T), cols.stats(T)
+    assert b.m is None
+    for x, y in ((a.g, b.g), (a.count, b.count), (a.head_sum, b.head_sum)):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
 
 
 def test_threshold_rule_is_mustdrop_dual_rule():

@@ -46,10 +46,11 @@ BLOCK_I = 16  # queries per tl.dot (its minimum)
 # The CPU path holds [heads, queries, keys] float32 probabilities for a slice of the queries at
 # a time: SLICE_QUERY_HEADS // heads queries (at least MIN_SLICE_QUERIES, so the products stay
 # matrix products), a fixed number, so its peak grows linearly with the prompt whatever the
-# number of queries (H2O scores every prompt token; HAE every text token after the first image,
-# one or more per image in a many-image prompt): 1 KiB per key up to 16 heads.
-SLICE_QUERY_HEADS = 256
-MIN_SLICE_QUERIES = 16
+# number of queries (HAE scores every text token after the first image, one or more per image
+# in a many-image prompt): 64 bytes per key up to 4 heads, 16 bytes per head beyond.  Methods
+# that score every prompt token and need only sums (H2O, FastV) take :func:`column_mass`.
+SLICE_QUERY_HEADS = 16
+MIN_SLICE_QUERIES = 4
 
 
 def dense_attention_stats(q: torch.Tensor, keys: torch.Tensor, qpos: torch.Tensor, scale: float,
@@ -79,14 +80,77 @@ def dense_attention_stats(q: torch.Tensor, keys: torch.Tensor, qpos: torch.Tenso
     return rows, head_sum
 
 
+# torch's CPU flash attention, which also returns each query's log-sum-exp (torch >= 2.3).
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _flash_lse(q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float) -> torch.Tensor:
+    """log-sum-exp over keys of ``scale * q . k`` for q [H, n, D], k [H, m, D] (causal: query i
+    sees keys 0..i): [H, n].  The attention output is computed too, over zero values."""
+    _, lse = _FLASH_CPU(q[None], k[None], torch.zeros_like(k)[None], 0.0, causal, scale=scale)
+    return lse[0]
+
+
+def column_mass_available(t: torch.Tensor) -> bool:
+    """Whether :func:`column_mass` runs for tensors like ``t`` (host tensors, torch's CPU
+    flash attention present)."""
+    return _FLASH_CPU is not None and t.device.type == "cpu"
+
+
+def column_mass(q: torch.Tensor, keys: torch.Tensor, q0: int, scale: float) -> torch.Tensor:
+    """``head_sum`` of :func:`attention_stats` for a *run* of queries without materialising
+    their probabilities: ``q [n, H, D]`` at positions ``q0..q0+n-1`` over ``keys [>= q0+n, Hkv, D]``
+    at positions ``0..``; returns ``[H, q0+n]`` float32, ``sum_i p[h, i, j]``.
+
+    Two flash-attention passes per KV-head group, each the cost of one causal attention over
+    the run, and memory linear in the keys (nothing ``n x T``):
+
+    1. ``lse[h, i] = log sum_j exp(scale q_i . k_j)`` over the keys query i sees;
+    2. the same attention transposed: key j as the query ``[scale k_j, 1]``, query i as the key
+       ``[q_i, -lse[h, i]]``, so ``log sum_i exp(scale q_i . k_j - lse[h, i])`` is the log of
+       the mass key j receives.  Key j is seen by the queries at positions >= j: the run's
+       queries all see the keys before it (no mask), and within the run the mask is causal
+       once both sequences are reversed.
+
+    For methods that score every prompt token (H2O, FastV) this replaces ``T`` rows of
+    ``T`` probabilities by two attention passes; their scoring is still quadratic in time (as
+    the methods are defined), linear in memory."""
+    n, H, D = q.shape
+    Hkv = keys.shape[1]
+    group = H // Hkv
+    T = q0 + n
+    out = torch.empty(H, T, dtype=torch.float32)
+    for g in range(Hkv):  # one KV head's group at a time: a group's keys are copied once
+        heads = slice(g * group, (g + 1) * group)
+        qh = q[:, heads].float().permute(1, 0, 2).contiguous()  # [group, n, D]
+        kh = keys[:T, g].float()[None].expand(group, T, D).contiguous()
+        lse = _flash_lse(qh, kh[:, q0:], True, scale)
+        if q0:
+            lse = torch.logaddexp(lse, _flash_lse(qh, kh[:, :q0], False, scale))
+        # Transposed pass: keys as queries, queries (with -lse as one more coordinate) as keys.
+        kq = torch.cat([kh * scale, kh.new_ones(group, T, 1)], dim=2)
+        del kh
+        qk = torch.cat([qh, -lse[..., None]], dim=2)
+        run = _flash_lse(kq[:, q0:].flip(1).contiguous(), qk.flip(1).contiguous(), True, 1.0)
+        out[heads, q0:] = run.flip(1).exp()
+        if q0:
+            out[heads, :q0] = _flash_lse(kq[:, :q0], qk, False, 1.0).exp()
+    return out
+
+
+def gather_plane_keys(key_plane: torch.Tensor, block_table: torch.Tensor, num_keys: int) -> torch.Tensor:
+    """Keys of positions ``0..num_keys-1`` through the block table: ``[num_keys, Hkv, D]``."""
+    bs = key_plane.shape[1]
+    pos = torch.arange(num_keys, device=block_table.device)
+    return key_plane[block_table.long()[pos // bs].to(key_plane.device), (pos % bs).to(key_plane.device)]
+
+
 def attention_stats_ref(q: torch.Tensor, key_plane: torch.Tensor, block_table: torch.Tensor, qpos: torch.Tensor,
                         num_keys: int, scale: float, per_head: bool = False):
     """Torch reference and CPU path of :func:`attention_stats`: keys gathered through the block
     table, only as far as the last query can see."""
-    bs = key_plane.shape[1]
     seen = min(num_keys, int(qpos.max()) + 1) if qpos.numel() else num_keys
-    pos = torch.arange(seen, device=block_table.device)
-    keys = key_plane[block_table.long()[pos // bs].to(key_plane.device), (pos % bs).to(key_plane.device)]
+    keys = gather_plane_keys(key_plane, block_table, seen)
     rows, head_sum = dense_attention_stats(q, keys, qpos, scale, per_head)
     if seen < num_keys:
         rows = torch.nn.functional.pad(rows, (0, num_keys - seen))

@@ -200,10 +200,11 @@ class LayerAccumulator:
     capacity: int
     num_heads: int
     per_head: bool
+    keep_max: bool = True  # False: sums only (add_columns); stats().m is None
 
     def __post_init__(self) -> None:
         self.g = torch.zeros(self.capacity)
-        self.m = torch.zeros(self.capacity)
+        self.m = torch.zeros(self.capacity) if self.keep_max else None
         self.head_sum = torch.zeros(self.num_heads, self.capacity) if self.per_head else None
         self.num_queries = 0
         self._query_positions: list[np.ndarray] = []  # count[j] = #queries at positions >= j
@@ -213,7 +214,8 @@ class LayerAccumulator:
             return
         extra = T - self.g.numel()
         self.g = torch.cat([self.g, torch.zeros(extra)])
-        self.m = torch.cat([self.m, torch.zeros(extra)])
+        if self.m is not None:
+            self.m = torch.cat([self.m, torch.zeros(extra)])
         if self.head_sum is not None:
             self.head_sum = torch.cat([self.head_sum, torch.zeros(self.num_heads, extra)], dim=1)
 
@@ -233,13 +235,33 @@ class LayerAccumulator:
         # numpy views of the (CPU) accumulators: a few small reductions per chunk.
         r = rows.float().numpy() / self.num_heads  # head-averaged [nq, T]
         self.g.numpy()[:T] += r.sum(axis=0)
-        m = self.m.numpy()[:T]
-        np.maximum(m, r.max(axis=0), out=m)
+        if self.m is not None:
+            m = self.m.numpy()[:T]
+            np.maximum(m, r.max(axis=0), out=m)
+        self._add_head_sum(head_sum, T)
+        self._add_queries(query_positions)
+
+    def add_columns(self, head_sum: torch.Tensor, query_positions: torch.Tensor) -> None:
+        """head_sum: [num_heads (global), T] probabilities summed over the queries at
+        ``query_positions`` (:func:`hae_vllm.kernels.scoring.column_mass`): sums only, for an
+        accumulator that keeps no max."""
+        assert self.m is None, "column sums carry no max over queries"
+        if not len(query_positions):
+            return
+        T = head_sum.shape[1]
+        self._grow(T)
+        self.g.numpy()[:T] += head_sum.float().sum(0).numpy() / self.num_heads
+        self._add_head_sum(head_sum, T)
+        self._add_queries(query_positions)
+
+    def _add_head_sum(self, head_sum: torch.Tensor | None, T: int) -> None:
         if self.head_sum is not None:
             assert head_sum is not None, "a per-head accumulator needs per-head sums"
             self.head_sum.numpy()[:, :T] += head_sum.float().numpy()
+
+    def _add_queries(self, query_positions: torch.Tensor) -> None:
         self._query_positions.append(np.asarray(query_positions.cpu(), dtype=np.int64))
-        self.num_queries += nq
+        self.num_queries += len(query_positions)
 
     @property
     def count(self) -> torch.Tensor:
@@ -253,7 +275,7 @@ class LayerAccumulator:
     def stats(self, T: int) -> LayerStats:
         self._grow(T)
         hs = self.head_sum[:, :T] if self.head_sum is not None else None
-        return LayerStats(self.g[:T], self.m[:T], self.count[:T], hs)
+        return LayerStats(self.g[:T], None if self.m is None else self.m[:T], self.count[:T], hs)
 
 
 def decode_mass_rows(q: torch.Tensor, rows: np.ndarray, keys: torch.Tensor, L: int, scale: float,

@@ -46,24 +46,29 @@ class ScoringRequest:
     layers: ordinal indices of the decoder's attention layers to score at (0 = first).
     query_mask: [num_prompt_tokens] bool, the positions whose attention rows are used.
     per_head: also keep per-head sums (``AttentionStats.head_sum``).
+    needs_max: the policy reads ``LayerStats.m`` (the max over queries).  A policy that needs
+    only sums over queries lets the host compute them without per-query rows
+    (:func:`hae_vllm.kernels.scoring.column_mass`); its ``m`` is then None.
     """
 
     layers: tuple[int, ...]
     query_mask: np.ndarray
     per_head: bool = False
+    needs_max: bool = True
 
 
 @dataclass
 class LayerStats:
     """Attention received by each key position, over the selected queries of one layer.
 
-    g: [T] sum over queries of the head-averaged probability; m: [T] max over queries;
+    g: [T] sum over queries of the head-averaged probability; m: [T] max over queries (None
+    when the policy did not ask for it, ``ScoringRequest.needs_max``);
     count: [T] number of selected queries that can see the position (causal);
     head_sum: [H, T] per-head sum over queries (only when requested).
     """
 
     g: torch.Tensor
-    m: torch.Tensor
+    m: torch.Tensor | None
     count: torch.Tensor
     head_sum: torch.Tensor | None = None
 

@@ -15,7 +15,8 @@ class FastVPolicy(Policy):
     description = "visual tokens ranked by the average attention they receive at decoder layer K (default 2)"
 
     def scoring(self, num_tokens, visual_mask, cfg):
-        return ScoringRequest(layers=(cfg.fastv_layer,), query_mask=np.ones(num_tokens, dtype=bool))
+        return ScoringRequest(layers=(cfg.fastv_layer,), query_mask=np.ones(num_tokens, dtype=bool),
+                              needs_max=False)
 
     def candidates(self, visual_mask, cfg):
         return visual_mask.clone()

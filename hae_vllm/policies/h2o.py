@@ -15,7 +15,7 @@ class H2OPolicy(Policy):
     description = "heavy hitters: accumulated attention from all prompt tokens, plus a protected recent window"
 
     def scoring(self, num_tokens, visual_mask, cfg):
-        return ScoringRequest(layers=(0,), query_mask=np.ones(num_tokens, dtype=bool))
+        return ScoringRequest(layers=(0,), query_mask=np.ones(num_tokens, dtype=bool), needs_max=False)
 
     def scores(self, stats, visual_mask, candidates, cfg):
         return stats.first().g

@@ -12,13 +12,15 @@ scheduler to free them.  When depends on memory pressure (see :meth:`PrefillStag
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import numpy as np
 import torch
 
 from hae_vllm.config import EvictionConfigError, request_config
-from hae_vllm.kernels.scoring import attention_stats, dense_attention_stats, use_triton
+from hae_vllm.kernels.scoring import (attention_stats, column_mass, column_mass_available, dense_attention_stats,
+                                      gather_plane_keys, use_triton)
 from hae_vllm.plan import plan_compaction
 from hae_vllm.policies.attention import LayerAccumulator
 from hae_vllm.policies.base import AttentionStats, ScoringRequest
@@ -34,8 +36,24 @@ logger = logging.getLogger("vllm.hae_vllm")  # under vLLM's logger: its handlers
 
 # Queries scored at once: bounds the [queries, T] rows a call returns (and the Triton kernel's
 # [heads, queries, T] partial rows) to a fixed number of queries, so scoring memory grows
-# linearly with the prompt however many queries a method scores.
+# linearly with the prompt however many queries a method scores.  The host's calls take
+# fewer (its keys are gathered once per call, a copy linear in the prompt, cheap on the host).
 _QUERY_CHUNK = 64
+_HOST_QUERY_CHUNK = 16
+# Queries per call of the host's column sums (:func:`column_mass`, a run of consecutive
+# positions): its memory is linear in the keys whatever the run's length.
+_RUN_CHUNK = 4096
+
+
+def _query_chunks(sel: np.ndarray, runs: bool, limit: int) -> list[np.ndarray]:
+    """The scoring positions ``sel`` in the pieces one call scores: at most ``limit`` queries,
+    or (``runs``) runs of consecutive positions of at most :data:`_RUN_CHUNK`."""
+    if not runs:
+        return [sel[c : c + limit] for c in range(0, len(sel), limit)]
+    pieces = []
+    for run in np.split(sel, np.flatnonzero(np.diff(sel) != 1) + 1):
+        pieces.extend(run[c : c + _RUN_CHUNK] for c in range(0, len(run), _RUN_CHUNK))
+    return pieces
 
 
 class PrefillStage:
@@ -87,7 +105,7 @@ class PrefillStage:
         if scoring is not None and scoring.layers is not None and max(scoring.layers) >= num_layers:
             logger.warning("request %s: %s scores layer %s but the model has %d; using the last layer",
                            req.req_id, cfg.method, max(scoring.layers), num_layers)
-            scoring = ScoringRequest(tuple(min(l, num_layers - 1) for l in scoring.layers), scoring.query_mask, scoring.per_head)
+            scoring = dataclasses.replace(scoring, layers=tuple(min(l, num_layers - 1) for l in scoring.layers))
         return RequestState(
             req_id=req.req_id,
             cfg=cfg,
@@ -124,7 +142,11 @@ class PrefillStage:
             sel = pos[qmask[pos]] if len(pos) else pos
             acc = st.accs.get(ordinal)
             if acc is None:
-                acc = st.accs[ordinal] = LayerAccumulator(len(qmask), num_heads_total, per_head)
+                # Sums alone (no max over queries): on the host, from whole runs of queries.
+                columns = (not st.scoring.needs_max and column_mass_available(query)
+                           and not use_triton(query))
+                acc = st.accs[ordinal] = LayerAccumulator(len(qmask), num_heads_total, per_head,
+                                                          keep_max=not columns)
             if not len(sel):
                 # No scoring query in this chunk (e.g. an image-only chunk).  Every TP rank
                 # sees the same tasks, so all of them skip the collective together.
@@ -136,8 +158,8 @@ class PrefillStage:
             keys = None
             if plane is None and not st.defer_scoring:  # not affine: keys through the offset table
                 keys = self._keys(task, key, q0, kv_cache, layout)
-            for c in range(0, len(sel), _QUERY_CHUNK):
-                chunk = sel[c : c + _QUERY_CHUNK]
+            limit = _QUERY_CHUNK if use_triton(query) else _HOST_QUERY_CHUNK
+            for chunk in _query_chunks(sel, acc.m is None, limit):
                 qpos = torch.as_tensor(chunk, dtype=torch.int64)
                 lo = q0 + int(chunk[0]) - task.start
                 if int(chunk[-1]) - int(chunk[0]) + 1 == len(chunk):  # a run (text after an image)
@@ -176,7 +198,17 @@ class PrefillStage:
         live = live_key_view(block_ids, T, view.block_size)
         if live is not None:  # a conversation hit with holes: score over the live keys
             block_ids, T, qpos = live.table, T - live.shift, qpos - live.shift
-        if plane is not None:
+        if acc.m is None:  # sums only, over a run of consecutive positions
+            q0, seen = int(qpos[0]), int(qpos[-1]) + 1
+            assert seen - q0 == len(qpos), "column sums need a run of consecutive query positions"
+            if keys is None:
+                if plane is not None:
+                    table = torch.as_tensor(block_ids[: -(-seen // view.block_size)], dtype=torch.int64)
+                    keys = gather_plane_keys(plane, table, seen)
+                else:
+                    keys = layout.gather_keys(kv_cache, view.slots(block_ids, np.arange(seen)))
+            rows, head_sum = None, torch.nn.functional.pad(column_mass(q, keys, q0, scale), (0, T - seen))
+        elif plane is not None:
             table = torch.as_tensor(block_ids[: -(-T // view.block_size)], dtype=torch.int64)
             rows, head_sum = attention_stats(q, plane, table, qpos, T, scale, per_head)
         else:
@@ -184,8 +216,14 @@ class PrefillStage:
                 keys = layout.gather_keys(kv_cache, view.slots(block_ids, np.arange(T)))
             rows, head_sum = dense_attention_stats(q, keys, qpos, scale, per_head)
         if live is not None:
-            rows, head_sum = live.expand(rows), (None if head_sum is None else live.expand(head_sum))
+            rows = None if rows is None else live.expand(rows)
+            head_sum = None if head_sum is None else live.expand(head_sum)
             qpos = qpos + live.shift
+        if rows is None:
+            if view.tp_group is not None:  # every rank gets every head, in rank order
+                head_sum = view.tp_group.all_gather(head_sum.to(q.device).contiguous(), dim=0)
+            acc.add_columns(head_sum.cpu(), qpos)
+            return
         if view.tp_group is not None:
             # Gathered, then summed in rank order on every rank: all ranks get the same bits
             # (an all-reduce need not), so they select the same victims.
