@@ -351,13 +351,15 @@ def _llava_key(name: str) -> str:
 
 
 def build_tiny_llava(out_dir: str | os.PathLike, *, seed: int = 0, patch_size: int = LLAVA_PATCH_SIZE,
-                     added_tokens: tuple[str, ...] = (), numbered_images: bool = False) -> pathlib.Path:
+                     added_tokens: tuple[str, ...] = (), numbered_images: bool = False,
+                     image_size: int = LLAVA_IMAGE_SIZE, max_positions: int = 4096) -> pathlib.Path:
     """Write a tiny random LLaVA checkpoint (+ tokenizer and processor) into ``out_dir``.
 
     The keyword options change the defaults the tests use (patch 14, the plain BPE, the plain
     template) for trained models: ``patch_size`` (28 -> 64 image tokens per image),
     ``added_tokens`` (whole-word tokens, e.g. `` r2c3``, matched before the byte-level BPE) and
-    ``numbered_images`` (:data:`LLAVA_NUMBERED_CHAT_TEMPLATE`)."""
+    ``numbered_images`` (:data:`LLAVA_NUMBERED_CHAT_TEMPLATE`), ``image_size`` (336 with patch 14:
+    LLaVA-1.5's 576 tokens per image) and ``max_positions``."""
     import torch
     from transformers import (
         CLIPImageProcessor,
@@ -390,14 +392,14 @@ def build_tiny_llava(out_dir: str | os.PathLike, *, seed: int = 0, patch_size: i
     tok.chat_template = template
     ids = {t: tok.convert_tokens_to_ids(t) for t in specials}
     vocab = len(tok)
-    image_tokens = (LLAVA_IMAGE_SIZE // patch_size) ** 2
+    image_tokens = (image_size // patch_size) ** 2
 
     vision = CLIPVisionConfig(
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
-        image_size=LLAVA_IMAGE_SIZE,
+        image_size=image_size,
         patch_size=patch_size,
         projection_dim=64,
         hidden_act="quick_gelu",
@@ -411,7 +413,7 @@ def build_tiny_llava(out_dir: str | os.PathLike, *, seed: int = 0, patch_size: i
         num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=32,
-        max_position_embeddings=4096,
+        max_position_embeddings=max_positions,
         rms_norm_eps=1e-5,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         tie_word_embeddings=False,
@@ -452,8 +454,8 @@ def build_tiny_llava(out_dir: str | os.PathLike, *, seed: int = 0, patch_size: i
     ).save_pretrained(out)
 
     image_processor = CLIPImageProcessor(
-        size={"shortest_edge": LLAVA_IMAGE_SIZE},
-        crop_size={"height": LLAVA_IMAGE_SIZE, "width": LLAVA_IMAGE_SIZE},
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
         do_resize=True,
         do_center_crop=True,
         do_rescale=True,

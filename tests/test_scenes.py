@@ -1,0 +1,89 @@
+"""The LLaVA-scale scene world (issue 31): items are reproducible, answers follow from the
+scene, objects are a minority of the 576 patches, and the objects score counts hallucinations."""
+
+import numpy as np
+import pytest
+
+from hae_lab.accuracy import scenes
+from hae_lab.accuracy.scenes import GENERATORS, LAYOUT, PATCH, PIXELS, Scene, make_item, score
+
+
+def test_576_patches_per_image():
+    assert (PIXELS // PATCH) ** 2 == 576
+    assert make_item("attr", "train", 0).images()[0].size == (PIXELS, PIXELS)
+
+
+@pytest.mark.parametrize("task", list(GENERATORS))
+def test_items_are_reproducible_and_splits_differ(task):
+    a, b = make_item(task, "train", 5), make_item(task, "train", 5)
+    assert a.to_json() == b.to_json()
+    assert np.array_equal(np.asarray(a.images()[0]), np.asarray(b.images()[0]))
+    assert make_item(task, "heldout", 5).seed != a.seed
+
+
+def _obj(item, cell, k=0):
+    return item.scenes[k].objects[cell]
+
+
+@pytest.mark.parametrize("i", range(20))
+def test_answers_follow_from_the_scene(i):
+    it = make_item("attr", "heldout", i)
+    cell = it.question.split()[-1].rstrip("?")
+    assert it.answer == f"{cell} {_obj(it, cell).colour}"
+    it = make_item("find", "heldout", i)
+    colour, shape = it.question.split()[3:5]
+    shape = shape.rstrip("?")
+    where = [c for c, o in it.scenes[0].objects.items() if (o.colour, o.shape) == (colour, shape)]
+    assert len(where) == 1 and it.answer.endswith(where[0])
+    it = make_item("read", "heldout", i)
+    cell = it.question.split()[-1].rstrip("?")
+    assert _obj(it, cell).shape == "digit" and it.answer == f"{cell} digit {_obj(it, cell).digit}"
+    it = make_item("twohop", "heldout", i)
+    tri = [c for c, o in it.scenes[0].objects.items() if o.shape == "triangle"]
+    assert len(tri) == 1
+    r, c = scenes._cell_rc(tri[0])
+    right = scenes.cell_name(r, c + 1)
+    assert it.answer == f"{right} {_obj(it, right).colour}"
+    it = make_item("count", "heldout", i)
+    shape = it.question.split()[2][:-1]
+    assert it.answer == f"there are {sum(o.shape == shape for o in it.scenes[0].objects.values())} {shape}s"
+
+
+def test_objects_are_a_minority_of_the_patches():
+    """Patches an object touches: at most ~10% of the image on average (the rest is texture)."""
+    shares = []
+    for i in range(20):
+        s = make_item("describe", "heldout", i).scenes[0]
+        ink = np.asarray(s.render()).astype(int)
+        bare = np.asarray(Scene({}, s.background, s.bg_colour, s.seed).render()).astype(int)
+        diff = (np.abs(ink - bare).sum(-1) > 0).reshape(PIXELS // PATCH, PATCH, PIXELS // PATCH, PATCH)
+        touched = diff.any(axis=(1, 3))
+        shares.append(touched.mean())
+        assert touched.sum() >= 2 * len(s.objects)
+    assert 0.01 < np.mean(shares) < 0.12
+
+
+def test_lookalike_distractors_are_present():
+    for i in range(20):
+        it = make_item("attr", "heldout", i)
+        cell = it.question.split()[-1].rstrip("?")
+        ob = _obj(it, cell)
+        twins = [o for c, o in it.scenes[0].objects.items() if c != cell and (
+            (o.shape == ob.shape and o.colour == scenes.LOOKALIKE[ob.colour]) or
+            (ob.shape == "digit" and o.shape == "digit" and o.colour == ob.colour))]
+        assert twins or len(it.scenes[0].objects) == LAYOUT * LAYOUT
+
+
+def test_objects_scoring_counts_missing_and_hallucinated():
+    ans = "r1c2 blue circle, r3c5 red digit 7"
+    assert score(ans, "r3c5 red digit 7, r1c2 blue circle", "objects") == 1.0
+    assert score(ans, "r1c2 blue circle", "objects") == 0.5
+    assert score(ans, "r1c2 blue circle, r3c5 red digit 7, r6c6 green square, r2c2 red circle", "objects") == 0.5
+    assert score(ans, "r1c2 purple circle, r3c5 red digit 1", "objects") == 0.0
+
+
+def test_walk_is_a_long_answer_that_ends_by_recalling_its_first_step():
+    it = make_item("walk", "heldout", 0)
+    steps = it.answer.split(", ")
+    assert len(it.scenes) == 5 and len(steps) >= 31 and len(it.answer.split()) >= 200
+    assert steps[-1] == "first " + steps[0]
