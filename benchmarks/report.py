@@ -493,16 +493,18 @@ def scaling_section(sc: dict | None) -> list[str]:
             f"{s['eviction_peak_mib_at_max']:.1f} MiB; memory growth exponent (log-log slope, largest over methods with "
             f"at least 1 MiB at the longest prompt) {s['memory_growth_exponent']:.2f} "
             f"({', '.join(f'{k} {v:.2f}' for k, v in sorted(s['memory_growth_exponents'].items()))}).", "",
-            "Why the shapes: every method's scoring reads keys only as far as its last query sees and scores a fixed "
-            "number of queries at a time, so its memory grows with the prompt times the queries in flight (at most "
-            "64), not with the prompt squared. H2O and FastV score every prompt token against every earlier one at "
-            "their scoring layer (by their definitions: attention received from all prompt tokens): their time "
-            "grows like attention itself, one more attention layer's worth of work done "
-            "without a fused kernel, which on this 4-layer model is a large share of the prefill (on a model with "
-            "tens of layers, a proportionally smaller one). HAE's queries are the text tokens after the first image, "
-            "one per image separator in a many-image prompt, so its scoring memory grows with images x tokens until "
-            "the queries in flight reach their cap, and with the tokens alone after that. StreamingLLM and random "
-            "score nothing.", ""]
+            "Why the shapes: every method's scoring reads keys only as far as its last query sees and holds a fixed "
+            "number of queries' probabilities at a time (4 on the host up to 4 heads), so its memory grows with the "
+            "prompt, not with the prompt squared. H2O and FastV score every prompt token against every earlier one "
+            "at their scoring layer (by their definitions: attention received from all prompt tokens) and need only "
+            "sums over the queries: the host computes them as two flash-attention passes over the prompt "
+            "(each query's log-sum-exp, then the same attention transposed with the log-sum-exp as a bias; "
+            "`hae_vllm.kernels.scoring.column_mass`), memory linear, time that of two more attention layers. "
+            "vLLM's CPU attention kernel does not return its log-sum-exp, so the first pass cannot be shared with "
+            "the forward; on this 4-layer model, where attention is most of a long prefill, two more attention "
+            "passes are a large share of it, on a model with tens of layers a proportionally smaller one. "
+            "HAE scores the text tokens after the first image (one per image separator in a many-image prompt); "
+            "StreamingLLM and random score nothing.", ""]
     return out
 
 

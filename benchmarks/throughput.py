@@ -35,7 +35,21 @@ processing included, is reported too.
 medians the README quotes (per-engine step profile, decode step cost ratio, recomputed prompt
 tokens per preemption, the spread of the rounds), without running anything.
 
-Last line: throughput_ratio=<x> limit=<1/(1-r)> r=<r> max_running_ratio=<m>
+Timing: the two engines take turns of ``--slice-steps`` engine steps within a round (none's
+next 4 steps, then the method's, the order flipping every round;
+:func:`~hae_vllm.testing.scenario.take_turns`, as ``benchmarks/long_generation.py``), each with
+one torch thread, and each engine's time is the sum of its own ``step()`` calls.  This shared
+machine's speed moves by up to 2x between consecutive tenths of a second; whole rounds back to
+back (seconds apart) gave single-round ratios with quartiles 1.05-3.40 around a median of 1.52.
+Turns of a few steps put both engines in the same tenth of a second.  ``--slice-steps 0`` runs
+whole rounds.  With turns, a request's TTFT and TPOT (vLLM's request metrics, wall clock)
+include the other engine's turns: read them as relative figures only.
+
+``cpu_bound`` is the decode-only bound below, measured in the same run: what eviction could
+reach on this CPU if it shortened nothing but the baseline's decode-only steps (by the limit).
+
+Last line: throughput_ratio=<x> limit=<1/(1-r)> r=<r> max_running_ratio=<m> q1=<a> q3=<b> cpu_bound=<c>
+(``q1``/``q3``: quartiles of the paired rounds' ratios)
 """
 
 from __future__ import annotations
@@ -52,7 +66,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from hae_vllm.testing.scenario import (  # noqa: E402
-    LiveScenario, RequestSpec, ScenarioSpec, blocks_freed_at_end, environment_info,
+    LiveScenario, RequestSpec, ScenarioSpec, blocks_freed_at_end, environment_info, take_turns,
 )
 
 
@@ -90,7 +104,9 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--images", type=int, default=1, help="images per request")
     ap.add_argument("--num-blocks", type=int, default=160, help="KV blocks (of 32 tokens) for both runs")
-    ap.add_argument("--rounds", type=int, default=25, help="paired rounds (each engine runs this many; single rounds spread by +-15%% here)")
+    ap.add_argument("--rounds", type=int, default=25, help="paired rounds (each engine runs this many)")
+    ap.add_argument("--slice-steps", type=int, default=4,
+                    help="engine steps per turn when the two engines take turns within a round (0: whole rounds)")
     ap.add_argument("--warmup", type=int, default=4, help="requests run before the measured ones in each engine")
     ap.add_argument("--decode-budget", type=float, default=None,
                     help="also evict during decode (HAE's decode stage: live tokens kept within this share)")
@@ -111,7 +127,10 @@ def main() -> None:
     common = dict(model="llava", requests=reqs, log_stats=True, logprobs=False, trace=True,
                   num_gpu_blocks_override=args.num_blocks, max_num_seqs=256, max_model_len=1024,
                   max_num_batched_tokens=2048, warmup_requests=args.warmup,
-                  engine_kwargs={"watermark": args.watermark} if args.watermark else {})
+                  engine_kwargs={"watermark": args.watermark} if args.watermark else {},
+                  # One torch/OpenMP thread per engine (as long_generation.py): a spinning
+                  # OpenMP barrier of the waiting engine would take the running one's core.
+                  env={"OMP_NUM_THREADS": "1"} if args.slice_steps else {})
     names = ("none", args.method)
     eviction = {"method": args.method, "budget": args.budget}
     if args.decode_budget is not None:
@@ -125,8 +144,15 @@ def main() -> None:
         engines = dict(zip(names, (base, meth)))
         for i in range(args.rounds):
             # Same images for both engines in a round; the order flips every round.
-            for name in (names if i % 2 == 0 else names[::-1]):
-                rounds[name].append(engines[name].round(10_000 * (i + 1)))
+            order = list(names if i % 2 == 0 else names[::-1])
+            if args.slice_steps:
+                recs = take_turns(engines, order, 10_000 * (i + 1), None, args.slice_steps)
+            else:
+                recs = {name: engines[name].round(10_000 * (i + 1)) for name in order}
+            for name in names:
+                rounds[name].append(recs[name])
+            print(f"round {i}: ratio {summarize(recs[args.method])['output_tok_s'] / summarize(recs['none'])['output_tok_s']:.3f}",
+                  flush=True)
     bs = 32
     paired = []
     for b, m in zip(rounds["none"], rounds[args.method]):
@@ -227,7 +253,8 @@ def report(data: dict) -> None:
           f"eviction divided none's decode-only forward time by the limit and left its prefill and "
           f"non-forward time as they are")
     print(f"throughput_ratio={med['throughput_ratio']:.4f} limit={limit:.4f} r={r:.4f} "
-          f"max_running_ratio={med['max_running_ratio']:.4f}")
+          f"max_running_ratio={med['max_running_ratio']:.4f} q1={sp['q1']:.4f} q3={sp['q3']:.4f} "
+          f"cpu_bound={med['decode_bound']:.4f}")
 
 
 if __name__ == "__main__":
