@@ -68,7 +68,6 @@ METHODS = ["none", "hae", "streamingllm", "h2o", "snapkv", "fastv", "madakv", "r
 CHUNK = 2048
 MARK = "@@hae_scaling "  # the worker's replies on stdout, among vLLM's log lines
 RESULT = REPO / "benchmarks" / "results" / "scaling.json"
-PLOT = REPO / "benchmarks" / "results" / "scaling.png"
 # (module, class, method) of the worker's eviction entry points: together, all its work.
 HOOKS = [("hae_vllm.worker.runtime", "EvictionRuntime", "score"),
          ("hae_vllm.worker.runtime", "EvictionRuntime", "on_states_updated"),
@@ -322,7 +321,7 @@ def main() -> None:
               "environment": environment_info(), "elapsed_s": time.time() - t_start,
               "rows": rows, "oracle": checks, "summary": summary}
     Path(args.out).write_text(json.dumps(result, indent=1))
-    plot(result, PLOT)
+    plot(result, Path(args.out).with_suffix(".png"))  # beside the result file
     s = summary
     print(f"max_prompt_tokens={s['max_prompt_tokens']} hae_ttft_ratio_at_max={s['hae_ttft_ratio_at_max']:.3f} "
           f"worst_ttft_ratio_at_max={s['worst_ttft_ratio_at_max']:.3f} worst_method={s['worst_method']} "
