@@ -289,15 +289,17 @@ def results_doc() -> str:
                 "`python benchmarks/throughput.py [--num-blocks N] [--max-tokens N] [--decode-budget D] [--tag T]`: 64 "
                 "image requests through a small KV pool, hae and vanilla in paired rounds (order flipped). `r` is the "
                 "share of the workload's KV footprint eviction returned, `limit` = 1/(1-r) the most that freeing it "
-                "can give; quartiles are over the rounds' ratios. `reserve` is hae's `admission_reserve` (files without "
-                "it in their `eviction_config` were run before the setting existed: 0, vLLM's admission).", "",
+                "can give; quartiles are over the rounds' ratios. `reserve` is hae's `admission_reserve` (`growth`: the "
+                "growth-aware default; files without it in their `eviction_config` were run before the setting "
+                "existed: 0, vLLM's admission).", "",
                 "| file | pool (blocks) | new tokens | decode budget | reserve | r | limit | throughput ratio | quartiles | share of limit |",
                 "|---|---|---|---|---|---|---|---|---|---|"]
         for name, d in tps:
             t = throughput_summary(d)
             a = d["args"]
             reserve = d.get("eviction_config", {}).get("admission_reserve", 0)
-            out.append(f"| {name} | {a['num_blocks']} | {a['max_tokens']} | {a.get('decode_budget') or '-'} | {reserve:g} | {t['r']:.3f} | "
+            reserve = "growth" if reserve is None else f"{reserve:g}"
+            out.append(f"| {name} | {a['num_blocks']} | {a['max_tokens']} | {a.get('decode_budget') or '-'} | {reserve} | {t['r']:.3f} | "
                        f"{t['limit']:.3f} | {t['ratio']:.3f} | {t['lo']:.2f}-{t['hi']:.2f} ({t['rounds']} rounds) | {t['share']:.2f} |")
         out += ["", "![throughput against pool size](../benchmarks/results/throughput_vs_pool.png)", "",
                 "Prompt tokens computed (medians of the rounds; beyond the workload's own prompts they are recomputation "

@@ -123,12 +123,14 @@ class EvictionConfig:
     # evicting request's tokens continues from the cache that request left (holes and all)
     # instead of recomputing it.  Requests with a decode budget never do.
     session_reuse: bool = True
-    # Admission reserve (engine-wide): share of the KV blocks a waiting or preempted request
-    # must leave free to be admitted while others run (vLLM's scheduler ``watermark``; the larger
-    # of the two applies).  Eviction shrinks what a request holds but not what it will grow by,
-    # so filling the pool as vLLM does without eviction preempts more running requests, and a
-    # preempted request's compacted cache is rarely reusable (docs/how-it-works.md).  0 = vLLM's.
-    admission_reserve: float = 0.1
+    # Admission reserve (engine-wide): KV blocks a waiting or preempted request must leave free
+    # to be admitted while others run (vLLM's scheduler ``watermark``; the larger of the two
+    # applies).  Eviction shrinks what a request holds but not what it will grow by, so filling
+    # the pool as vLLM does without eviction preempts more running requests, and a preempted
+    # request's compacted cache is rarely reusable (docs/how-it-works.md).  None (default): what
+    # the running requests are expected to grow into, re-estimated every step
+    # (hae_vllm.engine.admission); a number: that fixed share of the pool; 0 = vLLM's admission.
+    admission_reserve: float | None = None
     # Block size chosen when eviction is on and the user set none.
     default_block_size: int = 32
 
@@ -158,7 +160,7 @@ class EvictionConfig:
             ("variance_gain", 0.0, math.inf, True, False),
             ("text_threshold_scale", 0.0, math.inf, True, False),
             ("restore_margin", 0.0, math.inf, True, False),
-            ("admission_reserve", 0.0, 0.5, True, False),
+            ("admission_reserve", 0.0, 0.5, True, True),
         ):
             _check_number(name, getattr(self, name), lo, hi, lo_incl, optional)
         for name, minimum, optional in (

@@ -73,6 +73,12 @@ def _create() -> dict[str, Any]:
             "Prompt tokens served from an earlier request's evicted cache (not recomputed).",
             labelnames=["engine"],
         ),
+        "reserve": Gauge(
+            "vllm:hae_admission_reserve_blocks",
+            "Free KV blocks a waiting request must leave to the running ones to be admitted "
+            "(growth-aware admission reserve at the last schedule(); 0 with a fixed admission_reserve).",
+            labelnames=["engine"],
+        ),
         "peak": Gauge(
             "vllm:hae_peak_kv_blocks_in_use",
             "Largest number of KV blocks in use seen after any schedule() step.",
@@ -144,6 +150,7 @@ def observe(scheduler_stats, engine_idx: int) -> None:
         _metrics["session_hits"].labels(eng).inc(delta("session_hits"))
         _metrics["session_tokens"].labels(eng).inc(delta("session_hit_tokens"))
         _metrics["peak"].labels(eng).set(int(stats.get("peak_blocks_in_use", 0)))
+        _metrics["reserve"].labels(eng).set(int(stats.get("admission_reserve_blocks", 0)))
         for event in ("parked", "restored", "released", "lost"):
             _metrics["bin_events"].labels(eng, event).inc(delta(f"{event}_blocks"))
         _metrics["bin_occupancy"].labels(eng).set(int(stats.get("bin_occupancy", 0)))

@@ -15,6 +15,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
 from hae_vllm.config import EvictionConfig, EvictionConfigError, engine_config_from_additional, request_config
+from hae_vllm.engine.admission import GrowthReserve
 from hae_vllm.engine.kv_manager import EvictableFullAttentionManager
 from hae_vllm.engine.recycle_bin import RecycleBin
 from hae_vllm.engine.sessions import SessionCache, announced_only, settings_signature
@@ -59,6 +60,7 @@ class EvictionStats:
         self.pressure_steps = 0  # steps whose evicted blocks were freed at once (pool short)
         self.session_hits = 0  # requests that continued from an earlier request's evicted cache
         self.session_hit_tokens = 0  # prompt tokens they were served from it
+        self.admission_reserve_blocks = 0  # the growth-aware reserve at the last schedule()
 
     def as_dict(self) -> dict[str, int]:
         return dict(vars(self))
@@ -101,18 +103,25 @@ class EvictionScheduler(Scheduler):
 
     # ------------------------------------------------------------------ admission
     def _reserve_admission_blocks(self) -> None:
-        """Apply ``admission_reserve`` through vLLM's own watermark (blocks a waiting or
-        preempted request must leave free to be admitted while others run), keeping the
-        larger of the two."""
+        """Admission through vLLM's own watermark (blocks a waiting or preempted request must
+        leave free to be admitted while others run), keeping the larger of vLLM's and ours:
+        a fixed ``admission_reserve``, or (None, the default) what the running requests are
+        expected to grow into (:class:`~hae_vllm.engine.admission.GrowthReserve`), set before
+        every ``schedule()``."""
         cfg = self.eviction_config
         kv = self.kv_cache_manager
-        reserve = int(cfg.admission_reserve * self.kv_cache_config.num_blocks) if cfg.enabled else 0
-        if reserve > getattr(kv, "watermark_blocks", 0):
-            if not hasattr(kv, "watermark_blocks"):
-                logger.warning("this vLLM's KV cache manager has no admission watermark: "
-                               "admission_reserve is not applied")
-                return
-            kv.watermark_blocks = reserve
+        self.growth_reserve: GrowthReserve | None = None
+        if not cfg.enabled:
+            return
+        if not hasattr(kv, "watermark_blocks"):
+            logger.warning("this vLLM's KV cache manager has no admission watermark: "
+                           "eviction's admission reserve is not applied")
+            return
+        self._vllm_watermark = kv.watermark_blocks
+        if cfg.admission_reserve is None:
+            self.growth_reserve = GrowthReserve(self.kv_cache_config.num_blocks, self.cache_config.block_size)
+        else:
+            kv.watermark_blocks = max(kv.watermark_blocks, int(cfg.admission_reserve * self.kv_cache_config.num_blocks))
 
     def add_request(self, request) -> None:
         cfg = self._request_config(request)
@@ -147,6 +156,8 @@ class EvictionScheduler(Scheduler):
         # Parked blocks are already free; forget them.  The request resumes from the session
         # its blocks leave (when it keeps one), else recomputes from scratch.
         self.recycle_bin.drop_request(request.request_id)
+        if self.growth_reserve is not None:
+            self.growth_reserve.preempted(self.running)
         out = super()._preempt_request(request, *args, **kwargs)
         rec = self.records.get(request.request_id)
         if rec is not None:
@@ -261,6 +272,10 @@ class EvictionScheduler(Scheduler):
         return stats
 
     def schedule(self, *args, **kwargs):
+        if self.growth_reserve is not None:
+            reserve = self.growth_reserve.blocks(self.running)
+            self.kv_cache_manager.watermark_blocks = max(self._vllm_watermark, reserve)
+            self.eviction_stats.admission_reserve_blocks = reserve
         out = super().schedule(*args, **kwargs)
         # Restores confirmed in the last update, and parked blocks the pool handed out during
         # this schedule(): the worker applies both before this step's forward.
