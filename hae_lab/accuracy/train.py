@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from hae_lab.accuracy import scenes
 from hae_lab.accuracy.tasks import COLOURS, GENERATORS, SHAPES, Item, cell_name, generate, make_item, score
 from hae_lab.tiny_models import (_llava_key, _save_weights, build_tiny_llava, llava_numbered_prompt,
                                           llava_prompt)
@@ -431,11 +432,15 @@ def sparsify(item, filled: int):
     return item
 
 
+def _num_images(item) -> int:
+    return len(item.scenes) if hasattr(item, "scenes") else len(item.grids)
+
+
 def _batch(processor, items, device, prompt=llava_prompt):
     """Input ids with labels on the answer tokens only (right padding)."""
     tok = processor.tokenizer
     assert tok.padding_side == "right", tok.padding_side
-    prompts = [prompt(it.question, len(it.grids)) for it in items]
+    prompts = [prompt(it.question, _num_images(it)) for it in items]
     full = [p + " " + it.answer + tok.eos_token for p, it in zip(prompts, items)]
     images = [img for it in items for img in it.images()]
     enc = processor(text=full, images=images, return_tensors="pt", padding=True)
@@ -452,17 +457,18 @@ def _batch(processor, items, device, prompt=llava_prompt):
 
 @torch.no_grad()
 def evaluate(model, processor, task: str, n: int, device, max_new_tokens: int | None = None,
-             fill: float = 0.7, prompt=llava_prompt) -> float:
+             fill: float = 0.7, prompt=llava_prompt, world: str = "grid") -> float:
     """Held-out accuracy with HF greedy decoding (``max_new_tokens``: the answer's length + 4)."""
     model.eval()
     total = 0.0
     tok = processor.tokenizer
-    for it in generate(task, "heldout", n, fill=fill):
-        enc = processor(text=[prompt(it.question, len(it.grids))], images=it.images(), return_tensors="pt").to(device)
+    items = scenes.generate(task, "heldout", n) if world == "scenes" else generate(task, "heldout", n, fill=fill)
+    for it in items:
+        enc = processor(text=[prompt(it.question, _num_images(it))], images=it.images(), return_tensors="pt").to(device)
         mt = max_new_tokens or len(_answer_ids(tok, it.answer)) + 4
         out = model.generate(**enc, max_new_tokens=mt, do_sample=False)
         text = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-        total += score(it.answer, text, it.scoring)
+        total += (scenes.score if world == "scenes" else score)(it.answer, text, it.scoring)
     model.train()
     return total / n
 
@@ -519,12 +525,14 @@ def train(out: Path, steps: int | None, batch_size: int, lr: float, seed: int, d
           stop_after: int | None = None, keep_every: int = 0, patch_size: int | None = None,
           grid_tokens: bool = False, numbered_images: bool = False, align_cells: float = 0.0,
           wire_lookup: float = 0.0, wire_circuits: float = 0.0, freeze_circuits: bool = False,
-          freeze: str | None = None) -> dict | None:
+          freeze: str | None = None, world: str = "grid") -> dict | None:
     """Train and write the checkpoint to ``out``.  With ``ckpt_dir``, a resumable checkpoint
     (weights, optimizer, step, RNG states, data position, log) is written there every
     ``ckpt_every`` steps; ``resume`` continues from it with the saved configuration.
     ``stop_after``: leave after that many steps of this call (checkpoint written, nothing else;
-    returns None), for sessions shorter than the run."""
+    returns None), for sessions shorter than the run.  ``world``: ``grid`` (hae_lab.accuracy.tasks,
+    224-pixel grids) or ``scenes`` (hae_lab.accuracy.scenes: 336-pixel scenes, 576 visual tokens,
+    the world's whole-word tokens, numbered images, 8192 positions)."""
     from transformers import AutoProcessor
 
     if not resume:
@@ -539,13 +547,18 @@ def train(out: Path, steps: int | None, batch_size: int, lr: float, seed: int, d
             raise FileNotFoundError(f"--resume: no checkpoint {ckpt}/last.pt")
         state = torch.load(ckpt / "last.pt", weights_only=False)
         base, tmp_base = ckpt / "base", None
+        world = state["log"]["config"].get("world", "grid")  # the resumed run's world
     elif init_from:  # continue: same tokenizer, processor and config as the checkpoint
         base, tmp_base = Path(init_from), None
     else:
         tmp_base = Path(tempfile.mkdtemp(prefix="hae_vlm_base_"))
         base = tmp_base
-        build_tiny_llava(base, seed=seed, **({"patch_size": patch_size} if patch_size else {}),
-                         added_tokens=GRID_TOKENS if grid_tokens else (), numbered_images=numbered_images)
+        if world == "scenes":
+            build_tiny_llava(base, seed=seed, patch_size=scenes.PATCH, image_size=scenes.PIXELS,
+                             added_tokens=scenes.added_tokens(), numbered_images=True, max_positions=8192)
+        else:
+            build_tiny_llava(base, seed=seed, **({"patch_size": patch_size} if patch_size else {}),
+                             added_tokens=GRID_TOKENS if grid_tokens else (), numbered_images=numbered_images)
     random.seed(seed)
     torch.manual_seed(seed)
     model = _build_model(base, None if (resume or init_from) else text_overrides, weights=not resume)
@@ -562,7 +575,7 @@ def train(out: Path, steps: int | None, batch_size: int, lr: float, seed: int, d
         if pos_init == "sincos":
             init_positions_2d(model)
         elif pos_init == "cells":
-            init_positions_cells(model)
+            init_positions_cells(model, cells=scenes.LAYOUT if world == "scenes" else 4)
         if wire_circuits:
             wire_grid_circuits(model, processor.tokenizer, scale=wire_circuits)
         elif align_cells:
@@ -585,7 +598,7 @@ def train(out: Path, steps: int | None, batch_size: int, lr: float, seed: int, d
                       "patch_size": patch_size, "grid_tokens": grid_tokens, "numbered_images": numbered_images,
                       "align_cells": align_cells, "wire_lookup": wire_lookup,
                       "wire_circuits": wire_circuits, "freeze_circuits": freeze_circuits, "freeze": freeze,
-                      "content_gain": 5.0 if wire_circuits else None,
+                      "content_gain": 5.0 if wire_circuits else None, "world": world,
                       "torch_threads": torch.get_num_threads()},
            "machine": _machine(device), "loss": [], "eval": [], "wall": []}
     start, elapsed = 1, 0.0
@@ -628,6 +641,8 @@ def train(out: Path, steps: int | None, batch_size: int, lr: float, seed: int, d
                 it = copy_item(counters.get(task, 0), tuple(st["fill"]), st.get("digits", [4, 12]))
             elif st.get("images") and task == "needle":  # fewer images first (1 -> 3)
                 it = _needle_n(counters.get(task, 0), tuple(st["fill"]), st["images"])
+            elif world == "scenes":
+                it = scenes.make_item(task, "train", counters.get(task, 0))
             else:
                 it = make_item(task, "train", counters.get(task, 0), fill=tuple(st["fill"]))
             if st.get("cells"):  # exact-count curriculum: at most this many shapes per grid
@@ -650,7 +665,8 @@ def train(out: Path, steps: int | None, batch_size: int, lr: float, seed: int, d
             # "cell@0.2": held-out items at fill 0.2 (fewer distractors) to see a curriculum's first stage.
             accs = {t: round(evaluate(model, processor, t.split("@")[0],
                                       max(4, eval_n // 4) if t.startswith("describe") else eval_n, device,
-                                      fill=float(t.split("@")[1]) if "@" in t else 0.7, prompt=prompt), 4)
+                                      fill=float(t.split("@")[1]) if "@" in t else 0.7, prompt=prompt,
+                                      world=world), 4)
                     for t in eval_tasks}
             log["eval"].append((step, accs))
             log["wall"].append((step, round(time.time() - t0, 1)))
@@ -669,9 +685,9 @@ def train(out: Path, steps: int | None, batch_size: int, lr: float, seed: int, d
             print(f"stopped at step {step}; continue with --resume", flush=True)
             return None
     log["train_seconds"] = round(time.time() - t0, 1)
-    log["final_heldout"] = {t: round(evaluate(model, processor, t, final_n if t != "describe" else max(1, final_n // 4),
-                                              device, prompt=prompt), 4)
-                            for t in GENERATORS} if final_n else {}
+    log["final_heldout"] = {t: round(evaluate(model, processor, t, final_n if t not in ("describe", "walk") else
+                                              max(1, final_n // 4), device, prompt=prompt, world=world), 4)
+                            for t in (scenes.GENERATORS if world == "scenes" else GENERATORS)} if final_n else {}
     print(f"final held-out accuracy (HF, greedy): {log['final_heldout']}", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     for f in base.iterdir():
@@ -750,6 +766,9 @@ def main() -> None:
                          "held-out accuracy on --eval-tasks (--final-n items; 0: none) in its train_log.json")
     ap.add_argument("--freeze", default=None,
                     help="comma list of parts kept at their starting weights: vision, projector (see frozen_parts)")
+    ap.add_argument("--world", choices=("grid", "scenes"), default="grid",
+                    help="grid: 224-px grids (hae_lab.accuracy.tasks); scenes: 336-px scenes, 576 tokens per image "
+                         "(hae_lab.accuracy.scenes; its tokens and numbered images implied)")
     ap.add_argument("--freeze-circuits", action="store_true",
                     help="with --wire-circuits: keep the wired weights fixed (freeze_wired); pass it on --resume too")
     args = ap.parse_args()
@@ -780,7 +799,7 @@ def main() -> None:
           run_name=args.run_name, stop_after=args.stop_after, keep_every=args.keep_every,
           patch_size=args.patch_size, grid_tokens=args.grid_tokens, numbered_images=args.numbered_images,
           align_cells=args.align_cells, wire_lookup=args.wire_lookup, wire_circuits=args.wire_circuits,
-          freeze_circuits=args.freeze_circuits, freeze=args.freeze)
+          freeze_circuits=args.freeze_circuits, freeze=args.freeze, world=args.world)
 
 
 if __name__ == "__main__":
