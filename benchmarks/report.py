@@ -163,7 +163,9 @@ def headline() -> str:
         t = throughput_summary(tp)
         lines.append(f"| Throughput under memory pressure ({tp['args']['num_blocks']}-block pool, budget {tp['args']['budget']}) | "
                      f"{t['ratio']:.2f}x vanilla vLLM (median of {t['rounds']} paired rounds, quartiles {t['lo']:.2f}-{t['hi']:.2f}; "
-                     f"limit {t['limit']:.2f}) | `python benchmarks/throughput.py` |")
+                     f"limit {t['limit']:.2f}"
+                     + (f", this CPU's decode-only bound {tp['median']['decode_bound']:.2f}" if 'decode_bound' in tp['median'] else "")
+                     + ") | `python benchmarks/throughput.py` |")
     ov = load("overhead")
     if ov:
         lines.append(f"| Overhead with nothing evicted (hae, budget 1.0) | TTFT {pct(ov['ttft_overhead'], True)}, TPOT "
@@ -287,20 +289,28 @@ def results_doc() -> str:
     if tps:
         out += ["## Throughput", "",
                 "`python benchmarks/throughput.py [--num-blocks N] [--max-tokens N] [--decode-budget D] [--tag T]`: 64 "
-                "image requests through a small KV pool, hae and vanilla in paired rounds (order flipped). `r` is the "
-                "share of the workload's KV footprint eviction returned, `limit` = 1/(1-r) the most that freeing it "
-                "can give; quartiles are over the rounds' ratios. `reserve` is hae's `admission_reserve` (`growth`: the "
-                "growth-aware default; files without it in their `eviction_config` were run before the setting "
-                "existed: 0, vLLM's admission).", "",
-                "| file | pool (blocks) | new tokens | decode budget | reserve | r | limit | throughput ratio | quartiles | share of limit |",
-                "|---|---|---|---|---|---|---|---|---|---|"]
+                "image requests through a small KV pool, hae and vanilla in paired rounds (order flipped), the two "
+                "engines taking turns of a few engine steps within a round (one torch thread each; files marked "
+                "`whole rounds` ran each engine's round whole, seconds apart, and their quartiles are mostly the "
+                "machine's noise). `r` is the share of the workload's KV footprint eviction returned, `limit` = "
+                "1/(1-r) the most that freeing it can give; quartiles are over the rounds' ratios. `decode-only "
+                "bound`: the ratio if eviction divided vanilla's decode-only forward time by the limit and left its "
+                "prefill and other per-step time as they are (this CPU's cost per step; measured in the same run). "
+                "`reserve` is hae's `admission_reserve` (`growth`: the growth-aware default; files without it in "
+                "their `eviction_config` were run before the setting existed: 0, vLLM's admission).", "",
+                "| file | pool (blocks) | new tokens | decode budget | reserve | r | limit | throughput ratio | quartiles | share of limit | decode-only bound |",
+                "|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, d in tps:
             t = throughput_summary(d)
             a = d["args"]
             reserve = d.get("eviction_config", {}).get("admission_reserve", 0)
             reserve = "growth" if reserve is None else f"{reserve:g}"
+            bound = d["median"].get("decode_bound")
+            turns = a.get("slice_steps")
             out.append(f"| {name} | {a['num_blocks']} | {a['max_tokens']} | {a.get('decode_budget') or '-'} | {reserve} | {t['r']:.3f} | "
-                       f"{t['limit']:.3f} | {t['ratio']:.3f} | {t['lo']:.2f}-{t['hi']:.2f} ({t['rounds']} rounds) | {t['share']:.2f} |")
+                       f"{t['limit']:.3f} | {t['ratio']:.3f} | {t['lo']:.2f}-{t['hi']:.2f} ({t['rounds']} rounds"
+                       f"{', turns of %d steps' % turns if turns else ', whole rounds'}) | {t['share']:.2f} | "
+                       f"{'-' if bound is None else f'{bound:.3f}'} |")
         out += ["", "![throughput against pool size](../benchmarks/results/throughput_vs_pool.png)", "",
                 "Prompt tokens computed (medians of the rounds; beyond the workload's own prompts they are recomputation "
                 "after preemption). From vLLM's own counters, in the files that have them: the tokens preempted requests "
@@ -516,8 +526,8 @@ def throughput_plot(path: Path) -> bool:
     for p in sorted(RESULTS.glob("throughput_hae*.json")):
         d = json.loads(p.read_text())
         a = d["args"]
-        if a.get("decode_budget") or a["max_tokens"] != 128:
-            continue
+        if a.get("decode_budget") or a["max_tokens"] != 128 or a.get("admission_reserve") is not None:
+            continue  # the default admission only
         t = throughput_summary(d)
         # One point per pool size: the file with the most rounds.
         if a["num_blocks"] not in by_pool or t["rounds"] > by_pool[a["num_blocks"]][0]:

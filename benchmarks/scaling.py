@@ -32,8 +32,8 @@ Per method, mode and length (medians over rounds, paired ratio quartiles):
 
 The HF oracle checks every method's tokens and log-probs (float32: exact tokens, 1e-3) with the
 engine's evicted positions removed, at the lengths up to ``--oracle-max-tokens``.  A log-log
-plot of added time and extra memory against prompt length goes to
-``benchmarks/results/scaling.png`` (``benchmarks/report.py`` renders the table into
+plot of added time and extra memory against prompt length goes beside the result file
+(``benchmarks/results/scaling.png``; ``benchmarks/report.py`` renders the table into
 docs/results.md).
 
 Last line::
@@ -182,10 +182,13 @@ class Engine:
 
     def __init__(self, method: str, mode: str, max_images: int, log) -> None:
         self.method = method
-        # Every allocation of 64 KiB or more its own mapping, returned to the system when freed
+        # Every allocation of 16 KiB or more its own mapping, returned to the system when freed
         # (glibc), so the resident set follows what is allocated: eviction's transient tensors
-        # show in it instead of reusing memory freed earlier.  Both engines run so.
-        env = {**os.environ, "PYTHONPATH": str(REPO), "MALLOC_MMAP_THRESHOLD_": "65536"}
+        # show in it instead of reusing memory freed earlier.  (At 64 KiB, the tensors of
+        # 16-64 KiB a 1-4k-token prompt's bookkeeping allocates came from heap memory freed
+        # earlier and did not show: the short prompts' readings were too low, the fitted
+        # growth too steep.)  Both engines run so.
+        env = {**os.environ, "PYTHONPATH": str(REPO), "MALLOC_MMAP_THRESHOLD_": "16384"}
         self.proc = subprocess.Popen([sys.executable, __file__, "--worker", method, mode, str(max_images)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
         self._read()

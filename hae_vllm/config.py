@@ -127,8 +127,8 @@ class EvictionConfig:
     # to be admitted while others run (vLLM's scheduler ``watermark``; the larger of the two
     # applies).  Eviction shrinks what a request holds but not what it will grow by, so filling
     # the pool as vLLM does without eviction preempts more running requests, and a preempted
-    # request's compacted cache is rarely reusable (docs/how-it-works.md).  None (default): what
-    # the running requests are expected to grow into, re-estimated every step
+    # request's compacted cache is rarely reusable (docs/how-it-works.md).  None (default): the
+    # peak of what the running requests are expected to grow into, re-estimated every step
     # (hae_vllm.engine.admission); a number: that fixed share of the pool; 0 = vLLM's admission.
     admission_reserve: float | None = None
     # Block size chosen when eviction is on and the user set none.
