@@ -103,9 +103,11 @@ def test_overwritten_sessions_are_not_served(oracle):
 
 def test_preempted_request_resumes_from_its_kept_cache(oracle):
     # 24 blocks of 32 tokens cannot hold four 375-token prompts growing by 160 tokens each.
+    # vLLM's admission (fill the pool), so that requests are preempted: the growth-aware default
+    # holds them back instead (with it, no request here resumed from a session).
     record = run_in_subprocess(ConversationSpec(method="hae", budget=0.4, conversations=4, turns=1, max_tokens=160,
                                                 num_gpu_blocks_override=24, max_num_seqs=4,
-                                                max_model_len=704))
+                                                max_model_len=704, eviction={"admission_reserve": 0}))
     resumed = [r for r in record["turns"][0] for s in _sessions(r) if s["source"] == r["engine_request_id"]]
     assert resumed, [(r["engine_request_id"], r["trace"]) for r in record["turns"][0]]
     _assert_oracle(record, oracle)
