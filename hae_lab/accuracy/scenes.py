@@ -40,7 +40,7 @@ from typing import Iterator
 
 import numpy as np
 
-from hae_lab.accuracy.tasks import SPLIT_SEEDS, normalize
+from hae_lab.accuracy.tasks import SHAPES, SPLIT_SEEDS, cell_name, draw_shape, normalize
 
 PIXELS = 336
 PATCH = 14
@@ -55,7 +55,6 @@ COLOURS = {
     "purple": (120, 60, 170),
 }
 LOOKALIKE = {"red": "orange", "orange": "red", "blue": "purple", "purple": "blue", "yellow": "orange", "green": "blue"}
-SHAPES = ("square", "circle", "triangle")
 BACKGROUNDS = ("plain", "noise", "stripes", "checks")
 # 5 x 7 bitmap digits, rows top to bottom ('#': ink).
 FONT = {
@@ -71,11 +70,6 @@ FONT = {
     "9": (" ### ", "#   #", "#   #", " ####", "    #", "   # ", " ##  "),
 }
 DIGITS = tuple(FONT)
-
-
-def cell_name(r: int, c: int) -> str:
-    """``r2c3`` for row index 1, column index 2 (0-based in, 1-based out)."""
-    return f"r{r + 1}c{c + 1}"
 
 
 @dataclass
@@ -124,13 +118,9 @@ class Scene:
             x0, y0 = c * CELL_PX + ob.dx, r * CELL_PX + ob.dy
             box = [x0, y0, x0 + ob.size - 1, y0 + ob.size - 1]
             fill = COLOURS[ob.colour]
-            if ob.shape == "square":
-                draw.rectangle(box, fill=fill)
-            elif ob.shape == "circle":
-                draw.ellipse(box, fill=fill)
-            elif ob.shape == "triangle":
-                draw.polygon([(box[0], box[3]), ((box[0] + box[2]) / 2, box[1]), (box[2], box[3])], fill=fill)
-            else:  # digit: 5 x 7 font, strokes ob.size // 7 pixels
+            if ob.shape != "digit":
+                draw_shape(draw, ob.shape, box, fill)
+            else:  # 5 x 7 font, strokes ob.size // 7 pixels
                 px = max(2, ob.size // 7)
                 for yy, row in enumerate(FONT[ob.digit]):
                     for xx, ch in enumerate(row):

@@ -32,6 +32,18 @@ SHAPES = ("square", "circle", "triangle")
 SPLIT_SEEDS = {"train": 0, "heldout": 10_000_000}
 
 
+def draw_shape(draw, shape: str, box, fill) -> None:
+    """A filled square, circle or triangle (apex up) in ``box`` [x0, y0, x1, y1]."""
+    if shape == "square":
+        draw.rectangle(box, fill=fill)
+    elif shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif shape == "triangle":
+        draw.polygon([(box[0], box[3]), ((box[0] + box[2]) / 2, box[1]), (box[2], box[3])], fill=fill)
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+
+
 @dataclass
 class Grid:
     size: int  # cells per side
@@ -64,13 +76,7 @@ class Grid:
                 colour, shape = cell
                 pad = step * 0.18
                 box = [x0 + pad, y0 + pad, x0 + step - pad, y0 + step - pad]
-                fill = COLOURS[colour]
-                if shape == "square":
-                    draw.rectangle(box, fill=fill)
-                elif shape == "circle":
-                    draw.ellipse(box, fill=fill)
-                else:
-                    draw.polygon([(box[0], box[3]), ((box[0] + box[2]) / 2, box[1]), (box[2], box[3])], fill=fill)
+                draw_shape(draw, shape, box, COLOURS[colour])
         return img
 
     def describe(self) -> str:
