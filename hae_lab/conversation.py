@@ -162,18 +162,43 @@ def run(spec: ConversationSpec, trace_path: str | None) -> dict[str, Any]:
 
 class _EventLog:
     """The KV events the scheduler publishes (what it takes from its KV cache manager, after
-    eviction's own filter), as plain dicts."""
+    eviction's own stream), as plain dicts, and between them each request's arrival with its
+    block hashes (``{"type": "Arrival"}``: where a router would have placed it)."""
 
     def __init__(self, sched) -> None:
+        from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
+
         self.events: list[dict] = []
-        take = sched.kv_cache_manager.take_events
+        take, add = sched.kv_cache_manager.take_events, sched.add_request
 
         def take_events():
             out = take()
             self.events += [kv_event_dict(e) for e in out]
             return out
 
+        def add_request(request, *args, **kwargs):
+            self.events.append({"type": "Arrival", "request_id": request.request_id,
+                                "block_hashes": [maybe_convert_block_hash(h) for h in request.block_hashes]})
+            return add(request, *args, **kwargs)
+
         sched.kv_cache_manager.take_events = take_events
+        sched.add_request = add_request
+
+
+def router_matches(events: list[dict]) -> dict[str, int]:
+    """Per request of an :class:`_EventLog`, the blocks a prefix-aware router replaying the
+    stream matched when it arrived (the longest announced chain of its block hashes)."""
+    live: set = set()
+    matches = {}
+    for e in events:
+        if e["type"] == "Arrival":
+            n = 0
+            while n < len(e["block_hashes"]) and e["block_hashes"][n] in live:
+                n += 1
+            matches[e["request_id"]] = n
+        else:
+            _, _, live = replay_kv_events([e], live)
+    return matches
 
 
 def kv_event_dict(event) -> dict:
@@ -181,6 +206,7 @@ def kv_event_dict(event) -> dict:
     out = {"type": type(event).__name__, "block_hashes": list(getattr(event, "block_hashes", []))}
     if out["type"] == "BlockStored":
         out["parent"] = event.parent_block_hash
+        out["session_id"] = event.session_id
     return out
 
 

@@ -4,7 +4,7 @@ replays the conversation on one masked cache."""
 
 import pytest
 
-from hae_lab.conversation import ConversationSpec, oracle_check, replay_kv_events, run_in_subprocess
+from hae_lab.conversation import ConversationSpec, oracle_check, replay_kv_events, router_matches, run_in_subprocess
 from hae_vllm.testing.oracle import Tolerance
 
 pytestmark = pytest.mark.engine
@@ -14,7 +14,8 @@ BS = 32
 
 @pytest.fixture(scope="module")
 def conv_record():
-    return run_in_subprocess(ConversationSpec(method="hae", budget=0.4, conversations=2, turns=3, max_tokens=12))
+    return run_in_subprocess(ConversationSpec(method="hae", budget=0.4, conversations=2, turns=3, max_tokens=12,
+                                              kv_events=True))
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +51,26 @@ def test_follow_up_turns_are_served_the_kept_blocks(conv_record):
             assert hit / r["prompt_tokens"] > 0.8
     # The shared system prompt's first block is one block for every conversation.
     assert len({r["blocks_at_start"][0] for reqs in turns for r in reqs}) == 1
+
+
+def test_a_router_places_follow_ups_on_the_kept_cache(conv_record):
+    """Replaying the engine's KV-event stream as llm-d and Dynamo do: faithful (no orphan, no
+    removal of an unannounced block), the kept sessions announced under their content hashes,
+    and at each request's arrival the router's longest chain is what the engine then served
+    from its cache - for follow-up turns, the conversation's session (no over- or under-promise)."""
+    events = conv_record["kv_events"]
+    problems, _, _ = replay_kv_events(events)
+    assert not problems, problems[:5]
+    assert any(e.get("session_id", "") and e["session_id"].startswith("hae-session:") for e in events)
+    matches = router_matches(events)
+    for t, reqs in enumerate(conv_record["turns"]):
+        for r in reqs:
+            matched = matches[r["engine_request_id"]] * BS
+            # Turn 1's requests arrive together: the second is served the shared system prompt
+            # the first computes in the same step, which no router knew of at its arrival.
+            assert matched == r["cached_tokens"] if t else matched <= r["cached_tokens"], (t, matched, r)
+            if t:
+                assert matched / r["prompt_tokens"] > 0.8
 
 
 def test_conversations_match_the_oracle(conv_record, oracle):

@@ -18,7 +18,8 @@ from hae_vllm.config import EvictionConfig, EvictionConfigError, engine_config_f
 from hae_vllm.engine.admission import GrowthReserve
 from hae_vllm.engine.kv_manager import EvictableFullAttentionManager
 from hae_vllm.engine.recycle_bin import RecycleBin
-from hae_vllm.engine.sessions import SessionCache, announced_only, settings_signature
+from hae_vllm.engine.kv_events import RouterStream
+from hae_vllm.engine.sessions import SessionCache, settings_signature
 from hae_vllm.patches.kv_cache_manager import patch_full_attention_manager, patch_get_computed_blocks
 from hae_vllm.prefix import has_candidates_after, untouched_prefix_tokens, visual_mask_from_features
 from hae_vllm.protocol import BIN_UPDATES_ATTR, PRESSURE_ATTR, REPORT_ATTR, SESSION_ATTR, SessionStart
@@ -96,10 +97,13 @@ class EvictionScheduler(Scheduler):
         if self.cache_config.enable_prefix_caching:
             self.sessions = SessionCache(self.kv_cache_manager.block_pool, self.cache_config.block_size)
             self._content_hit = patch_get_computed_blocks(self.kv_cache_manager, self._computed_blocks)
-            # The KV-event stream (--kv-events-config) routers replay: session keys were never
-            # announced, so neither are their removals.
+            # The KV-event stream (--kv-events-config) routers replay: reference-counted, sessions
+            # announced under their content hashes, session keys never (hae_vllm.engine.kv_events).
             take_events = self.kv_cache_manager.take_events
-            self.kv_cache_manager.take_events = lambda: announced_only(take_events())
+            meta = getattr(self.kv_cache_manager, "kv_cache_event_metadata", None)
+            self.router_stream = RouterStream(self.kv_cache_manager.block_pool, self.sessions,
+                                              tuple(meta[0]) if meta else None)
+            self.kv_cache_manager.take_events = lambda: self.router_stream.take(take_events())
 
     # ------------------------------------------------------------------ admission
     def _reserve_admission_blocks(self) -> None:

@@ -21,8 +21,10 @@ is freed (finished or preempted), its blocks - holes, compacted blocks and all -
 
 Session keys are not content: vLLM's KV-event stream (``--kv-events-config``), which prefix-aware
 routers replay, never announces them (the pool's ``_insert_block_hash`` emits nothing), so they
-carry a reserved group id (:data:`SESSION_GROUP`) and :func:`announced_only` drops the pool's
-``BlockRemoved`` of them: every removal a router receives names a block it was told of.
+carry a reserved group id (:data:`SESSION_GROUP`) and never leave
+:class:`hae_vllm.engine.kv_events.RouterStream`.  What a router is told instead is the session
+under its *content* hashes (the chain a follow-up that extends the conversation computes), stored
+when the session is kept and removed when it can no longer be served.
 
 Semantics: the follow-up turn continues on the memory the conversation kept, as a stateful
 chat session would; it never sees an evicted token again.  Tokens after the hit (the rest of
@@ -37,7 +39,7 @@ import hashlib
 import itertools
 import json
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -52,11 +54,11 @@ _NONCE = itertools.count()
 SESSION_GROUP = 0xFFFF_FFFF
 
 
-def announced_only(events: list) -> list:
-    """The pool's KV events without the removals of session keys (never announced)."""
-    from vllm.distributed.kv_events import BlockRemoved
+def _event_key(key) -> object:
+    """A block pool key (hash and group id) as vLLM's KV events write its hash."""
+    from vllm.v1.core.kv_cache_utils import get_block_hash, maybe_convert_block_hash
 
-    return [e for e in events if not (isinstance(e, BlockRemoved) and e.group_idx == SESSION_GROUP)]
+    return maybe_convert_block_hash(get_block_hash(key))
 
 
 def settings_signature(cfg: "EvictionConfig") -> bytes:
@@ -78,6 +80,9 @@ class Session:
     tail: tuple  # the source's tokens from (horizon // block_size) * block_size to horizon
     tail_mm: tuple  # (identifier, offset) of multimodal items overlapping that tail
     signature: bytes
+    event_hashes: list = field(default_factory=list)  # ``hashes`` as the KV-event stream writes them
+    index_refs: int = 0  # index entries that lead to it (0: it can no longer be hit)
+    announced: bool = False  # stored in the KV-event stream (RouterStream)
 
 
 @dataclass(frozen=True)
@@ -104,6 +109,7 @@ class SessionCache:
         self.group_id = group_id
         self.max_sessions = max_sessions
         self._index: OrderedDict[bytes, Session] = OrderedDict()
+        self._by_key: dict = {}  # session key as the KV-event stream writes it -> its session
         self.num_registered = 0
         self.num_hits = 0
         self.num_stale = 0  # lookups that found a session whose blocks were reused
@@ -117,7 +123,8 @@ class SessionCache:
 
         ``num_computed``: tokens whose KV the blocks hold; only whole blocks are kept.
         ``horizon``: see :class:`Session`.  Called before vLLM frees the blocks."""
-        from vllm.v1.core.kv_cache_utils import BlockHash, make_block_hash_with_group_id
+        from vllm.v1.core.kv_cache_utils import (BlockHash, make_block_hash_with_group_id,
+                                                 maybe_convert_block_hash)
 
         bs = self.block_size
         n = min(num_computed // bs, len(blocks), len(request.block_hashes))
@@ -138,15 +145,81 @@ class SessionCache:
         tail_mm = tuple(sorted((f.identifier, f.mm_position.offset) for f in request.mm_features or ()
                                if f.mm_position.offset < horizon and f.mm_position.offset + f.mm_position.length > lo))
         sess = Session(request.request_id, list(blocks[:n]), keys, list(request.block_hashes[:n]), horizon,
-                       tuple(request.all_token_ids[lo:horizon]), tail_mm, signature)
+                       tuple(request.all_token_ids[lo:horizon]), tail_mm, signature,
+                       event_hashes=[maybe_convert_block_hash(h) for h in request.block_hashes[:n]])
+        for key in keys:
+            if key is not None:
+                self._by_key[_event_key(key)] = sess
+        if getattr(self.pool, "enable_kv_cache_events", False):
+            self.pool.kv_event_queue.append(self._kept_event(request, sess, n))
         for i in range(first - 1, n):
             k = self._key(sess.hashes[i], signature)
+            self._unindex(k)
             self._index[k] = sess
-            self._index.move_to_end(k)
+            sess.index_refs += 1
         while len(self._index) > self.max_sessions:
-            self._index.popitem(last=False)
+            self._unindex(next(iter(self._index)))
         self.num_registered += 1
         return sess
+
+    def _kept_event(self, request, sess: Session, n: int):
+        """What the KV-event stream needs to announce ``sess`` (its blocks' tokens and extra
+        keys, taken now: the request is gone when the events are published)."""
+        from vllm.v1.core.kv_cache_utils import generate_block_hash_extra_keys, to_event_extra_keys
+
+        from hae_vllm.engine.kv_events import SessionKept
+
+        bs = self.block_size
+        tokens = request.all_token_ids
+        extra, mm_idx = [], 0
+        for i in range(n):
+            keys, mm_idx = generate_block_hash_extra_keys(request, i * bs, (i + 1) * bs, mm_idx)
+            extra.append(keys)
+        lora = request.lora_request
+        return SessionKept(sess, list(tokens[: n * bs]), to_event_extra_keys(extra) or [],
+                           lora.adapter_id if lora else None, lora.name if lora else None)
+
+    def _unindex(self, k: bytes) -> None:
+        """Drop index entry ``k``; a session no entry leads to any more is gone (the stream
+        removes what it announced of it)."""
+        sess = self._index.pop(k, None)
+        if sess is None:
+            return
+        sess.index_refs -= 1
+        if sess.index_refs <= 0:
+            self._gone(sess)
+
+    def _gone(self, sess: Session) -> None:
+        for key in sess.keys:
+            if key is not None:
+                self._by_key.pop(_event_key(key), None)
+        if sess.announced and getattr(self.pool, "enable_kv_cache_events", False):
+            from hae_vllm.engine.kv_events import SessionGone
+
+            self.pool.kv_event_queue.append(SessionGone(sess))
+
+    def forget_key(self, event_hash) -> Session | None:
+        """The pool removed session key ``event_hash`` (its block was handed out again): forget
+        its session (no longer servable) and return it, or None when it was forgotten before."""
+        sess = self._by_key.pop(event_hash, None)
+        if sess is None:
+            return None
+        for i in range(len(sess.hashes)):
+            k = self._key(sess.hashes[i], sess.signature)
+            if self._index.get(k) is sess:
+                self._index.pop(k)
+        sess.index_refs = 0
+        for key in sess.keys:
+            if key is not None:
+                self._by_key.pop(_event_key(key), None)
+        return sess
+
+    def clear(self) -> None:
+        """The pool dropped every hash (``reset_prefix_cache``): no session can be served."""
+        for sess in self._index.values():
+            sess.announced = False
+        self._index.clear()
+        self._by_key.clear()
 
     def _key(self, block_hash: bytes, signature: bytes) -> bytes:
         return bytes(block_hash) + signature
@@ -188,6 +261,6 @@ class SessionCache:
                 # Handed out again since: these k blocks are gone for good (a shorter hit of
                 # the same session may still be intact).
                 self.num_stale += 1
-                self._index.pop(self._key(sess.hashes[k - 1], sess.signature), None)
+                self._unindex(self._key(sess.hashes[k - 1], sess.signature))
                 return None
         return SessionHit(sess, k)
