@@ -34,18 +34,19 @@ def image_data_url(seed: int, size: int = 224) -> str:
 
 @contextmanager
 def vllm_server(model: str, args: list[str], log_path: Path, timeout: float = 300,
-                launcher: list[str] | None = None, kv_space_gib: int | None = 1) -> Iterator[str]:
+                launcher: list[str] | None = None, kv_space_gib: int | None = 1,
+                env: dict | None = None) -> Iterator[str]:
     """``vllm serve model --host 127.0.0.1 --port P *args``; yields the base URL once /health
     answers, terminates the server on exit.  Raises :class:`ServerError` with the log tail if it
     dies or does not start.  ``launcher`` replaces the ``vllm`` command (tests wrap it);
     ``kv_space_gib`` sets ``VLLM_CPU_KVCACHE_SPACE`` unless the environment has it, None unsets it
-    (the command exactly as a user types it)."""
+    (the command exactly as a user types it); ``env``: more environment for the server."""
     import requests
 
     port = free_port()
     launcher = launcher or [str(Path(sys.executable).parent / "vllm")]
     cmd = [*launcher, "serve", model, "--host", "127.0.0.1", "--port", str(port), *args]
-    env = dict(os.environ)
+    env = {**os.environ, **(env or {})}
     if kv_space_gib is None:
         env.pop("VLLM_CPU_KVCACHE_SPACE", None)
     else:

@@ -17,6 +17,9 @@ and the tests change it between engines.
                                     names) the plugin leaves unpatched, to test the refusal.
 ``HAE_VLLM_MODEL_CACHE``            where the tiny test checkpoints live
                                     (:mod:`hae_vllm.testing.inputs`).
+``HAE_VLLM_MM_RESUBMIT``            ``0``: a request that hits vLLM's multimodal-cache drift
+                                    is answered as vLLM does (500) instead of re-rendered and
+                                    re-submitted once (:mod:`hae_vllm.patches.mm_resubmit`).
 =================================== ========================================================
 """
 
@@ -49,3 +52,7 @@ def unregistered_backends() -> set[str]:
 
 def model_cache() -> str | None:
     return os.environ.get("HAE_VLLM_MODEL_CACHE") or None
+
+
+def mm_resubmit() -> bool:
+    return os.environ.get("HAE_VLLM_MM_RESUBMIT", "1") != "0"

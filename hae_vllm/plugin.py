@@ -53,10 +53,11 @@ def register() -> None:
         if _registered:
             return
         _check_version()
-        from hae_vllm.patches import engine_args, metrics, model_runner, requests
+        from hae_vllm.patches import engine_args, metrics, mm_resubmit, model_runner, requests
 
         engine_args.apply()
         requests.apply()
+        mm_resubmit.apply()
         metrics.apply()
         model_runner.apply()
         register_attention_backends()

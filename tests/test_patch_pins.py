@@ -94,6 +94,27 @@ def test_request_validation_points():
     assert {"parameter", "value"} <= set(params(VLLMValidationError.__init__))
 
 
+# ---------------------------------------------------------------- patches/mm_resubmit.py
+def test_resubmit_points():
+    from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
+    from vllm.entrypoints.openai.completion.serving import OpenAIServingCompletion
+    from vllm.multimodal.cache.base import BaseMultiModalProcessorCache
+    from vllm.renderers.online_renderer import OnlineRenderer
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    gen = upstream(AsyncLLM, "generate")
+    assert inspect.isasyncgenfunction(gen)
+    assert_starts_with(gen, ["self", "prompt", "sampling_params", "request_id"])
+    sets_attributes(AsyncLLM, "renderer", "vllm_config")
+    for cls, name, method in ((OpenAIServingChat, "render_chat_request", "render_chat"),
+                              (OpenAIServingCompletion, "render_completion_request", "render_completion")):
+        fn = upstream(cls, name)
+        assert inspect.iscoroutinefunction(fn) and params(fn) == ["self", "request"], (cls, name)
+        sets_attributes(cls, "online_renderer")
+        assert "skip_mm_cache" in params(getattr(OnlineRenderer, method))
+    assert params(BaseMultiModalProcessorCache.is_cached_item) == ["self", "mm_hash"]
+
+
 # ---------------------------------------------------------------- patches/model_runner.py
 RUNNER_HOOKS = {
     "initialize_attn_backend": ["self", "kv_cache_config"],

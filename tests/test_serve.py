@@ -1,5 +1,6 @@
 """`vllm serve MODEL --kv-eviction hae` as a user types it: OpenAI API, /metrics, bad input."""
 
+import json
 import subprocess
 import sys
 import threading
@@ -145,6 +146,54 @@ def test_refused_request_does_not_strand_a_concurrent_image(server):
         assert results["a"].status_code == 400, results["a"].text
         assert b.status_code == 200, b.text
     assert _chat(base, model, max_tokens=2).status_code == 200
+
+
+def _drift(base, model, seed, stream=False):
+    """Image ``seed`` sent once (both multimodal caches hold it), then again with the engine's
+    cache emptied after rendering: the API process sends it without data, the engine misses it."""
+    first = _chat(base, model, first_image=seed)
+    assert first.status_code == 200, first.text
+    again = _chat(base, model, first_image=seed, extra={"test_drop_engine_mm_cache": 1}, stream=stream)
+    return first, again
+
+
+def _streamed_text(r):
+    text = ""
+    for line in r.iter_lines():
+        if line.startswith(b"data: ") and line != b"data: [DONE]":
+            chunk = json.loads(line[6:])
+            assert "error" not in chunk, chunk
+            text += chunk["choices"][0]["delta"].get("content") or ""
+    return text
+
+
+def test_multimodal_cache_drift_is_resubmitted(server):
+    """vLLM's P0/P1 cache drift (the engine lost an image the API process sent without data),
+    forced deterministically: re-rendered with the image and re-submitted server-side, the
+    request answers 200 with the tokens it gets without drift, streaming or not."""
+    base, model, log = server
+    first, again = _drift(base, model, 9301)
+    assert again.status_code == 200, again.text
+    assert again.json()["choices"][0]["message"]["content"] == first.json()["choices"][0]["message"]["content"]
+    first, again = _drift(base, model, 9302, stream=True)
+    assert again.status_code == 200
+    assert _streamed_text(again) == first.json()["choices"][0]["message"]["content"]
+    assert "rendered again with its data and re-submitted" in log.read_text()
+
+
+def test_multimodal_cache_drift_without_resubmission_is_a_500(llava_path, tmp_path):
+    """The same drift with HAE_VLLM_MM_RESUBMIT=0 (vLLM's own handling): a 500, and a 200 stream
+    carrying an error event.  What the resubmission removes."""
+    args = ["--kv-eviction", "hae", "--dtype", "float32", "--max-model-len", "2048", "--enforce-eager"]
+    try:
+        with vllm_server(llava_path, args, tmp_path / "old.log", timeout=240, launcher=LAUNCHER,
+                         env={"HAE_VLLM_MM_RESUBMIT": "0"}) as base:
+            _, again = _drift(base, llava_path, 9303)
+            assert again.status_code == 500, again.text
+            _, again = _drift(base, llava_path, 9304, stream=True)
+            assert again.status_code == 200 and b'"error"' in again.content
+    except ServerError as e:
+        pytest.fail(str(e))
 
 
 def test_help_lists_the_flag():

@@ -10,6 +10,8 @@ server, EngineCore, workers):
   ``EngineArgs.create_engine_config``;
 * :mod:`.requests`: ``InputProcessor._validate_params``, ``InputProcessor.process_inputs``,
   ``OfflineInferenceMixin._params_to_seq``, ``BaseServing._check_model``;
+* :mod:`.mm_resubmit`: ``AsyncLLM.generate`` (engines with eviction on),
+  ``OpenAIServingChat.render_chat_request``, ``OpenAIServingCompletion.render_completion_request``;
 * :mod:`.metrics`: ``LLMEngine.__init__`` (the offline engine gets the eviction stat logger
   that ``AsyncLLM`` loads from the ``vllm.stat_logger_plugins`` entry point);
 * :mod:`.model_runner`: ``GPUModelRunner.initialize_attn_backend``, ``_update_states``,
