@@ -442,15 +442,20 @@ def results_doc() -> str:
                 "starts). `--vanilla` runs the same load on vLLM without the plugin (invalid knobs are then "
                 "ignored and succeed). `drift` counts vLLM's own P0/P1 multimodal cache misses, which it answers "
                 "with a retryable 500; they happen without eviction too (a request rendered with an image the "
-                "API process believes sent can reach the engine before the request that carries the data).", "",
-                "| file | engine | requests | concurrency | seed | dtype | ok | client errors | server errors | drift | leaked blocks |",
-                "|---|---|---|---|---|---|---|---|---|---|---|"]
+                "API process believes sent can reach the engine before the request that carries the data). With "
+                "eviction on, such a request is rendered again with its data and re-submitted once before its response "
+                "starts (`resubmitted`; `hae_vllm.patches.mm_resubmit`; files without the column predate it).", "",
+                "| file | engine | requests | concurrency | seed | dtype | ok | client errors | server errors | drift | "
+                "resubmitted | leaked blocks |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, d in soaks:
             a, c = d["args"], d["counts"]
             out.append(f"| {name} | {'vanilla' if d.get('vanilla') else 'hae'} | {a['requests']} | {a['concurrency']} | "
                        f"{a['seed']} | {a.get('dtype', 'float32')} | {c['ok']} | {c['client_errors']} | "
-                       f"{c['server_errors']} | {d.get('mm_cache_drift_events', '-')} | {d['leaked_blocks']} |")
+                       f"{c['server_errors']} | {d.get('mm_cache_drift_events', '-')} | {d.get('mm_resubmitted', '-')} | "
+                       f"{d['leaked_blocks']} |")
         out.append("")
+    out += fleet_section([(p.stem, json.loads(p.read_text())) for p in sorted(RESULTS.glob("fleet_hae*.json"))])
     kc = load("kernels_cpu_layouts")
     if kc:
         c = kc["config"]
@@ -470,6 +475,41 @@ def results_doc() -> str:
         out.append("")
     out += scaling_section(load("scaling"))
     return "\n".join(out).rstrip() + "\n"
+
+
+def fleet_section(files: list[tuple[str, dict]]) -> list[str]:
+    if not files:
+        return []
+    fl = dict(files).get("fleet_hae", files[0][1])
+    a = fl["args"]
+    out = ["## A two-instance fleet behind a prefix-aware router", "",
+           f"`python benchmarks/fleet.py [--overlap-weight W]`: two `vllm serve` instances (block size "
+           f"{fl['block_size']}, KV events over ZMQ) and a router that replays both streams (`hae_lab.router`): a "
+           "request's overlap with an instance is the longest chain of its block hashes (vLLM's renderer and hasher) "
+           "the instance announced, and it goes where Dynamo's KV-router cost is lowest (W x blocks to prefill there "
+           f"+ blocks of the requests in flight there). {a['conversations']} multi-turn image conversations x "
+           f"{a['turns']} turns, a shared system prompt, starting {a['stagger_s']} s apart, {a['think_s']} s between "
+           "a turn's answer and the next; once with vanilla instances, once with `--kv-eviction "
+           f"{a['method']}` (budget {a['budget']}). Cached: prompt tokens served from the instance's cache "
+           "(`usage.prompt_tokens_details.cached_tokens`); over-promised: tokens the router matched that the instance "
+           "then did not serve; orphans: removals of blocks the router did not hold / stores whose parent it did not "
+           "hold; requests: per instance.", "",
+           "| file | W | instances | cached turn 1 / 2 / 3 | follow-ups on their previous instance | requests | "
+           "over-promised | orphan removes / parents | session blocks announced | server errors |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, d in files:
+        for mode, r in d["runs"].items():
+            per = [sum(1 for x in r["records"] if x["instance"] == i["name"]) for i in r["instances"]]
+            out.append(f"| {name} | {d['args'].get('overlap_weight', 1.0):g} | {mode} | "
+                       + " / ".join(f"{x:.2f}" for x in r["cached_frac_per_turn"]) + " | "
+                       f"{r['follow_ups_on_previous_instance']}/{r['follow_ups']} | {' + '.join(map(str, per))} | "
+                       f"{r['overpromised_frac']:.3f} | {r['orphan_removes']} / {r['orphan_parents']} | "
+                       f"{sum(i['session_stores'] for i in r['instances'])} | {r['server_errors']} |")
+    return out + ["", "At Dynamo's default W = 1 a follow-up leaves its cache whenever the other instance has about "
+                  "one request fewer in flight (a follow-up saves 8 blocks of prefill here, a request in flight holds "
+                  "~14): which follow-ups move depends on timing, for vanilla and eviction alike (the `_w1` runs). "
+                  "W = 4 (the default of the benchmark) prices a block to prefill at four blocks held while a "
+                  "16-token answer decodes.", "", f"Machine: {machine(fl)}.", ""]
 
 
 def scaling_section(sc: dict | None) -> list[str]:

@@ -186,17 +186,21 @@ def main() -> None:
             counts["server_errors"] += 1
         freed = metric(m1, "vllm:hae_freed_kv_blocks_total")
     # vLLM's own P0/P1 multimodal cache drift (answered with a retryable 500), counted from the log.
-    drift = log_path.read_text().count("Multi-modal cache miss")
+    log_text = log_path.read_text()
+    drift = log_text.count("Multi-modal cache miss")
+    # ... and the requests eviction's server rendered again with their data and re-submitted.
+    resubmitted = log_text.count("rendered again with its data and re-submitted")
     cmd = ["vllm", "serve", model, *serve_args]
     summary = {"benchmark": "soak", "args": vars(args), "server_cmd": cmd, "counts": counts, "server_alive": alive,
                "kv_usage_before": usage0, "kv_usage_after": usage1, "num_gpu_blocks": total, "leaked_blocks": leaked,
-               "hae_freed_kv_blocks_total": freed, "mm_cache_drift_events": drift, "vanilla": args.vanilla,
+               "hae_freed_kv_blocks_total": freed, "mm_cache_drift_events": drift,
+               "mm_resubmitted": resubmitted, "vanilla": args.vanilla,
                "machine": environment_info()}
     (out / f"soak{'_' + args.tag if args.tag else ''}.json").write_text(json.dumps(summary, indent=2))
     for e in counts["errors"][:10]:
         print("error:", e)
     print(f"elapsed={counts['elapsed_s']:.0f}s disconnects={counts['disconnects']} late_errors={counts['late_errors']} "
-          f"mm_cache_drift={drift} unexpected_ok={counts['unexpected_ok']} "
+          f"mm_cache_drift={drift} mm_resubmitted={resubmitted} unexpected_ok={counts['unexpected_ok']} "
           f"freed_blocks={freed} alive={alive}")
     print(f"requests={args.requests} ok={counts['ok']} client_errors={counts['client_errors']} "
           f"server_errors={counts['server_errors']} leaked_blocks={leaked}")

@@ -186,3 +186,21 @@ def test_without_the_stream_session_keys_leak_as_unannounced_removals():
     ledger, matched, served = _conversation_then_reuse(pool, pool.take_events)
     assert len(ledger.problems) == 4 and all("never announced" in p[0] for p in ledger.problems), ledger.problems
     assert (matched, served) == (2, 6)
+
+
+def test_a_cleared_prefix_cache_forgets_sessions():
+    """``reset_prefix_cache`` drops every hash, session keys included: the stream says
+    AllBlocksCleared, no session is served afterwards, and a new one is announced afresh."""
+    pool = BlockPool(num_gpu_blocks=16, enable_caching=True, hash_block_size=BS, enable_kv_cache_events=True)
+    cache = SessionCache(pool, BS)
+    stream = RouterStream(pool, cache)
+    ledger = Ledger()
+    take = lambda: stream.take(pool.take_events())  # noqa: E731
+    _turn(pool, cache, ledger, take)
+    assert pool.reset_prefix_cache()
+    ledger.apply(take())
+    assert ledger.live == set() and len(cache) == 0
+    assert cache.lookup(_follow_up(), SIG, 30) is None
+    sess = _turn(pool, cache, ledger, take, rid="a2")
+    assert not ledger.problems, ledger.problems
+    assert ledger.live == set(sess.event_hashes)

@@ -27,31 +27,14 @@ pass unchanged and hold nothing.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from hae_vllm.engine.sessions import SESSION_GROUP, SessionGone, SessionKept
 
 if TYPE_CHECKING:
     from hae_vllm.engine.sessions import Session, SessionCache
 
 SESSION_MARK = "hae-session:"
-
-
-@dataclass
-class SessionKept:
-    """Queued in the pool's event list when a session is registered (never published)."""
-
-    session: "Session"
-    token_ids: list  # per block
-    extra_keys: list  # per block, as vLLM's events carry them
-    lora_id: Any = None
-    lora_name: Any = None
-
-
-@dataclass
-class SessionGone:
-    """Queued when a session can no longer be served for a reason the pool does not see."""
-
-    session: "Session"
 
 
 class RouterStream:
@@ -139,8 +122,6 @@ class RouterStream:
     # ------------------------------------------------------------------ the stream
     def take(self, events: list) -> list:
         from vllm.distributed.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
-
-        from hae_vllm.engine.sessions import SESSION_GROUP
 
         out: list = []
         for e in events:

@@ -40,7 +40,7 @@ import itertools
 import json
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from vllm.v1.core.block_pool import BlockPool
@@ -83,6 +83,25 @@ class Session:
     event_hashes: list = field(default_factory=list)  # ``hashes`` as the KV-event stream writes them
     index_refs: int = 0  # index entries that lead to it (0: it can no longer be hit)
     announced: bool = False  # stored in the KV-event stream (RouterStream)
+
+
+@dataclass
+class SessionKept:
+    """Queued in the pool's event list when a session is registered; never published:
+    :class:`hae_vllm.engine.kv_events.RouterStream` turns it into stores."""
+
+    session: Session
+    token_ids: list  # per block
+    extra_keys: list  # per block, as vLLM's events carry them
+    lora_id: Any = None
+    lora_name: Any = None
+
+
+@dataclass
+class SessionGone:
+    """Queued when a session can no longer be served for a reason the pool does not see."""
+
+    session: Session
 
 
 @dataclass(frozen=True)
@@ -167,8 +186,6 @@ class SessionCache:
         keys, taken now: the request is gone when the events are published)."""
         from vllm.v1.core.kv_cache_utils import generate_block_hash_extra_keys, to_event_extra_keys
 
-        from hae_vllm.engine.kv_events import SessionKept
-
         bs = self.block_size
         tokens = request.all_token_ids
         extra, mm_idx = [], 0
@@ -194,8 +211,6 @@ class SessionCache:
             if key is not None:
                 self._by_key.pop(_event_key(key), None)
         if sess.announced and getattr(self.pool, "enable_kv_cache_events", False):
-            from hae_vllm.engine.kv_events import SessionGone
-
             self.pool.kv_event_queue.append(SessionGone(sess))
 
     def forget_key(self, event_hash) -> Session | None:
