@@ -66,6 +66,9 @@ def main() -> None:
     ap.add_argument("--decode", action="store_true", help="decode-stage comparison on describe (see above)")
     ap.add_argument("--decode-budget", type=float, default=0.5, help="--decode: keep ratio of live tokens")
     ap.add_argument("--bin-capacities", default="1,2,4,8", help="--decode: recycle-bin capacities (blocks)")
+    ap.add_argument("--decode-start", type=float, default=0.0,
+                    help="--decode: decode_start of the greedy and bin settings (0: the stage from the first step); "
+                         "the 'default' setting runs the engine's default")
     ap.add_argument("--bin-capacity", type=int, default=4, help="--decode: the capacity on the last line")
     ap.add_argument("--tasks", default=None,
                     help="procedural tasks (default: single,cell,shape,needle,describe; --suite hard: "
@@ -111,7 +114,7 @@ def main() -> None:
     if args.decode:
         caps = [args.bin_capacity] if args.quick else sorted(set(int(c) for c in args.bin_capacities.split(",") if c)
                                                              | {args.bin_capacity})
-        settings = H.decode_settings(args.decode_budget, caps)
+        settings = H.decode_settings(args.decode_budget, caps, decode_start=args.decode_start)
     else:
         settings = [H.Setting(H.FULL)] + [H.Setting(m, b) for b in budgets for m in methods]
     cfg = H.RunConfig(model=str(model), settings=settings, extra=json.loads(args.extra), block_size=args.block_size,
@@ -154,6 +157,9 @@ def main() -> None:
     (out / f"accuracy_{name}.json").write_text(json.dumps(record, indent=1))
     print(md)
     if args.decode:
+        default = next((r for r in summary if r.get("group") == "default"), None)
+        if default is not None:  # the decode budget as a user sets it (engine defaults otherwise)
+            print(f"describe_default={default['accuracy']:.4f} default_kv_kept_frac={default.get('final_kv_frac', 1.0):.4f}")
         print(H.decode_quick_line(summary, args.bin_capacity))
     else:
         print(H.quick_line(summary, args.default_budget, name_best=args.suite == "hard"))

@@ -45,6 +45,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=512)
     ap.add_argument("--budget", type=float, default=0.5, help="prefill keep ratio")
     ap.add_argument("--decode-budget", type=float, default=0.5, help="decode keep ratio")
+    ap.add_argument("--decode-start", type=float, default=0.0, help="decode_start: the keep ratio applies once the answer is this share of the cache its prefill left (0: from the first step, as the committed results; the engine default is 1)")
     ap.add_argument("--config", default=None, help="extra settings as inline JSON (bin_capacity, restore_margin, ...)")
     ap.add_argument("--oracle-checks", type=int, default=2)
     ap.add_argument("--timing-rounds", type=int, default=9, help="paired rounds timing tpot_ratio")
@@ -55,7 +56,7 @@ def main() -> None:
         print("note: the issue's workload is >= 512 new tokens", file=sys.stderr)
     reqs = [RequestSpec(text="Tell me a long story about this picture.", images=[100 + i], max_tokens=args.max_tokens)
             for i in range(args.num_requests)]
-    eviction = {"method": "hae", "budget": args.budget, "decode_budget": args.decode_budget}
+    eviction = {"method": "hae", "budget": args.budget, "decode_budget": args.decode_budget, "decode_start": args.decode_start}
     if args.config:
         eviction.update(json.loads(args.config))
     common = dict(model="llava", requests=reqs, max_model_len=2048)

@@ -96,6 +96,7 @@ def main() -> None:
     eviction = {"method": "hae", "budget": args.budget}
     if args.decode_budget is not None:
         eviction["decode_budget"] = args.decode_budget
+        eviction["decode_start"] = 0  # from the first step: every decode hook runs
     llm = LLM(model=str(tiny_model_path("llava")), dtype="float32", enforce_eager=True, block_size=32,
               max_num_batched_tokens=1024, seed=0,
               additional_config={"kv_eviction": eviction})

@@ -157,6 +157,7 @@ def main() -> None:
     ap.add_argument("--num-blocks", type=int, default=160, help="KV blocks (of 32 tokens), every engine")
     ap.add_argument("--budget", type=float, default=0.5, help="prefill keep ratio")
     ap.add_argument("--decode-budget", type=float, default=0.5, help="decode keep ratio")
+    ap.add_argument("--decode-start", type=float, default=0.0, help="decode_start: the keep ratio applies once the answer is this share of the cache its prefill left (0: from the first step, as the committed results; the engine default is 1)")
     ap.add_argument("--config", default=None, help="extra settings of both evicting engines, inline JSON")
     ap.add_argument("--rounds", type=int, default=5, help="paired saturation rounds")
     ap.add_argument("--rounds-b1", type=int, default=15,
@@ -174,7 +175,8 @@ def main() -> None:
     evictions = {
         "none": "none",
         "prefill": {"method": "hae", "budget": args.budget, **extra},
-        "prefill+decode": {"method": "hae", "budget": args.budget, "decode_budget": args.decode_budget, **extra},
+        "prefill+decode": {"method": "hae", "budget": args.budget, "decode_budget": args.decode_budget,
+                           "decode_start": args.decode_start, **extra},
     }
     # One torch/OpenMP thread per engine: three engines share the machine's cores, and a
     # spinning OpenMP barrier on a busy core turns other processes' load into our step time.

@@ -157,6 +157,9 @@ def headline() -> str:
                      f"{binned['accuracy']:.2f}"
                      + (f" (not at equal memory: greedy ends with {pct(by['greedy']['final_kv_frac'])} of the blocks)"
                         if binned["final_kv_frac"] > by["greedy"]["final_kv_frac"] + 1e-9 else "")
+                     + (f", all from the first step; with the default start (once the answer is as long as the cache) "
+                        f"{by['default']['accuracy']:.2f} at {pct(by['default']['final_kv_frac'])} of the blocks"
+                        if "default" in by else "")
                      + " | `python benchmarks/accuracy.py --quick --decode` |")
     tp = load("throughput_hae")
     if tp:

@@ -135,6 +135,7 @@ def main() -> None:
     eviction = {"method": args.method, "budget": args.budget}
     if args.decode_budget is not None:
         eviction["decode_budget"] = args.decode_budget
+        eviction["decode_start"] = 0  # from the first step, as the committed decode variant
     if args.admission_reserve is not None:
         eviction["admission_reserve"] = args.admission_reserve
     rounds: dict[str, list] = {n: [] for n in names}

@@ -89,6 +89,11 @@ class EvictionConfig:
     # keep ratio of the tokens the request would otherwise hold or an absolute token count.
     decode_budget: float | None = None
     decode_budget_tokens: int | None = None
+    # The keep ratio (decode_budget) applies once the request has generated this share of the
+    # tokens it held after its prefill (1.0: an answer as long as its cache; 0: from the first
+    # step).  A short answer adds little KV: evicting from the prompt for it costs answers for
+    # little memory.  An absolute decode_budget_tokens applies whenever it is exceeded.
+    decode_start: float = 1.0
     # Scores of live and binned tokens: s <- decode_decay * s + attention of the new query.
     decode_decay: float = 0.9
     # Decode scoring runs every score_interval steps, over the queries of the steps since, in
@@ -160,6 +165,7 @@ class EvictionConfig:
             ("variance_gain", 0.0, math.inf, True, False),
             ("text_threshold_scale", 0.0, math.inf, True, False),
             ("restore_margin", 0.0, math.inf, True, False),
+            ("decode_start", 0.0, math.inf, True, False),
             ("admission_reserve", 0.0, 0.5, True, True),
         ):
             _check_number(name, getattr(self, name), lo, hi, lo_incl, optional)

@@ -61,7 +61,7 @@ def probes(budget: float | None, decode_budget: float | None) -> list[Probe]:
     decode = (Probe("long decode", 1, "Tell me a long story about this picture.", long=True)
               if decode_budget is not None else
               Probe("decode eviction", 1, "Tell me a long story about this picture.",
-                    {"kv_eviction_decode_budget": 0.5}, long=True))
+                    {"kv_eviction_decode_budget": 0.5, "kv_eviction_decode_start": 0}, long=True))
     return [
         Probe("single image", 1, "Describe the picture please."),
         Probe("two images", 2, "Compare the two pictures."),
@@ -103,6 +103,7 @@ def scenario(args: argparse.Namespace, reqs: list[RequestSpec], attention_backen
     eviction = {"method": args.method, "budget": args.budget}
     if args.decode_budget is not None:
         eviction["decode_budget"] = args.decode_budget
+        eviction["decode_start"] = 0  # park from the first step: the check exercises the decode stage
     tp = args.tensor_parallel_size
     return ScenarioSpec(
         model=args.model, requests=reqs, eviction=eviction, dtype=args.dtype,

@@ -145,9 +145,11 @@ def test_decode_memory_counts_parks_and_restores_in_blocks():
 
 def test_decode_settings_and_line():
     settings = H.decode_settings(0.5, [0, 2, 4])
-    assert [s.label for s in settings] == ["full", "greedy@1", "bin2@1", "bin4@1"]
+    assert [s.label for s in settings] == ["full", "greedy@1", "bin2@1", "bin4@1", "default@1"]
     assert settings[1].extra_args({"bin_capacity": 9}) == {
-        "kv_eviction": "hae", "kv_eviction_budget": 1.0, "kv_eviction_decode_budget": 0.5, "kv_eviction_bin_capacity": 0}
+        "kv_eviction": "hae", "kv_eviction_budget": 1.0, "kv_eviction_decode_budget": 0.5,
+        "kv_eviction_decode_start": 0.0, "kv_eviction_bin_capacity": 0}
+    assert settings[4].extra_args() == {"kv_eviction": "hae", "kv_eviction_budget": 1.0, "kv_eviction_decode_budget": 0.5}
     assert settings[3].extra_args()["kv_eviction_bin_capacity"] == 4
     mem = {"peak_live_blocks": 10, "parked_blocks": 0, "restored_blocks": 0, "full_blocks": 10}
     rows = [{**_row("full", "full", None, "describe", 1.0), **mem, "group": "full", "final_live_blocks": 10},

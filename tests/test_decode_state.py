@@ -114,3 +114,22 @@ def test_decode_mass_over_bank_rows_matches_gathered_rows():
         ref = decode_mass(q, keys[torch.from_numpy(rows)][:, :, :L].contiguous(), 0.3, visible)
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
         assert bool((got[torch.from_numpy(~visible)] == 0).all())
+
+
+def test_a_keep_ratio_waits_for_an_answer_as_long_as_the_cache():
+    """decode_start: a keep ratio applies once the request generated that share of what its
+    prefill left live (a short answer never parks); an absolute budget applies at once."""
+    from hae_vllm.worker.decode_bank import decode_started
+
+    bank = DecodeBank()
+    ds = _state(bank, [2, 3, 5, 8, 9, 10, 11, 13], 22)  # 14 of 22 prompt tokens live
+    assert (ds.start_tokens, ds.start_live) == (22, 14)
+    cfg = EvictionConfig(method="hae", decode_budget=0.5)
+    assert cfg.decode_start == 1.0
+    assert not decode_started(ds, cfg, 22 + 13)
+    assert decode_started(ds, cfg, 22 + 14)
+    half = cfg.replace(decode_start=0.5)
+    assert not decode_started(ds, half, 22 + 6) and decode_started(ds, half, 22 + 7)
+    assert decode_started(ds, cfg.replace(decode_start=0.0), 22)
+    absolute = EvictionConfig(method="hae", decode_budget_tokens=12)
+    assert decode_started(ds, absolute, 22)

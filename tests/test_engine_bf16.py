@@ -18,7 +18,7 @@ from tests.engine_helpers import replay_agreements
 
 pytestmark = pytest.mark.engine
 
-DECODE = {"kv_eviction_decode_budget": 0.5, "kv_eviction_bin_capacity": 2, "kv_eviction_rescore_interval": 4,
+DECODE = {"kv_eviction_decode_budget": 0.5, "kv_eviction_decode_start": 0, "kv_eviction_bin_capacity": 2, "kv_eviction_rescore_interval": 4,
           "kv_eviction_restore_margin": 0.5}
 REQS = [
     RequestSpec(text="Describe the picture please.", images=[1], max_tokens=24),

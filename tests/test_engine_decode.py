@@ -9,7 +9,7 @@ from tests.engine_helpers import assert_matches, assert_replays_on_oracle
 
 pytestmark = pytest.mark.engine
 
-EVICTION = {"method": "hae", "budget": 0.5, "decode_budget": 0.5, "bin_capacity": 2,
+EVICTION = {"method": "hae", "budget": 0.5, "decode_budget": 0.5, "decode_start": 0, "bin_capacity": 2,
             "rescore_interval": 4, "restore_margin": 0.5}
 REQS = [
     RequestSpec(text="Tell me a long story about this picture.", images=[91], max_tokens=160),
@@ -18,6 +18,11 @@ REQS = [
                 extra_args={"kv_eviction_decode_budget_tokens": 200}),
     RequestSpec(text="No decode eviction for this one.", images=[94], max_tokens=64,
                 extra_args={"kv_eviction": "none"}),
+    # The engine's default decode_start (1.0): a short answer never parks; a long one parks once
+    # it is decode_start x what its prefill left live.
+    RequestSpec(text="A short answer.", images=[95], max_tokens=24, extra_args={"kv_eviction_decode_start": 1.0}),
+    RequestSpec(text="Tell me a long story about this picture.", images=[96], max_tokens=200,
+                extra_args={"kv_eviction_decode_start": 0.5}),
 ]
 
 
@@ -35,6 +40,16 @@ def test_parks_and_restores_happen(record):
     assert record["free_blocks_after"] == record["free_blocks_before"], "blocks leaked"
     assert record["decode_rows_in_use"] is not None, "the worker's runtime was not read"
     assert record["decode_rows_in_use"] == record["decode_states"], "decode bank rows leaked"
+
+
+def test_the_stage_starts_once_the_answer_is_a_share_of_the_cache(record):
+    short, long_ = record["results"][4], record["results"][5]
+    assert short["eviction"] is not None and short["decode_events"] == []
+    parks = [e for e in long_["decode_events"] if e["kind"] == "park"]
+    assert parks, "the long answer parks"
+    prompt = len(long_["prompt_token_ids"])
+    live = prompt - len(long_["eviction"]["evicted_positions"])
+    assert min(e["num_tokens"] for e in parks) - prompt >= 0.5 * live
 
 
 def test_blocks_freed_at_end_follow_the_scheduler(record):

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.engine
 
 # Scored every 8 steps (the default 32 would score the 48-token request twice: parks, but no
 # restore to replay).
-DECODE = {"kv_eviction_decode_budget": 0.5, "kv_eviction_bin_capacity": 2, "kv_eviction_rescore_interval": 4,
+DECODE = {"kv_eviction_decode_budget": 0.5, "kv_eviction_decode_start": 0, "kv_eviction_bin_capacity": 2, "kv_eviction_rescore_interval": 4,
           "kv_eviction_restore_margin": 0.5, "kv_eviction_score_interval": 8}
 REQS = [
     RequestSpec(text="Describe the picture please.", images=[1], max_tokens=16),

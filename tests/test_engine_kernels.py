@@ -15,7 +15,7 @@ from tests.engine_helpers import LOGPROB_ATOL, assert_replays_on_oracle
 
 pytestmark = pytest.mark.engine
 
-EVICTION = {"method": "hae", "budget": 0.5, "decode_budget": 0.5, "bin_capacity": 2,
+EVICTION = {"method": "hae", "budget": 0.5, "decode_budget": 0.5, "decode_start": 0, "bin_capacity": 2,
             "rescore_interval": 4, "restore_margin": 0.5}
 REQS = [
     RequestSpec(text="Tell me a long story about this picture.", images=[71], max_tokens=72),

@@ -67,7 +67,7 @@ def test_tp2_evicts_like_tp1(tp1, backend, oracle_for):
         assert_matches(res, ref, f"TP=2 request {i}")
 
 
-DECODE_EVICTION = {"method": "hae", "budget": 0.5, "decode_budget": 0.5, "bin_capacity": 2,
+DECODE_EVICTION = {"method": "hae", "budget": 0.5, "decode_budget": 0.5, "decode_start": 0, "bin_capacity": 2,
                    "rescore_interval": 4, "restore_margin": 0.5}
 DECODE_REQS = [RequestSpec(text="Tell me a long story about this picture.", images=[95], max_tokens=128)]
 

@@ -16,7 +16,7 @@ from hae_vllm.testing.scenario import RequestSpec, ScenarioSpec, launcher, run_i
 
 REQ = RequestSpec(text="Tell me a long story about this picture.", images=[77], max_tokens=72)
 # Decode eviction from the first steps (no prefill eviction), scored every 4 steps.
-EVICTION = {"method": "hae", "budget": 1.0, "decode_budget": 0.5, "score_interval": 4, "bin_capacity": 1,
+EVICTION = {"method": "hae", "budget": 1.0, "decode_budget": 0.5, "decode_start": 0, "score_interval": 4, "bin_capacity": 1,
             "rescore_interval": 8}
 
 SCRIPT = r"""

@@ -37,7 +37,7 @@ def test_engines_taking_turns_generate_what_whole_rounds_do():
     reqs = [RequestSpec(text="Describe picture 7.", images=[7], max_tokens=9)]
     spec = dict(model="llava", requests=reqs, logprobs=False, log_stats=True)
     with LiveScenario(ScenarioSpec(eviction="none", **spec)) as a, \
-            LiveScenario(ScenarioSpec(eviction={"method": "hae", "budget": 0.5, "decode_budget": 0.5}, **spec)) as b:
+            LiveScenario(ScenarioSpec(eviction={"method": "hae", "budget": 0.5, "decode_budget": 0.5, "decode_start": 0}, **spec)) as b:
         whole = {"a": a.round(500), "b": b.round(500)}
         turns = take_turns({"a": a, "b": b}, ["b", "a"], 500, [0], 2)
     for name in ("a", "b"):

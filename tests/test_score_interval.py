@@ -42,7 +42,7 @@ class _Engine:
             ds = DecodeState.after_prefill(plan, T, BS, self.bank)
             blocks = list(range(1 + 64 * i, 1 + 64 * i + 64))
             self.cache[blocks[0] * BS : blocks[0] * BS + T] = torch.randn(T, HKV, D, generator=self.g)
-            cfg = EvictionConfig(method="hae", decode_budget=0.5, score_interval=k, decode_decay=0.8)
+            cfg = EvictionConfig(method="hae", decode_budget=0.5, decode_start=0, score_interval=k, decode_decay=0.8)
             st = SimpleNamespace(cfg=cfg, decode=ds, req_id=f"r{i}")
             self.reqs.append({"state": st, "blocks": blocks, "pos": T})
 

@@ -115,7 +115,7 @@ def test_request_plan_covers_every_kind_and_cycles(tmp_path):
     assert len(set(images)) == len(images), "every image is a fresh one"
     assert reqs[3].extra_args == {"kv_eviction": "none"}
     assert reqs[4].extra_args == {"kv_eviction_budget": 0.25}
-    assert reqs[5].extra_args == {"kv_eviction_decode_budget": 0.5} and reqs[5].max_tokens == 32
+    assert reqs[5].extra_args == {"kv_eviction_decode_budget": 0.5, "kv_eviction_decode_start": 0} and reqs[5].max_tokens == 32
     # An engine-wide decode budget applies to every request: the last one just decodes longer.
     _, reqs = selfcheck.plan_requests(6, 16, 0.5, 0.4)
     assert reqs[5].extra_args is None and reqs[5].max_tokens == 32
@@ -137,7 +137,7 @@ def test_cli_plumbing():
     args = selfcheck.parser().parse_args(["--model", "m", "--tensor-parallel-size", "2", "--decode-budget", "0.3"])
     spec = selfcheck.scenario(args, [])
     assert (spec.tensor_parallel_size, spec.distributed_executor_backend) == (2, "mp")
-    assert spec.eviction == {"method": "hae", "budget": 0.5, "decode_budget": 0.3}
+    assert spec.eviction == {"method": "hae", "budget": 0.5, "decode_budget": 0.3, "decode_start": 0}
     assert spec.dtype == "auto" and spec.block_size is None
     spec = selfcheck.scenario(selfcheck.parser().parse_args(["--model", "m"]), [])
     assert spec.distributed_executor_backend is None and "decode_budget" not in spec.eviction

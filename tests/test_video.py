@@ -25,7 +25,7 @@ from hae_vllm.testing.scenario import RequestSpec, ScenarioSpec, build_prompt, r
 
 pytestmark = pytest.mark.engine
 
-DECODE = {"kv_eviction_decode_budget": 0.5, "kv_eviction_bin_capacity": 2, "kv_eviction_rescore_interval": 4,
+DECODE = {"kv_eviction_decode_budget": 0.5, "kv_eviction_decode_start": 0, "kv_eviction_bin_capacity": 2, "kv_eviction_rescore_interval": 4,
           "kv_eviction_restore_margin": 0.5}
 REQS = [
     RequestSpec(text="What happens in this video?", videos=[11], max_tokens=16),

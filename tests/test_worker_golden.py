@@ -19,7 +19,7 @@ pytestmark = pytest.mark.engine
 GOLDEN = Path(__file__).parent / "data" / "worker_golden.json"
 # score_interval 1: the golden record was made when decode scoring ran every step (the default
 # is 8 since issue 20; k = 1 must still behave exactly as before).
-EVICTION = {"method": "hae", "budget": 0.5, "decode_budget": 0.5, "bin_capacity": 2,
+EVICTION = {"method": "hae", "budget": 0.5, "decode_budget": 0.5, "decode_start": 0, "bin_capacity": 2,
             "rescore_interval": 4, "restore_margin": 0.5, "score_interval": 1}
 REQS = [
     RequestSpec(text="Tell me a long story about this picture.", images=[191], max_tokens=96),

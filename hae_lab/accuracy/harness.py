@@ -394,17 +394,19 @@ def quick_line(summary: list[dict], budget: float, name_best: bool = False) -> s
 
 
 def decode_settings(decode_budget: float, capacities: Iterable[int], method: str = "hae",
-                    prefill_budget: float = 1.0) -> list[Setting]:
+                    prefill_budget: float = 1.0, decode_start: float = 0.0) -> list[Setting]:
     """The decode-stage comparison: full cache, greedy decode eviction (``bin_capacity`` 0: a
     parked block is released at once, never restored) and the recycle bin at each capacity,
-    all at the same decode budget, so at the same peak of live KV blocks.  ``prefill_budget``
-    1.0 evicts nothing at prefill: only the decode stage differs."""
-    out = [Setting(FULL), Setting(method, prefill_budget, (("decode_budget", decode_budget), ("bin_capacity", 0)),
-                                  name="greedy")]
+    all at the same decode budget, so at the same peak of live KV blocks, the stage running from
+    ``decode_start`` (0: the first step); and ``default``: the same decode budget with the
+    engine's default ``decode_start`` and bin.  ``prefill_budget`` 1.0 evicts nothing at
+    prefill: only the decode stage differs."""
+    knobs = (("decode_budget", decode_budget), ("decode_start", decode_start))
+    out = [Setting(FULL), Setting(method, prefill_budget, knobs + (("bin_capacity", 0),), name="greedy")]
     for c in capacities:
         if c > 0:
-            out.append(Setting(method, prefill_budget, (("decode_budget", decode_budget), ("bin_capacity", c)),
-                               name=f"bin{c}"))
+            out.append(Setting(method, prefill_budget, knobs + (("bin_capacity", c),), name=f"bin{c}"))
+    out.append(Setting(method, prefill_budget, (("decode_budget", decode_budget),), name="default"))
     return out
 
 

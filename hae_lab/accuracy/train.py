@@ -71,6 +71,37 @@ def reinit_for_training(model, seed: int, std: float = 0.02) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen) * std)
 
 
+def transfer_text_weights(model, tokenizer, src: Path) -> dict:
+    """Start the text model and projector from checkpoint ``src`` (written by this script, same
+    text sizes): every tensor outside the vision tower with the same name and shape is copied,
+    and the token embedding and output rows of every token both tokenizers have (by string:
+    the shared cell names, colours and shapes of the two worlds included).  The vision tower
+    keeps its own initialisation (its patch grid differs between the worlds).  A model that
+    already copies the asked cell and looks it up in the image starts the new world with that
+    skill instead of from the answers' marginal distribution."""
+    from transformers import AutoTokenizer
+
+    old = _build_model(src, None).state_dict()
+    old_vocab = AutoTokenizer.from_pretrained(src).get_vocab()
+    new_vocab = tokenizer.get_vocab()
+    rows = [(i, old_vocab[t]) for t, i in new_vocab.items() if t in old_vocab]
+    copied, rowwise = 0, 0
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "vision_tower" in name or name not in old:
+                continue
+            src_t = old[name]
+            if src_t.shape == p.shape and not name.endswith(("embed_tokens.weight", "lm_head.weight")):
+                p.copy_(src_t)
+                copied += 1
+            elif name.endswith(("embed_tokens.weight", "lm_head.weight")) and src_t.shape[1:] == p.shape[1:]:
+                new_idx = torch.tensor([a for a, b in rows if a < p.shape[0] and b < src_t.shape[0]])
+                old_idx = torch.tensor([b for a, b in rows if a < p.shape[0] and b < src_t.shape[0]])
+                p[new_idx] = src_t[old_idx]
+                rowwise += len(new_idx)
+    return {"tensors": copied, "token_rows": rowwise, "from": str(src)}
+
+
 def init_positions_2d(model) -> None:
     """Start the vision tower's learned position embeddings from a 2-D sine-cosine table, so
     that a patch's row and column are linearly readable from the first step (the random
@@ -518,7 +549,7 @@ def export_checkpoint(ckpt: Path, out: Path) -> dict:
 
 def train(out: Path, steps: int | None, batch_size: int, lr: float, seed: int, device: str, eval_every: int, eval_n: int,
           task_weights: dict[str, float] | None = None, pos_init: str = "sincos",
-          init_from: str | None = None, eval_tasks: tuple[str, ...] = ("single", "cell"),
+          init_from: str | None = None, transfer_from: str | None = None, eval_tasks: tuple[str, ...] = ("single", "cell"),
           stages: list[dict] | None = None, batch_sizes: dict[str, int] | None = None,
           ckpt_dir: str | None = None, ckpt_every: int = 0, resume: bool = False, warmup: int = 100,
           text_overrides: dict | None = None, final_n: int = 200, run_name: str | None = None,
@@ -576,6 +607,8 @@ def train(out: Path, steps: int | None, batch_size: int, lr: float, seed: int, d
             init_positions_2d(model)
         elif pos_init == "cells":
             init_positions_cells(model, cells=scenes.LAYOUT if world == "scenes" else 4)
+        if transfer_from:
+            print(f"transferred: {transfer_text_weights(model, processor.tokenizer, Path(transfer_from))}", flush=True)
         if wire_circuits:
             wire_grid_circuits(model, processor.tokenizer, scale=wire_circuits)
         elif align_cells:
@@ -594,7 +627,7 @@ def train(out: Path, steps: int | None, batch_size: int, lr: float, seed: int, d
     counters: dict[str, int] = {}
     log = {"config": {"run_name": run_name, "steps": steps, "batch_size": batch_size, "batch_sizes": batch_sizes,
                       "lr": lr, "warmup": warmup, "seed": seed, "device": device, "stages": stages,
-                      "pos_init": pos_init, "init_from": init_from, "text_overrides": text_overrides,
+                      "pos_init": pos_init, "init_from": init_from, "transfer_from": transfer_from, "text_overrides": text_overrides,
                       "patch_size": patch_size, "grid_tokens": grid_tokens, "numbered_images": numbered_images,
                       "align_cells": align_cells, "wire_lookup": wire_lookup,
                       "wire_circuits": wire_circuits, "freeze_circuits": freeze_circuits, "freeze": freeze,
@@ -730,6 +763,9 @@ def main() -> None:
     ap.add_argument("--eval-n", type=int, default=100)
     ap.add_argument("--pos-init", choices=("sincos", "cells", "random"), default="sincos")
     ap.add_argument("--init-from", default=None, help="continue from a checkpoint written by this script")
+    ap.add_argument("--transfer-from", default=None,
+                    help="start the text model and projector from this checkpoint (another world's; see "
+                         "transfer_text_weights), the vision tower fresh")
     ap.add_argument("--eval-tasks", default="single,cell")
     ap.add_argument("--task-weights", default=None, help='JSON, e.g. \'{"cell": 0.7, "describe": 0.3}\'')
     ap.add_argument("--stages", default=None,
@@ -791,7 +827,7 @@ def main() -> None:
         return
     train(Path(args.out), args.steps, args.batch_size, args.lr, args.seed, args.device, args.eval_every, args.eval_n,
           task_weights=json.loads(args.task_weights) if args.task_weights else None, pos_init=args.pos_init,
-          init_from=args.init_from, eval_tasks=tuple(args.eval_tasks.split(",")),
+          init_from=args.init_from, transfer_from=args.transfer_from, eval_tasks=tuple(args.eval_tasks.split(",")),
           stages=json.loads(args.stages) if args.stages else None,
           batch_sizes=json.loads(args.batch_sizes) if args.batch_sizes else None, ckpt_dir=args.ckpt_dir,
           ckpt_every=args.ckpt_every, resume=args.resume, warmup=args.warmup,

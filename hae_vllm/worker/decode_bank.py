@@ -372,11 +372,13 @@ class DecodeState:
     by_position: bool = False  # StreamingLLM: park the oldest tokens, never restore
     # The key bank row holds this request's layer-0 keys (filled from the paged cache once).
     has_keys: bool = False
+    start_tokens: int = 0  # tokens when the decode stage began (the prompt)
+    start_live: int = 0  # of them, live after the prefill's eviction
 
     @classmethod
     def after_prefill(cls, plan, num_tokens: int, block_size: int, bank: DecodeBank) -> "DecodeState":
         slots = apply_plan_to_positions(plan, num_tokens, block_size)
-        ds = cls(bank=bank, row=bank.acquire())
+        ds = cls(bank=bank, row=bank.acquire(), start_tokens=num_tokens, start_live=int((slots >= 0).sum()))
         bank.ensure(num_tokens)
         ds.slot_pos[:num_tokens] = slots
         ds.bank.scored[ds.row, slots[slots >= 0]] = True
@@ -430,6 +432,14 @@ def decode_limit(cfg: EvictionConfig, num_tokens: int) -> int:
     if cfg.decode_budget_tokens is not None:
         return cfg.decode_budget_tokens
     return math.ceil(cfg.decode_budget * num_tokens - 1e-9)
+
+
+def decode_started(ds: "DecodeState", cfg: EvictionConfig, num_tokens: int) -> bool:
+    """Whether the decode budget applies at ``num_tokens``: always for an absolute budget; for a
+    keep ratio once the request generated ``decode_start`` x the tokens its prefill left live."""
+    if cfg.decode_budget_tokens is not None:
+        return True
+    return num_tokens - ds.start_tokens >= cfg.decode_start * ds.start_live
 
 
 def choose_parking(

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from hae_vllm.policies.attention import attention_probs, decode_mass_rows, queued_mass_rows
-from hae_vllm.worker.decode_bank import BinEntry, DecodeActions, DecodeBank, choose_parking, decode_limit, weakest_live_value
+from hae_vllm.worker.decode_bank import (BinEntry, DecodeActions, DecodeBank, choose_parking, decode_limit,
+                                         decode_started, weakest_live_value)
 from hae_vllm.worker.runner_view import RunnerView
 from hae_vllm.worker.state import DecodeTask, RequestState
 from hae_vllm.protocol import EvictionReport
@@ -317,8 +318,9 @@ class DecodeStage:
         before = ds.steps
         ds.steps += dt.num_scored
         num_live = dt.num_live if dt.num_live is not None else len(ds.live_slots(dt.block_ids, bs))
-        # Only a request a whole block over its budget has anything to park.
-        over = num_live - decode_limit(cfg, dt.end) >= bs
+        # Only a request a whole block over its budget has anything to park (and a keep ratio
+        # applies only once the answer is decode_start x the cache its prefill left).
+        over = num_live - decode_limit(cfg, dt.end) >= bs and decode_started(ds, cfg, dt.end)
         # Every rescore_interval steps (a multiple crossed since the last scoring, k > 1).
         rescore = not ds.by_position and ds.steps // cfg.rescore_interval > before // cfg.rescore_interval
         if not over and not (rescore and ds.bin) and len(ds.bin) <= cfg.bin_capacity:
