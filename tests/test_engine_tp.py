@@ -93,3 +93,23 @@ def test_tp2_decode_eviction_same_on_both_ranks(oracle_for):
     ref = MaskedReplay(oracle_for(rec["model_path"])).generate(
         p["prompt"], [p["multi_modal_data"]["image"]], len(r["token_ids"]), events_from_trace(r["evictions"] + r["decode_events"]))
     assert_matches(r, ref, "TP=2 decode eviction")
+
+
+def test_tp2_h2o_column_sums_like_tp1(oracle_for):
+    """H2O scores every prompt token: each rank sums its heads' attention columns on the host
+    (two flash-attention passes, no queries x keys buffer) and the sums are gathered before
+    selection.  TP=2 evicts what TP=1 does and matches the oracle."""
+    def run(tp):
+        return run_in_subprocess(ScenarioSpec(model="llava", requests=REQS, eviction={"method": "h2o", "budget": 0.5},
+                                              tensor_parallel_size=tp, kv_cache_space_gib=1,
+                                              env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"} if tp > 1 else {}))
+
+    one, two = run(1), run(2)
+    for a, b in zip(one["results"], two["results"]):
+        assert a["eviction"]["evicted_positions"] == b["eviction"]["evicted_positions"]
+        assert a["token_ids"] == b["token_ids"]
+        assert b["evictions_other_ranks"][0]["evicted_positions"] == b["eviction"]["evicted_positions"]
+    oracle = oracle_for(two["model_path"])
+    for i in range(len(REQS)):
+        res, ref = oracle_compare(oracle, two, REQS, i)
+        assert_matches(res, ref, f"H2O TP=2 request {i}")
