@@ -102,8 +102,10 @@ def test_hard_suite_and_decode_lines(tmp_path):
     by = {}
     for r in rec["rows"]:
         by.setdefault(r["group"], []).append(r)
-    assert set(by) == {"full", "greedy", "bin4"}
+    assert set(by) == {"full", "greedy", "bin4", "default"}
     assert all(r["parked_blocks"] == r["restored_blocks"] == 0 for r in by["full"])
+    # The engine's default decode_start: describe's answer is shorter than its cache, nothing parks.
+    assert all(r["parked_blocks"] == 0 and r["final_live_blocks"] == r["full_blocks"] for r in by["default"])
     assert all(r["restored_blocks"] == 0 and r["parked_blocks"] > 0 for r in by["greedy"])
     for g in ("greedy", "bin4"):
         for r in by[g]:
