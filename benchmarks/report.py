@@ -215,6 +215,17 @@ def headline() -> str:
         lines.append(f"| Soak (`vllm serve`, concurrency {soaks[0]['args']['concurrency']}, 10% invalid knobs, seeds {seeds}) | "
                      f"{n} requests, {errs} server errors ({drift} of them vLLM's own multimodal cache drift{v}), "
                      f"{leaked} leaked blocks | `python benchmarks/soak.py --requests 2000 --concurrency 16 --seed 1` |")
+    fl = load("fleet_hae")
+    if fl:
+        runs, a = fl["runs"], fl["args"]
+        h, v = runs[a["method"]], runs["none"]
+        lines.append(f"| Two instances behind a prefix-aware router (KV events, Dynamo's cost with overlap weight "
+                     f"{a['overlap_weight']:g}; {a['conversations']} image chats x {a['turns']} turns) | turn-2 prompt "
+                     f"served from the cache: {h['cached_frac_per_turn'][1]:.2f} with hae, "
+                     f"{v['cached_frac_per_turn'][1]:.2f} vanilla; follow-ups on their conversation's instance "
+                     f"{h['follow_ups_on_previous_instance']}/{h['follow_ups']}; tokens the router matched but the "
+                     f"instance did not serve: {h['overpromised_frac']:.0%}; orphan events {h['orphan_removes'] + h['orphan_parents']}; "
+                     f"server errors {h['server_errors']} | `python benchmarks/fleet.py` |")
     lines.append("")
     lines.append(f"Machine: {machine(pe or {})} (no GPU). Every row compares with vanilla vLLM in the same run. "
                  "Full tables, plots and how each is measured: [docs/results.md](docs/results.md).")
