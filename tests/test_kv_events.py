@@ -111,6 +111,8 @@ def test_the_stream_a_router_replays_is_faithful_and_places_follow_ups():
     assert not ledger.problems, ledger.problems
     assert matched == served == 6
     assert ledger.live == _content_hashes(pool) == set()
+    # Nothing is kept about hashes nothing holds any more (the stream's state stays bounded).
+    assert not stream.live and not stream.pool_refs and not stream.session_refs and not cache._by_key
 
 
 def test_session_stores_are_marked_and_chained():

@@ -158,8 +158,10 @@ class RouterStream:
                             self._session_gone(sess, out)
                     continue
                 for h in e.block_hashes:
-                    if self.pool_refs[h] > 0:
+                    if self.pool_refs[h] > 1:
                         self.pool_refs[h] -= 1
+                    else:
+                        self.pool_refs.pop(h, None)  # no entry for what nothing holds (bounded state)
                 self._removes(list(e.block_hashes), {"medium": e.medium, "group_idx": e.group_idx}, out)
             elif isinstance(e, AllBlocksCleared):
                 self.live.clear()
