@@ -33,8 +33,11 @@ REQS = [
     RequestSpec(text="Is the picture a frame of the video?", images=[13], videos=[14], video_frames=4,
                 max_tokens=16),
     RequestSpec(text="Describe the picture please.", images=[15], max_tokens=16),
+    # 30 frames: 15 temporal patches, more than the 8 spatial ones, where transformers' own
+    # M-RoPE positions for the text after a video part from the reference (see the oracle).
+    RequestSpec(text="What happens in this long video?", videos=[16], video_frames=30, max_tokens=12),
 ]
-VIDEO_TOKENS = (256, 256, 128, 0)  # 8 or 4 frames of 224 x 224: 64 tokens per pair of frames
+VIDEO_TOKENS = (256, 256, 128, 0, 960)  # 30, 8 or 4 frames of 224 x 224: 64 tokens per pair of frames
 
 
 @pytest.fixture(scope="module")
@@ -132,3 +135,17 @@ class FlatTimeOracle(HFOracle):
 def test_video_flat_temporal_positions_fail(record):
     flat = agreements(FlatTimeOracle(record["model_path"]), record)
     assert [i for i, a in enumerate(flat) if a.ok] == [3], "only the image request may agree"
+
+
+def test_long_video_needs_reference_positions(record, oracle):
+    """transformers' stock ``get_rope_index`` (what the oracle wraps) gives the text after the
+    30-frame video other positions than vLLM and the Qwen2-VL reference; replayed with it, that
+    request disagrees while the others still agree."""
+    inner = oracle.model.model
+    fixed = inner.get_rope_index
+    inner.get_rope_index = fixed.__wrapped__
+    try:
+        stock = agreements(oracle, record)
+    finally:
+        inner.get_rope_index = fixed
+    assert [i for i, a in enumerate(stock) if not a.ok] == [4]

@@ -7,6 +7,7 @@ decoding continues at the true (logical) positions.  This module runs that refer
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -24,6 +25,40 @@ class OracleResult:
     # (>= 0), or, for a token the oracle was made to follow, how far it trails (< 0).  Within
     # a dtype's rounding noise another implementation may legitimately pick the other token.
     margins: list[float] = field(default_factory=list)
+
+
+def _reference_text_positions(inner) -> None:
+    """Text after an image or video continues at the largest M-RoPE position before it + 1, as
+    the Qwen2-VL reference and vLLM compute it (``vllm/model_executor/models/qwen2_vl.py``:
+    ``st_idx = llm_pos_ids_list[-1].max() + 1``).  transformers 5.x's ``get_rope_index``
+    continues at ``max(h, w) // merge`` past the block's start instead, leaving out its
+    temporal extent: for a video with more temporal patches than spatial ones (more than 16
+    frames at 224 pixels) the text after it reuses temporal positions, and HF's generation
+    disagrees with vLLM's with no eviction at all.  Wraps ``inner.get_rope_index``."""
+    original = inner.get_rope_index
+
+    def get_rope_index(input_ids, mm_token_type_ids, *args, **kwargs):
+        pos, _ = original(input_ids, mm_token_type_ids, *args, **kwargs)
+        if kwargs.get("attention_mask") is not None and not bool(kwargs["attention_mask"].all()):
+            raise NotImplementedError("the oracle's position fix-up assumes no padding")
+        pos = pos.clone()
+        deltas = []
+        for b in range(pos.shape[1]):
+            start = 0
+            groups = itertools.groupby(enumerate(mm_token_type_ids[b].tolist()), key=lambda x: x[1])
+            for kind, group in groups:
+                idx = [i for i, _ in group]
+                lo, hi = idx[0], idx[-1] + 1
+                if kind == 0:  # text: consecutive positions from ``start``
+                    pos[:, b, lo:hi] = torch.arange(hi - lo, device=pos.device) + start
+                else:  # an image or video: its own (t, h, w) grid, shifted to begin at ``start``
+                    pos[:, b, lo:hi] += start - int(pos[:, b, lo:hi].min())
+                start = int(pos[:, b, lo:hi].max()) + 1
+            deltas.append(start - pos.shape[2])
+        return pos, torch.tensor(deltas, device=pos.device).unsqueeze(1)
+
+    get_rope_index.__wrapped__ = original
+    inner.get_rope_index = get_rope_index
 
 
 class HFOracle:
@@ -44,6 +79,8 @@ class HFOracle:
         self.model = self.model.to(self.device).eval()
         self.processor = AutoProcessor.from_pretrained(model_path)
         self.is_mrope = "Qwen2VL" in arch or "Qwen2_5_VL" in arch
+        if self.is_mrope:
+            _reference_text_positions(self.model.model)
 
     def inputs(self, prompt: str, images: Sequence) -> dict:
         """Processor outputs for ``prompt`` and its media: PIL images, and videos as
