@@ -64,6 +64,9 @@ sys.path.insert(0, str(REPO))
 POSITIONS = 40960
 IMAGE_TOKENS = 256
 QUESTION = "Describe every picture, one by one."
+VIDEO_QUESTION = "Describe what happens in the video, scene by scene."
+FRAME_TOKENS = 32  # tiny Qwen2-VL, 224-pixel frames: 64 tokens per pair of frames
+MODEL_KIND = {"images": "llava", "video": "qwen2vl"}
 METHODS = ["none", "hae", "streamingllm", "h2o", "snapkv", "fastv", "madakv", "random"]
 CHUNK = 2048
 MARK = "@@hae_scaling "  # the worker's replies on stdout, among vLLM's log lines
@@ -89,7 +92,17 @@ def _reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
 
 
-def worker(method: str, mode: str, max_images: int) -> None:
+def media_request(prompt: str, n: int, seed: int):
+    """The request of ``n`` media units: ``n`` images of 256 tokens (tiny LLaVA), or a video of
+    ``n`` frames, 32 tokens a frame (tiny Qwen2-VL, 224 pixels: 64 tokens per pair of frames)."""
+    from hae_vllm.testing.scenario import RequestSpec
+
+    if prompt == "video":
+        return RequestSpec(VIDEO_QUESTION, videos=[seed], video_frames=n)
+    return RequestSpec(QUESTION, list(range(seed, seed + n)))
+
+
+def worker(method: str, mode: str, max_images: int, layers: int | None = None, prompt_kind: str = "images") -> None:
     """One engine; a JSON request per stdin line, a JSON reading per stdout line."""
     import importlib
     import tempfile
@@ -101,10 +114,11 @@ def worker(method: str, mode: str, max_images: int) -> None:
     from hae_lab.tiny_models import long_context_path
     from hae_vllm.testing.scenario import RequestSpec, build_prompt
 
-    path = str(long_context_path("llava", POSITIONS))
+    kind = MODEL_KIND[prompt_kind]
+    path = str(long_context_path(kind, POSITIONS, layers))
     trace = Path(tempfile.mkdtemp(prefix="hae_scaling_")) / "trace.jsonl"
     kwargs = dict(model=path, dtype="float32", max_model_len=POSITIONS, enforce_eager=True, block_size=32,
-                  enable_prefix_caching=False, limit_mm_per_prompt={"image": max_images}, seed=0,
+                  enable_prefix_caching=False, limit_mm_per_prompt={"video": 1} if prompt_kind == "video" else {"image": max_images}, seed=0,
                   max_num_batched_tokens=POSITIONS if mode == "oneshot" else CHUNK, max_num_seqs=1)
     if method != "none":
         kwargs["additional_config"] = {"kv_eviction": {"method": method, "trace_path": str(trace)}}
@@ -134,13 +148,12 @@ def worker(method: str, mode: str, max_images: int) -> None:
         setattr(cls, name, timed)
     sched = llm.llm_engine.engine_core.engine_core.scheduler
     sp = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True, logprobs=1)
-    warm = build_prompt("llava", RequestSpec(QUESTION, [1, 2]), path)
+    warm = build_prompt(kind, media_request(prompt_kind, 2, 1), path)
     llm.generate([warm], sp, use_tqdm=False)
     print(MARK + json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         cmd = json.loads(line)
-        req = RequestSpec(QUESTION, list(range(cmd["seed"], cmd["seed"] + cmd["images"])))
-        prompt = build_prompt("llava", req, path)
+        prompt = build_prompt(kind, media_request(prompt_kind, cmd["images"], cmd["seed"]), path)
         freed0 = _freed(sched)
         seen = trace.stat().st_size if trace.exists() else 0
         spent[0] = 0.0
@@ -180,7 +193,8 @@ def _freed(sched) -> int:
 class Engine:
     """A worker process kept alive."""
 
-    def __init__(self, method: str, mode: str, max_images: int, log) -> None:
+    def __init__(self, method: str, mode: str, max_images: int, log, layers: int | None = None,
+                 prompt_kind: str = "images") -> None:
         self.method = method
         # Every allocation of 16 KiB or more its own mapping, returned to the system when freed
         # (glibc), so the resident set follows what is allocated: eviction's transient tensors
@@ -189,7 +203,8 @@ class Engine:
         # 4k tokens was 1.35 MiB there, 1.6 here, and its fitted growth steeper.)  Both
         # engines run so.
         env = {**os.environ, "PYTHONPATH": str(REPO), "MALLOC_MMAP_THRESHOLD_": "16384"}
-        self.proc = subprocess.Popen([sys.executable, __file__, "--worker", method, mode, str(max_images)],
+        self.proc = subprocess.Popen([sys.executable, __file__, "--worker", method, mode, str(max_images), str(layers or 0),
+                                      prompt_kind],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
         self._read()
 
@@ -209,7 +224,10 @@ class Engine:
         self.proc.wait(timeout=120)
 
 
-def images_for(length: int) -> int:
+def units_for(length: int, prompt_kind: str = "images") -> int:
+    """Images (or video frames, in pairs) for a prompt of about ``length`` tokens."""
+    if prompt_kind == "video":
+        return 2 * max(1, round((length - 30) / (2 * FRAME_TOKENS)))
     return max(1, round((length - 20) / IMAGE_TOKENS))
 
 
@@ -226,23 +244,25 @@ def slope(xs: list[float], ys: list[float]) -> float:
     return sum((a - mx) * (b - my) for a, b in zip(lx, ly)) / sum((a - mx) ** 2 for a in lx)
 
 
-def oracle_check(rows: list[dict], max_tokens: int) -> list[dict]:
+def oracle_check(rows: list[dict], max_tokens: int, layers: int | None = None, prompt_kind: str = "images") -> list[dict]:
     """Every measured request up to ``max_tokens`` prompt tokens (its first round) against the HF
     oracle with the engine's evicted positions removed."""
     from hae_lab.tiny_models import long_context_path
     from hae_vllm.testing.oracle import HFOracle
     from hae_vllm.testing.scenario import RequestSpec, build_prompt
 
-    path = str(long_context_path("llava", POSITIONS))
+    kind = MODEL_KIND[prompt_kind]
+    path = str(long_context_path(kind, POSITIONS, layers))
     oracle = HFOracle(path, "float32")
     out = []
     for row in rows:
         for rec in row["oracle_inputs"]:
             if rec["prompt_tokens"] > max_tokens:
                 continue
-            p = build_prompt("llava", RequestSpec(QUESTION, list(range(rec["seed"], rec["seed"] + rec["images"]))), path)
-            ref = oracle.generate(p["prompt"], p["multi_modal_data"]["image"] if rec["images"] > 1 else
-                                  [p["multi_modal_data"]["image"]], len(rec["token_ids"]), rec["evicted_positions"])
+            p = build_prompt(kind, media_request(prompt_kind, rec["images"], rec["seed"]), path)
+            media = next(iter(p["multi_modal_data"].values()))
+            media = media if isinstance(media, list) else [media]
+            ref = oracle.generate(p["prompt"], media, len(rec["token_ids"]), rec["evicted_positions"])
             diff = max(abs(a - b) for a, b in zip(ref.logprobs, rec["logprobs"]))
             ok = ref.token_ids == rec["token_ids"] and diff <= 1e-3
             out.append({"method": row["method"], "mode": row["mode"], "prompt_tokens": rec["prompt_tokens"],
@@ -252,7 +272,7 @@ def oracle_check(rows: list[dict], max_tokens: int) -> list[dict]:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        worker(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+        worker(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]) or None, sys.argv[6])
         return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lengths", default="1000,4000,8000,16000,32000")
@@ -260,25 +280,33 @@ def main() -> None:
     ap.add_argument("--modes", default="oneshot,chunked")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--oracle-max-tokens", type=int, default=4200)
-    ap.add_argument("--out", default=str(RESULT))
+    ap.add_argument("--prompt", choices=("images", "video"), default="images",
+                    help="many-image prompts (tiny LLaVA) or one long video (tiny Qwen2-VL, M-RoPE)")
+    ap.add_argument("--out", default=None, help="result file (default: benchmarks/results/scaling.json, "
+                                                "scaling_video.json for --prompt video)")
     ap.add_argument("--log", default="/tmp/hae_scaling.log")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="decoder layers of the tiny model (default: its 4); more repeats its layers, "
+                         "for the TTFT ratio at a realistic depth (write to another --out)")
     args = ap.parse_args()
+    if args.out is None:
+        args.out = str(RESULT if args.prompt == "images" else RESULT.with_name("scaling_video.json"))
     from hae_vllm.testing.scenario import environment_info
 
     lengths = [int(x) for x in args.lengths.split(",")]
     methods = [m for m in args.methods.split(",") if m != "none"]
     modes = args.modes.split(",")
-    max_images = max(images_for(n) for n in lengths)
+    max_images = max(units_for(n, args.prompt) for n in lengths)
     rows = []
     t_start = time.time()
     seed = 1000
     with open(args.log, "a") as log:
         for mode in modes:
-            base = Engine("none", mode, max_images, log)
+            base = Engine("none", mode, max_images, log, args.layers, args.prompt)
             for method in methods:
-                eng = Engine(method, mode, max_images, log)
+                eng = Engine(method, mode, max_images, log, args.layers, args.prompt)
                 for length in lengths:
-                    n = images_for(length)
+                    n = units_for(length, args.prompt)
                     pairs, oracle_inputs = [], []
                     seed += max_images + 1
                     for e in (base, eng):  # first request of this size in each engine: not measured
@@ -315,11 +343,11 @@ def main() -> None:
                           f"freed {row['blocks_freed']:.0f} blocks", flush=True)
                 eng.close()
             base.close()
-    checks = oracle_check(rows, args.oracle_max_tokens)
+    checks = oracle_check(rows, args.oracle_max_tokens, args.layers, args.prompt)
     for row in rows:
         row.pop("oracle_inputs")
     summary = summarize(rows, checks, lengths)
-    result = {"benchmark": "scaling", "config": {**vars(args), "model": f"tiny llava, {POSITIONS} positions",
+    result = {"benchmark": "scaling", "config": {**vars(args), "model": f"tiny {MODEL_KIND[args.prompt]}, {POSITIONS} positions, {args.layers or 4} layers",
                                                  "dtype": "float32", "chunk": CHUNK, "max_tokens": 2},
               "environment": environment_info(), "elapsed_s": time.time() - t_start,
               "rows": rows, "oracle": checks, "summary": summary}

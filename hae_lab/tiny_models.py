@@ -71,6 +71,7 @@ import argparse
 import json
 import os
 import pathlib
+import re
 import random
 import shutil
 import tempfile
@@ -723,23 +724,31 @@ if __name__ == "__main__":
     raise SystemExit(main())
 
 
-def long_context_path(kind: str, positions: int) -> pathlib.Path:
+def long_context_path(kind: str, positions: int, layers: int | None = None) -> pathlib.Path:
     """The ``kind`` tiny checkpoint declared for ``positions`` positions (RoPE computes any
     position; only the declared maximum changes): its files linked, ``config.json`` rewritten.
-    For benchmarks of long prompts (``benchmarks/scaling.py``)."""
+    For benchmarks of long prompts (``benchmarks/scaling.py``).
+
+    ``layers``: a text model of that many decoder layers, layer ``i`` a copy of layer
+    ``i mod n`` of the ``n``-layer checkpoint (the same width; for timing at a realistic depth,
+    where first-layer scoring is ``1/layers`` of the forward instead of ``1/4``)."""
     base = tiny_model_path(kind)
-    out = base.parent / f"{base.name}-pos{positions}"
+    out = base.parent / (f"{base.name}-pos{positions}" + ("" if layers is None else f"-l{layers}"))
     if (out / "config.json").is_file():
         return out
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=base.parent))
     try:
-        for f in base.iterdir():
-            if f.name != "config.json":
-                (tmp / f.name).symlink_to(f.resolve())
         cfg = json.loads((base / "config.json").read_text())
         for part in (cfg, cfg.get("text_config") or {}):
             if "max_position_embeddings" in part:
                 part["max_position_embeddings"] = positions
+        skip = {"config.json"}
+        if layers is not None:
+            _deepen(base / "model.safetensors", tmp / "model.safetensors", cfg, layers)
+            skip.add("model.safetensors")
+        for f in base.iterdir():
+            if f.name not in skip:
+                (tmp / f.name).symlink_to(f.resolve())
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         try:
             tmp.rename(out)
@@ -749,3 +758,24 @@ def long_context_path(kind: str, positions: int) -> pathlib.Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _deepen(src: pathlib.Path, dst: pathlib.Path, cfg: dict, layers: int) -> None:
+    """Write ``src``'s weights with its text model's decoder layers repeated to ``layers``
+    (layer ``i`` = layer ``i mod n``) and set the config's layer count."""
+    from safetensors.torch import load_file, save_file
+
+    text = cfg.get("text_config") or cfg
+    n = text["num_hidden_layers"]
+    weights = load_file(str(src))
+    pattern = re.compile(r"^(.*\.layers\.)(\d+)(\..*)$")
+    out = {}
+    for name, t in weights.items():
+        m = pattern.match(name)
+        if m is None or "vision" in name:
+            out[name] = t
+            continue
+        for i in range(int(m.group(2)), layers, n):
+            out[f"{m.group(1)}{i}{m.group(3)}"] = t.clone()
+    save_file(out, str(dst), metadata={"format": "pt"})
+    text["num_hidden_layers"] = layers

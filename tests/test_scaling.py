@@ -24,9 +24,35 @@ def _row(method, mode, length, ratio, peak):
 
 def test_prompt_sizes_reach_the_asked_lengths(scaling):
     for n in (1000, 4000, 8000, 16000, 32000):
-        tokens = scaling.images_for(n) * scaling.IMAGE_TOKENS + 20
+        tokens = scaling.units_for(n) * scaling.IMAGE_TOKENS + 20
         assert abs(tokens - n) <= scaling.IMAGE_TOKENS // 2 + 20
-    assert scaling.images_for(32000) * scaling.IMAGE_TOKENS >= 32000 - 20
+        frames = scaling.units_for(n, "video")
+        assert frames % 2 == 0  # Qwen2-VL takes frames in pairs
+        assert abs(frames * scaling.FRAME_TOKENS + 30 - n) <= scaling.FRAME_TOKENS + 30
+    assert scaling.units_for(32000) * scaling.IMAGE_TOKENS >= 32000 - 20
+    assert scaling.units_for(32000, "video") * scaling.FRAME_TOKENS >= 32000 - 30
+
+
+def test_deeper_model_repeats_the_layers():
+    """``--layers``: the tiny model with its decoder layers repeated (layer i = layer i mod 4),
+    the vision tower and everything else as they were."""
+    from safetensors.torch import load_file
+
+    from hae_lab import tiny_models
+
+    base = tiny_models.tiny_model_path("llava")
+    deep = tiny_models.long_context_path("llava", 40960, 10)
+    import json
+
+    cfg = json.loads((deep / "config.json").read_text())
+    assert cfg["text_config"]["num_hidden_layers"] == 10
+    assert cfg["text_config"]["max_position_embeddings"] == 40960
+    w0, w = load_file(str(base / "model.safetensors")), load_file(str(deep / "model.safetensors"))
+    layer = "language_model.model.layers.{}.self_attn.q_proj.weight"
+    assert layer.format(9) in w and layer.format(10) not in w
+    assert (w[layer.format(9)] == w0[layer.format(1)]).all() and (w[layer.format(4)] == w0[layer.format(0)]).all()
+    other = [k for k in w0 if ".layers." not in k or "vision" in k]
+    assert other and all((w[k] == w0[k]).all() for k in other)
 
 
 def test_slope_of_a_power_law(scaling):

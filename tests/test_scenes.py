@@ -87,3 +87,31 @@ def test_walk_is_a_long_answer_that_ends_by_recalling_its_first_step():
     steps = it.answer.split(", ")
     assert len(it.scenes) == 5 and len(steps) >= 31 and len(it.answer.split()) >= 200
     assert steps[-1] == "first " + steps[0]
+
+
+@pytest.mark.parametrize("i", range(4))
+def test_patch_labels_follow_the_ink(i):
+    """The vision pre-training's targets (hae_lab.accuracy.vision_pretrain.patch_labels): a patch
+    is an object patch where the scene's pixels there are that object's colour, background where
+    no object drew; each object owns at least one patch, labelled with its colour and kind."""
+    from hae_lab.accuracy.vision_pretrain import COLOURS, KINDS, MIN_INK, patch_labels
+
+    scene = make_item("attr", "heldout", i).scenes[0]
+    lb = patch_labels(scene)
+    img = np.asarray(scene.render(), dtype=np.int64)
+    g = PIXELS // PATCH
+    patches = img.reshape(g, PATCH, g, PATCH, 3).transpose(0, 2, 1, 3, 4).reshape(g * g, PATCH * PATCH, 3)
+    for k, name in enumerate(scene.cells()):
+        ob = scene.objects[name]
+        mine = np.flatnonzero(lb["owner"] == k)
+        assert len(mine), f"{name} owns no patch"
+        assert (lb["colour"][mine] == COLOURS.index(ob.colour)).all()
+        kind = f"digit {ob.digit}" if ob.shape == "digit" else ob.shape
+        assert (lb["kind"][mine] == KINDS.index(kind)).all()
+        r, c = scenes._cell_rc(name)
+        assert (lb["row"][mine] == r).all() and (lb["col"][mine] == c).all()
+        # at least MIN_INK pixels of each of its patches are exactly the object's colour
+        exact = (patches[mine] == np.asarray(scenes.COLOURS[ob.colour])).all(-1).sum(1)
+        assert (exact >= MIN_INK).all()
+    bg = np.flatnonzero(lb["object"] == 0)
+    assert len(bg) > 0.8 * g * g and (lb["colour"][bg] == -100).all() and (lb["owner"][bg] == -1).all()

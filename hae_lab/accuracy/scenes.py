@@ -114,23 +114,37 @@ class Scene:
         img = Image.fromarray(_background(self.background, self.bg_colour, self.seed, PIXELS))
         draw = ImageDraw.Draw(img)
         for name, ob in self.objects.items():
-            r, c = _cell_rc(name)
-            x0, y0 = c * CELL_PX + ob.dx, r * CELL_PX + ob.dy
-            box = [x0, y0, x0 + ob.size - 1, y0 + ob.size - 1]
-            fill = COLOURS[ob.colour]
-            if ob.shape != "digit":
-                draw_shape(draw, ob.shape, box, fill)
-            else:  # 5 x 7 font, strokes ob.size // 7 pixels
-                px = max(2, ob.size // 7)
-                for yy, row in enumerate(FONT[ob.digit]):
-                    for xx, ch in enumerate(row):
-                        if ch == "#":
-                            draw.rectangle([x0 + xx * px, y0 + yy * px, x0 + (xx + 1) * px - 1, y0 + (yy + 1) * px - 1],
-                                           fill=fill)
+            _draw_object(draw, name, ob, COLOURS[ob.colour])
         return img if pixels == PIXELS else img.resize((pixels, pixels))
+
+    def ink(self) -> np.ndarray:
+        """``[PIXELS, PIXELS]`` int: ``k + 1`` where the ``k``-th object of :meth:`cells` put
+        ink, 0 on the background (the labels of the vision tower's pre-training)."""
+        from PIL import Image, ImageDraw
+
+        canvas = Image.new("L", (PIXELS, PIXELS), 0)
+        draw = ImageDraw.Draw(canvas)
+        for k, name in enumerate(self.cells()):
+            _draw_object(draw, name, self.objects[name], k + 1)
+        return np.asarray(canvas, dtype=np.int64)
 
     def describe(self) -> str:
         return ", ".join(f"{name} {self.objects[name].words()}" for name in self.cells())
+
+
+def _draw_object(draw, name: str, ob: Obj, fill) -> None:
+    r, c = _cell_rc(name)
+    x0, y0 = c * CELL_PX + ob.dx, r * CELL_PX + ob.dy
+    box = [x0, y0, x0 + ob.size - 1, y0 + ob.size - 1]
+    if ob.shape != "digit":
+        draw_shape(draw, ob.shape, box, fill)
+    else:  # 5 x 7 font, strokes ob.size // 7 pixels
+        px = max(2, ob.size // 7)
+        for yy, row in enumerate(FONT[ob.digit]):
+            for xx, ch in enumerate(row):
+                if ch == "#":
+                    draw.rectangle([x0 + xx * px, y0 + yy * px, x0 + (xx + 1) * px - 1, y0 + (yy + 1) * px - 1],
+                                   fill=fill)
 
 
 def _cell_rc(name: str) -> tuple[int, int]:

@@ -620,6 +620,9 @@ def train(out: Path, steps: int | None, batch_size: int, lr: float, seed: int, d
         print(f"frozen: {freeze_wired(model)} wired entries", flush=True)
     if state is not None:
         freeze = state["log"]["config"].get("freeze")  # the resumed run's choice
+        # The resumed run's evaluation (runs before this was recorded: the tasks it evaluated).
+        done = state["log"]["eval"]
+        eval_tasks = tuple(state["log"]["config"].get("eval_tasks") or (done[-1][1] if done else eval_tasks))
     if freeze:
         print(f"frozen: {len(frozen_parts(model, freeze))} tensors ({freeze})", flush=True)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.01)
@@ -631,7 +634,7 @@ def train(out: Path, steps: int | None, batch_size: int, lr: float, seed: int, d
                       "patch_size": patch_size, "grid_tokens": grid_tokens, "numbered_images": numbered_images,
                       "align_cells": align_cells, "wire_lookup": wire_lookup,
                       "wire_circuits": wire_circuits, "freeze_circuits": freeze_circuits, "freeze": freeze,
-                      "content_gain": 5.0 if wire_circuits else None, "world": world,
+                      "content_gain": 5.0 if wire_circuits else None, "world": world, "eval_tasks": list(eval_tasks),
                       "torch_threads": torch.get_num_threads()},
            "machine": _machine(device), "loss": [], "eval": [], "wall": []}
     start, elapsed = 1, 0.0
