@@ -488,6 +488,8 @@ def results_doc() -> str:
             out.append(f"| {op} | " + " | ".join(f"{cell[k]:.1f}" if k in cell else "-" for k in cols) + " |")
         out.append("")
     out += scaling_section(load("scaling"))
+    out += scaling_depth_section(load("scaling_layers32"), load("scaling"))
+    out += scaling_section(load("scaling_video"), video=True)
     return "\n".join(out).rstrip() + "\n"
 
 
@@ -526,12 +528,61 @@ def fleet_section(files: list[tuple[str, dict]]) -> list[str]:
                   "16-token answer decodes.", "", f"Machine: {machine(fl)}.", ""]
 
 
-def scaling_section(sc: dict | None) -> list[str]:
+def _scaling_table(sc: dict) -> list[str]:
+    lengths = sorted({r["prompt_tokens"] for r in sc["rows"]})
+    out = ["| mode | method | " + " | ".join(f"{n} tokens: ttft / eviction / extra peak MiB" for n in lengths) + " |",
+           "|---|---|" + "---|" * len(lengths)]
+    for mode in dict.fromkeys(r["mode"] for r in sc["rows"]):
+        for method in dict.fromkeys(r["method"] for r in sc["rows"]):
+            mine = sorted((r for r in sc["rows"] if (r["mode"], r["method"]) == (mode, method)),
+                          key=lambda r: r["prompt_tokens"])
+            if mine:
+                out.append(f"| {mode} | {method} | " + " | ".join(
+                    f"{r['ttft_ratio']:.2f} ({r['ttft_ratio_q'][0]:.2f}-{r['ttft_ratio_q'][1]:.2f}) / "
+                    f"{r['eviction_share']:.1%} / {r['extra_peak_mib']:.1f}" for r in mine) + " |")
+    return out
+
+
+def scaling_depth_section(deep: dict | None, base: dict | None) -> list[str]:
+    """scaling.py --layers: the same 32k prompt on the tiny model with its layers repeated."""
+    if not deep:
+        return []
+    c = deep["config"]
+    rows = {(r["method"], r["mode"]): r for r in deep["rows"]}
+    four = {(r["method"], r["mode"]): r for r in (base or {}).get("rows", [])
+            if r["length"] == max(x["length"] for x in base["rows"])}
+    out = ["### At a realistic depth", "",
+           f"`python benchmarks/scaling.py --layers {c['layers']} --lengths {c['lengths']} --methods {c['methods']} "
+           f"--modes {c['modes']} --rounds {c['rounds']}`: {c['model']} (each of the 4 layers repeated; "
+           "LLaVA-1.5-7B and Qwen2-VL-7B have 32 and 28). Scoring at one layer costs the same at any depth; "
+           "the prefill it rides on grows with the layers. Seconds are medians of the paired rounds.", "",
+           "| mode | method | prompt tokens | ttft ratio (quartiles) | eviction s | vanilla prefill s | "
+           "ttft ratio on 4 layers |", "|---|---|---|---|---|---|---|"]
+    for key, r in rows.items():
+        r4 = four.get(key)
+        shallow = f"{r4['ttft_ratio']:.3f}" if r4 else "-"
+        out.append(f"| {key[1]} | {key[0]} | {r['prompt_tokens']} | {r['ttft_ratio']:.3f} "
+                   f"({r['ttft_ratio_q'][0]:.3f}-{r['ttft_ratio_q'][1]:.3f}) | {r['eviction_s']:.2f} | "
+                   f"{r['none_wall_s']:.1f} | {shallow} |")
+    out += ["", f"Machine: {machine(deep)}.", ""]
+    return out
+
+
+def scaling_section(sc: dict | None, video: bool = False) -> list[str]:
     """benchmarks/scaling.py: eviction's added time and memory against prompt length."""
     if not sc:
         return []
     c, s = sc["config"], sc["summary"]
     ok = sum(x["ok"] for x in sc["oracle"])
+    if video:
+        return ["### One long video", "",
+                f"`python benchmarks/scaling.py --prompt video --rounds {c['rounds']}`: {c['model']}, {c['dtype']}, "
+                "one video of 224-pixel frames (32 tokens a frame) and a question after it, otherwise as above. "
+                f"HF oracle (float32, exact tokens): {ok}/{len(sc['oracle'])} requests up to "
+                f"{c['oracle_max_tokens']} tokens.", "", *_scaling_table(sc), "",
+                f"At {s['max_prompt_tokens']} tokens: hae x{s['hae_ttft_ratio_at_max']:.3f}, the slowest method "
+                f"{s['worst_method']} x{s['worst_ttft_ratio_at_max']:.3f}; largest extra peak "
+                f"{s['eviction_peak_mib_at_max']:.1f} MiB; memory growth exponent {s['memory_growth_exponent']:.2f}.", ""]
     out = ["## Cost against prompt length", "",
            f"`python benchmarks/scaling.py --rounds {c['rounds']}`: {c['model']}, {c['dtype']}, prompts of "
            f"{', '.join(str(n) for n in sorted({r['prompt_tokens'] for r in sc['rows']}))} tokens (images of 256 tokens "
@@ -542,17 +593,7 @@ def scaling_section(sc: dict | None) -> list[str]:
            "`eviction` the share of that time in eviction's worker hooks; `extra peak` the most resident memory "
            "a call into those hooks added while it ran (the largest over the request's calls). "
            f"HF oracle (float32, exact tokens): {ok}/{len(sc['oracle'])} requests up to {c['oracle_max_tokens']} tokens.",
-           "", "| mode | method | " + " | ".join(f"{n} tokens: ttft / eviction / extra peak MiB"
-                                                  for n in sorted({r['prompt_tokens'] for r in sc['rows']})) + " |",
-           "|---|---|" + "---|" * len({r["prompt_tokens"] for r in sc["rows"]})]
-    for mode in dict.fromkeys(r["mode"] for r in sc["rows"]):
-        for method in dict.fromkeys(r["method"] for r in sc["rows"]):
-            mine = sorted((r for r in sc["rows"] if (r["mode"], r["method"]) == (mode, method)),
-                          key=lambda r: r["prompt_tokens"])
-            if mine:
-                out.append(f"| {mode} | {method} | " + " | ".join(
-                    f"{r['ttft_ratio']:.2f} ({r['ttft_ratio_q'][0]:.2f}-{r['ttft_ratio_q'][1]:.2f}) / "
-                    f"{r['eviction_share']:.1%} / {r['extra_peak_mib']:.1f}" for r in mine) + " |")
+           "", *_scaling_table(sc)]
     out += ["", "![eviction's added time and memory against prompt length](../benchmarks/results/scaling.png)", "",
             f"At {s['max_prompt_tokens']} tokens: hae x{s['hae_ttft_ratio_at_max']:.3f}, the slowest method "
             f"{s['worst_method']} x{s['worst_ttft_ratio_at_max']:.3f}; largest extra peak "
