@@ -147,6 +147,29 @@ def procedural_items(tasks: Iterable[str], n: int, split: str = "heldout") -> li
     return out
 
 
+def scene_items(tasks: Iterable[str], n: int, split: str = "heldout") -> list[EvalItem]:
+    """Held-out items of the LLaVA-scale scenes (hae_lab.accuracy.scenes: 576 visual tokens per
+    image; ``objects`` scoring for ``describe`` and ``walk``)."""
+    from hae_lab.accuracy import scenes
+
+    out = []
+    for task in tasks:
+        for it in scenes.generate(task, split, n):
+            out.append(EvalItem(id=f"{task}-{it.seed}", question=it.question, answer=it.answer,
+                                images=[pil_data_url(im) for im in it.images()], scoring=it.scoring, task=task))
+    return out
+
+
+def score_item(answer: str, prediction: str, scoring: str) -> float:
+    """``score`` of hae_lab.accuracy.tasks, and the scenes' ``objects`` mode (named objects,
+    missing and hallucinated ones counting against)."""
+    if scoring == "objects":
+        from hae_lab.accuracy import scenes
+
+        return scenes.score(answer, prediction, scoring)
+    return score(answer, prediction, scoring)
+
+
 def messages(item: EvalItem) -> list[dict[str, Any]]:
     content: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": u}} for u in item.images]
     content.append({"type": "text", "text": item.question})
@@ -276,7 +299,7 @@ def run(items: list[EvalItem], cfg: RunConfig) -> dict[str, Any]:
             "task": it.task, "generated_tokens": generated, "full_blocks": math.ceil((T + max(generated - 1, 0)) / cfg.block_size),
             **mem,
             "question": it.question, "answer": it.answer, "prediction": text,
-            "score": score(it.answer, text, it.scoring), "prompt_tokens": T, "prompt_blocks": blocks,
+            "score": score_item(it.answer, text, it.scoring), "prompt_tokens": T, "prompt_blocks": blocks,
             "freed_blocks": freed, "evicted_tokens": evicted,
             "evicted_visual_tokens": tr["num_visual_evicted"] if tr else 0,
             "num_visual_tokens": tr["num_visual_tokens"] if tr else None,
