@@ -115,3 +115,22 @@ def test_patch_labels_follow_the_ink(i):
         assert (exact >= MIN_INK).all()
     bg = np.flatnonzero(lb["object"] == 0)
     assert len(bg) > 0.8 * g * g and (lb["colour"][bg] == -100).all() and (lb["owner"][bg] == -1).all()
+
+
+def test_class_words_are_distinct_tokens_of_the_world(tmp_path):
+    """vision_pretrain --align reads each class through one token of the scenes tokenizer: every
+    colour, shape, digit and cell maps to its own token, and that token decodes to the word."""
+    from hae_lab.accuracy.vision_pretrain import COLOURS, KINDS, class_words
+    from hae_lab.tiny_models import build_tiny_llava
+    from transformers import AutoTokenizer
+
+    build_tiny_llava(tmp_path, patch_size=PATCH, image_size=PIXELS, added_tokens=scenes.added_tokens(),
+                     numbered_images=True, max_positions=8192)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    words = class_words(tok)
+    assert [len(words[k]) for k in ("colour", "kind", "cell")] == [len(COLOURS), len(KINDS), LAYOUT * LAYOUT]
+    for k, ids in words.items():
+        assert len(set(ids)) == len(ids), k
+    assert [tok.decode([i]).strip() for i in words["colour"]] == list(COLOURS)
+    assert [tok.decode([i]).strip() for i in words["kind"]] == [k.split()[-1] for k in KINDS]
+    assert tok.decode([words["cell"][LAYOUT + 2]]).strip() == "r2c3"
