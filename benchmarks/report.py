@@ -585,7 +585,9 @@ def scaling_section(sc: dict | None, video: bool = False) -> list[str]:
     if video:
         return ["### One long video", "",
                 f"`python benchmarks/scaling.py --prompt video --rounds {c['rounds']}`: {c['model']}, {c['dtype']}, "
-                "one video of 224-pixel frames (32 tokens a frame) and a question after it, otherwise as above. "
+                "one video of 224-pixel frames (32 tokens a frame) and a question after it, prefill in one step, "
+                "otherwise as above. Not chunked: vLLM encodes a video whole and sizes its encoder cache from the "
+                "chunk, so with 2048-token chunks it refuses a longer video, with eviction off too. "
                 f"HF oracle (float32, exact tokens): {ok}/{len(sc['oracle'])} requests up to "
                 f"{c['oracle_max_tokens']} tokens.", "", *_scaling_table(sc), "",
                 f"At {s['max_prompt_tokens']} tokens: hae x{s['hae_ttft_ratio_at_max']:.3f}, the slowest method "

@@ -102,6 +102,10 @@ def media_request(prompt: str, n: int, seed: int):
     return RequestSpec(QUESTION, list(range(seed, seed + n)))
 
 
+def mm_limit(prompt_kind: str, units: int) -> dict:
+    return {"video": 1} if prompt_kind == "video" else {"image": units}
+
+
 def worker(method: str, mode: str, max_images: int, layers: int | None = None, prompt_kind: str = "images") -> None:
     """One engine; a JSON request per stdin line, a JSON reading per stdout line."""
     import importlib
@@ -118,7 +122,7 @@ def worker(method: str, mode: str, max_images: int, layers: int | None = None, p
     path = str(long_context_path(kind, POSITIONS, layers))
     trace = Path(tempfile.mkdtemp(prefix="hae_scaling_")) / "trace.jsonl"
     kwargs = dict(model=path, dtype="float32", max_model_len=POSITIONS, enforce_eager=True, block_size=32,
-                  enable_prefix_caching=False, limit_mm_per_prompt={"video": 1} if prompt_kind == "video" else {"image": max_images}, seed=0,
+                  enable_prefix_caching=False, limit_mm_per_prompt=mm_limit(prompt_kind, max_images), seed=0,
                   max_num_batched_tokens=POSITIONS if mode == "oneshot" else CHUNK, max_num_seqs=1)
     if method != "none":
         kwargs["additional_config"] = {"kv_eviction": {"method": method, "trace_path": str(trace)}}
@@ -289,6 +293,12 @@ def main() -> None:
                     help="decoder layers of the tiny model (default: its 4); more repeats its layers, "
                          "for the TTFT ratio at a realistic depth (write to another --out)")
     args = ap.parse_args()
+    if args.prompt == "video" and "chunked" in args.modes.split(","):
+        # vLLM encodes a video whole and sizes its encoder cache from max_num_batched_tokens (and
+        # its own per-video estimate, 14 frames): with 2048-token chunks it refuses a video of
+        # more than 2048 tokens, eviction or not (VLLMValidationError, vanilla engine included).
+        ap.error("--prompt video runs --modes oneshot only: vLLM refuses a video longer than the "
+                 "2048-token chunk with chunked prefill (its encoder cache is sized by the chunk)")
     if args.out is None:
         args.out = str(RESULT if args.prompt == "images" else RESULT.with_name("scaling_video.json"))
     from hae_vllm.testing.scenario import environment_info
