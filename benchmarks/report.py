@@ -584,7 +584,8 @@ def scaling_section(sc: dict | None, video: bool = False) -> list[str]:
     ok = sum(x["ok"] for x in sc["oracle"])
     if video:
         return ["### One long video", "",
-                f"`python benchmarks/scaling.py --prompt video --rounds {c['rounds']}`: {c['model']}, {c['dtype']}, "
+                f"`python benchmarks/scaling.py --prompt video --lengths {c['lengths']} --methods {c['methods']} "
+                f"--modes {c['modes']} --rounds {c['rounds']}`: {c['model']}, {c['dtype']}, "
                 "one video of 224-pixel frames (32 tokens a frame) and a question after it, prefill in one step, "
                 "otherwise as above. Not chunked: vLLM encodes a video whole and sizes its encoder cache from the "
                 "chunk, so with 2048-token chunks it refuses a longer video, with eviction off too. "
@@ -592,7 +593,9 @@ def scaling_section(sc: dict | None, video: bool = False) -> list[str]:
                 f"{c['oracle_max_tokens']} tokens.", "", *_scaling_table(sc), "",
                 f"At {s['max_prompt_tokens']} tokens: hae x{s['hae_ttft_ratio_at_max']:.3f}, the slowest method "
                 f"{s['worst_method']} x{s['worst_ttft_ratio_at_max']:.3f}; largest extra peak "
-                f"{s['eviction_peak_mib_at_max']:.1f} MiB; memory growth exponent {s['memory_growth_exponent']:.2f}.", ""]
+                f"{s['eviction_peak_mib_at_max']:.1f} MiB; memory growth exponent {s['memory_growth_exponent']:.2f} "
+                f"({', '.join(f'{k} {v:.2f}' for k, v in sorted(s['memory_growth_exponents'].items()))}). "
+                "The run shared the machine with a training job on the other core; each ratio is paired.", ""]
     out = ["## Cost against prompt length", "",
            f"`python benchmarks/scaling.py --rounds {c['rounds']}`: {c['model']}, {c['dtype']}, prompts of "
            f"{', '.join(str(n) for n in sorted({r['prompt_tokens'] for r in sc['rows']}))} tokens (images of 256 tokens "
