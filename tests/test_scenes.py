@@ -134,3 +134,25 @@ def test_class_words_are_distinct_tokens_of_the_world(tmp_path):
     assert [tok.decode([i]).strip() for i in words["colour"]] == list(COLOURS)
     assert [tok.decode([i]).strip() for i in words["kind"]] == [k.split()[-1] for k in KINDS]
     assert tok.decode([words["cell"][LAYOUT + 2]]).strip() == "r2c3"
+
+
+def test_harness_scene_items_and_objects_scoring():
+    """hae_lab.accuracy.harness: held-out scenes as evaluation items (one image per scene, 336
+    pixels) and the ``objects`` scoring the harness applies to ``describe``."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from hae_lab.accuracy import harness as H
+
+    items = H.scene_items(["attr", "describe"], 2)
+    assert [it.task for it in items] == ["attr", "attr", "describe", "describe"]
+    d = items[2]
+    assert d.scoring == "objects" and d.answer == make_item("describe", "heldout", 0).answer
+    img = Image.open(io.BytesIO(base64.b64decode(d.images[0].split(",", 1)[1])))
+    assert img.size == (PIXELS, PIXELS)
+    first, *rest = d.answer.split(", ")
+    assert H.score_item(d.answer, d.answer, "objects") == 1.0
+    assert 0.0 < H.score_item(d.answer, first, "objects") < 1.0  # the others missing
+    assert H.score_item(items[0].answer, items[0].answer + " extra", "exact") == 1.0

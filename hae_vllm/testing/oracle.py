@@ -39,7 +39,8 @@ def _reference_text_positions(inner) -> None:
 
     def get_rope_index(input_ids, mm_token_type_ids, *args, **kwargs):
         pos, _ = original(input_ids, mm_token_type_ids, *args, **kwargs)
-        if kwargs.get("attention_mask") is not None and not bool(kwargs["attention_mask"].all()):
+        mask = kwargs.get("attention_mask", args[2] if len(args) > 2 else None)
+        if mask is not None and not bool(mask.all()):
             raise NotImplementedError("the oracle's position fix-up assumes no padding")
         pos = pos.clone()
         deltas = []
